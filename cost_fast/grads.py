@@ -1,0 +1,180 @@
+"""Per-task gradients of the shared parameters, in one preallocated K x P buffer.
+
+For K task losses L_1..L_K and shared parameters θ (P scalars in all), the engine fills
+
+    G[i] = ∂L_i/∂θ  (flattened, parameters in the order given)      G ∈ R^{K×P}
+
+into a buffer allocated once, through parameter-shaped views of it (no ``torch.cat`` per
+step), and writes a combined update into the parameters' ``.grad``:
+
+    θ.grad = Gᵀ w = Σ_i w_i ∇L_i = ∇(Σ_i w_i L_i)
+
+with one matrix-vector product. Two ways to fill G, chosen by ``mode``:
+
+- ``"loop"``: K calls of ``torch.autograd.grad``, one per task (the graph is kept between them).
+- ``"batched"``: one call with ``is_grads_batched=True`` and the identity as the K grad outputs,
+  i.e. a vmap over the backward pass. Fewer kernel launches; needs batching rules for every op
+  in the graph, and holds K copies of the intermediate gradients at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+
+from cost_fast.kernels import GramStats, gram_stats
+
+Mode = Literal["loop", "batched"]
+
+
+def _collect_parameters(params: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors (e.g. module.parameters()), not one tensor")
+    trainable: list[torch.Tensor] = []
+    frozen: list[torch.Tensor] = []
+    seen: set[int] = set()
+    for i, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params[{i}] is a {type(p).__name__}, not a torch.Tensor")
+        if id(p) in seen:
+            raise ValueError(f"params[{i}] appears more than once (tied weights must be listed once)")
+        seen.add(id(p))
+        (trainable if p.requires_grad else frozen).append(p)
+    if not trainable:
+        raise ValueError(
+            "no shared parameter requires grad"
+            + (f" ({len(frozen)} frozen parameters were given)" if frozen else " (params is empty)")
+        )
+    devices = {p.device for p in trainable}
+    if len(devices) > 1:
+        raise ValueError(f"shared parameters are on several devices {sorted(map(str, devices))}; need one")
+    dtypes = {p.dtype for p in trainable}
+    if len(dtypes) > 1:
+        raise ValueError(f"shared parameters have several dtypes {sorted(map(str, dtypes))}; need one")
+    if not trainable[0].dtype.is_floating_point:
+        raise TypeError(f"shared parameters must be floating point, got {trainable[0].dtype}")
+    return trainable, frozen
+
+
+class TaskGradients:
+    """Per-task gradient engine over a fixed list of shared parameters.
+
+    Args:
+        params: the shared parameters (e.g. ``model.backbone.parameters()``). Parameters with
+            ``requires_grad=False`` are skipped (listed in ``self.frozen``); at least one must
+            require grad. All must share one device and dtype.
+        num_tasks: K, the number of task losses given to ``compute``.
+        mode: ``"loop"`` or ``"batched"`` (see the module docstring).
+
+    Attributes:
+        grads: the (K, P) buffer; row i holds ∂L_i/∂θ after ``compute``.
+        views: per parameter, a (K, *param.shape) view into ``grads``.
+        params: the trainable shared parameters, in buffer order.
+
+    Example::
+
+        engine = TaskGradients(model.backbone.parameters(), num_tasks=K)
+        G = engine.compute(losses, retain_graph=True)   # (K, P)
+        stats = engine.stats()                          # Gram matrix + conflicts
+        engine.combine(weights)                         # backbone .grad = Gᵀ w
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], num_tasks: int, *, mode: Mode = "loop") -> None:
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int):
+            raise TypeError(f"num_tasks must be an int, got {type(num_tasks).__name__}")
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be ≥ 1, got {num_tasks}")
+        if mode not in ("loop", "batched"):
+            raise ValueError(f"mode must be 'loop' or 'batched', got {mode!r}")
+        self.params, self.frozen = _collect_parameters(params)
+        self.num_tasks = num_tasks
+        self.mode: Mode = mode
+        first = self.params[0]
+        self.sizes = [p.numel() for p in self.params]
+        self.num_params = sum(self.sizes)
+        self.grads = torch.empty((num_tasks, self.num_params), dtype=first.dtype, device=first.device)
+        self.combined = torch.empty(self.num_params, dtype=first.dtype, device=first.device)
+        self.views: list[torch.Tensor] = []
+        self._combined_views: list[torch.Tensor] = []
+        offset = 0
+        for p, n in zip(self.params, self.sizes):
+            self.views.append(self.grads[:, offset : offset + n].view(num_tasks, *p.shape))
+            self._combined_views.append(self.combined[offset : offset + n].view(p.shape))
+            offset += n
+        self._eye = torch.eye(num_tasks, dtype=first.dtype, device=first.device)
+
+    def _check_losses(self, losses: torch.Tensor) -> None:
+        if not isinstance(losses, torch.Tensor):
+            raise TypeError(f"losses must be a 1-D tensor of {self.num_tasks} task losses, got {type(losses).__name__}")
+        if losses.ndim != 1 or losses.shape[0] != self.num_tasks:
+            raise ValueError(
+                f"losses must be a 1-D tensor of {self.num_tasks} task losses, got shape {tuple(losses.shape)}"
+            )
+        if not losses.dtype.is_floating_point:
+            raise TypeError(f"losses must be floating point, got {losses.dtype}")
+        if losses.device != self.grads.device:
+            raise ValueError(f"losses are on {losses.device} but the shared parameters on {self.grads.device}")
+        if not losses.requires_grad:
+            raise ValueError("losses do not require grad: they are not connected to any parameter")
+
+    def compute(self, losses: torch.Tensor, *, retain_graph: bool = False) -> torch.Tensor:
+        """Fill and return the (K, P) buffer with G[i] = ∂losses[i]/∂θ.
+
+        A parameter that task i does not reach gets a zero row block. ``retain_graph=True``
+        keeps the graph for a later backward (e.g. of the task-specific heads).
+        """
+        self._check_losses(losses)
+        if self.mode == "batched":
+            grads = torch.autograd.grad(
+                losses,
+                self.params,
+                grad_outputs=self._eye.to(losses.dtype),
+                retain_graph=retain_graph,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+            self._store(self.views, grads)
+        else:
+            last = self.num_tasks - 1
+            for i in range(self.num_tasks):
+                grads = torch.autograd.grad(
+                    losses[i], self.params, retain_graph=retain_graph or i < last, allow_unused=True
+                )
+                self._store([v[i] for v in self.views], grads)
+        return self.grads
+
+    @staticmethod
+    def _store(dst: list[torch.Tensor], grads: tuple[torch.Tensor | None, ...]) -> None:
+        reached = [(d, g) for d, g in zip(dst, grads) if g is not None]
+        if reached:
+            torch._foreach_copy_([d for d, _ in reached], [g for _, g in reached])
+        unreached = [d for d, g in zip(dst, grads) if g is None]
+        if unreached:
+            torch._foreach_zero_(unreached)
+
+    def stats(self, **kwargs) -> GramStats:
+        """``cost_fast.kernels.gram_stats`` of the current buffer (no copy); kwargs pass through."""
+        return gram_stats(self.grads, **kwargs)
+
+    def combine(self, weights: torch.Tensor, *, write_grad: bool = True) -> torch.Tensor:
+        """Return d = Gᵀ w (shape (P,)) and, by default, set each shared parameter's ``.grad`` to
+        its slice of d.
+
+        The ``.grad`` tensors become views of one flat buffer owned by the engine, so an
+        optimizer step reads d directly; an ``optimizer.zero_grad()`` in between is harmless.
+        """
+        if not isinstance(weights, torch.Tensor):
+            raise TypeError(f"weights must be a tensor of shape ({self.num_tasks},), got {type(weights).__name__}")
+        if weights.shape != (self.num_tasks,):
+            raise ValueError(f"weights must have shape ({self.num_tasks},), got {tuple(weights.shape)}")
+        if weights.device != self.grads.device:
+            raise ValueError(f"weights are on {weights.device} but the gradients on {self.grads.device}")
+        torch.mv(self.grads.T, weights.to(self.grads.dtype), out=self.combined)
+        if write_grad:
+            # Re-attach only where the user's zero_grad(set_to_none=True) dropped our view.
+            for p, view in zip(self.params, self._combined_views):
+                if p.grad is not view:
+                    p.grad = view
+        return self.combined

@@ -1,0 +1,402 @@
+"""Gram matrix of K task gradients and the conflict statistics COST's trigger needs.
+
+Given the per-task gradients of the shared parameters as the rows of ``G`` (K x P), every
+statistic here is a function of the Gram matrix ``M = G Gᵀ`` alone:
+
+    ‖g_i‖        = sqrt(M_ii)
+    g0           = (1/K) Σ_j g_j                      (the mean gradient)
+    g_i · g0     = (1/K) Σ_j M_ij
+    ‖g0‖         = sqrt((1/K²) Σ_ij M_ij)
+    cos(g_i, g0) = (g_i · g0) / (‖g_i‖ ‖g0‖)          (0 where a norm is 0)
+    dominated    = #{i : cos(g_i, g0) < 0}
+    pairs        = #{i < j : cos(g_i, g_j) < 0} = #{i < j : M_ij < 0}
+    trigger      = finite(M) and dominated ≥ ⌈K/2⌉    (COST, Eq. 4)
+
+So one pass over G that produces M is enough; the statistics are an O(K²) epilogue. The Triton
+path reads every element of G exactly once (fp32 accumulation) and computes the epilogue in a
+second, single-program kernel, so nothing crosses to the host. ``gram_stats_reference`` is the
+same math in plain torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Literal
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional for the torch backend (e.g. on macOS)
+    triton = None
+    tl = None
+
+Backend = Literal["auto", "triton", "torch"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The whole (K x K) accumulator lives in one program's registers/shared memory.
+MAX_TRITON_TASKS = 128
+# Column offsets are int32 inside the kernel; row offsets are int64.
+MAX_TRITON_COLUMNS = 2**31 - 2**16
+
+
+@dataclasses.dataclass(frozen=True)
+class GramStats:
+    """Gram matrix and conflict statistics of K task gradients; every field is a device tensor.
+
+    Attributes:
+        gram: ``M = G Gᵀ``, shape (K, K), float32.
+        norms: ``‖g_i‖``, shape (K,).
+        dot_mean: ``g_i · g0`` with ``g0`` the mean gradient, shape (K,).
+        cos_mean: ``cos(g_i, g0)``, shape (K,), 0 where a norm is 0, clamped to [-1, 1].
+        mean_norm: ``‖g0‖``, shape ().
+        num_dominated: number of tasks with ``cos(g_i, g0) < 0``, int64 shape ().
+        num_conflicting_pairs: number of pairs ``i < j`` with ``cos(g_i, g_j) < 0``, int64 shape ().
+        trigger: ``not nonfinite and num_dominated ≥ ⌈K/2⌉``, bool shape ().
+        nonfinite: True if any entry of ``M`` is NaN or ±inf (then the statistics are not
+            trustworthy and ``trigger`` is False), bool shape ().
+    """
+
+    gram: torch.Tensor
+    norms: torch.Tensor
+    dot_mean: torch.Tensor
+    cos_mean: torch.Tensor
+    mean_norm: torch.Tensor
+    num_dominated: torch.Tensor
+    num_conflicting_pairs: torch.Tensor
+    trigger: torch.Tensor
+    nonfinite: torch.Tensor
+
+    @property
+    def num_tasks(self) -> int:
+        """K, the number of tasks."""
+        return self.gram.shape[0]
+
+
+def check_grad_matrix(G: torch.Tensor) -> None:
+    """Raise ``TypeError``/``ValueError`` naming what is wrong with a K x P gradient matrix."""
+    if not isinstance(G, torch.Tensor):
+        raise TypeError(f"gradients must be a torch.Tensor of shape (K, P), got {type(G).__name__}")
+    if G.ndim != 2:
+        raise ValueError(f"gradients must have shape (K, P) (one row per task), got {G.ndim}-D shape {tuple(G.shape)}")
+    if G.shape[0] == 0:
+        raise ValueError("gradients have K = 0 rows: at least one task is needed")
+    if G.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"gradients must be float32, float16 or bfloat16, got {G.dtype}")
+
+
+def stats_from_gram(gram: torch.Tensor) -> GramStats:
+    """All conflict statistics from a Gram matrix ``M`` (K x K), in plain torch, on M's device.
+
+    Formulas are in the module docstring. No host synchronization.
+    """
+    K = gram.shape[0]
+    gram = gram.float()
+    nonfinite = ~torch.isfinite(gram).all()
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    dot_mean = gram.sum(dim=1) / K
+    mean_norm = (dot_mean.sum() / K).clamp_min(0).sqrt()
+    denom = norms * mean_norm
+    cos_mean = torch.where(denom > 0, dot_mean / denom, torch.zeros_like(dot_mean)).clamp(-1.0, 1.0)
+    num_dominated = (dot_mean < 0).sum()
+    num_pairs = torch.triu(gram < 0, diagonal=1).sum()
+    trigger = ~nonfinite & (2 * num_dominated >= K)
+    return GramStats(
+        gram=gram,
+        norms=norms,
+        dot_mean=dot_mean,
+        cos_mean=cos_mean,
+        mean_norm=mean_norm,
+        num_dominated=num_dominated,
+        num_conflicting_pairs=num_pairs,
+        trigger=trigger,
+        nonfinite=nonfinite,
+    )
+
+
+# Columns per chunk of the torch backend's accumulation.
+TORCH_GRAM_CHUNK = 16384
+
+
+def gram_reference(G: torch.Tensor) -> torch.Tensor:
+    """``M = G Gᵀ`` in float32, accumulated per column chunk: ``M = Σ_c G[:, c] G[:, c]ᵀ``.
+
+    One long fp32 dot product per entry (what ``G @ G.T`` does for few rows on CPU) reaches
+    ~1e-4 relative error at P = 1e6; summing chunk products (one batched matmul over a view
+    of G, no copy for fp32) stays near 1e-7 and was faster on CPU in our measurements.
+    """
+    K, P = G.shape
+    G32 = G if G.dtype == torch.float32 else G.float()
+    n = P // TORCH_GRAM_CHUNK
+    tail = G32[:, n * TORCH_GRAM_CHUNK :]
+    gram = tail @ tail.T
+    if n:
+        chunks = G32[:, : n * TORCH_GRAM_CHUNK].unflatten(1, (n, TORCH_GRAM_CHUNK)).transpose(0, 1)
+        gram = gram + torch.bmm(chunks, chunks.transpose(1, 2)).sum(dim=0)
+    return gram
+
+
+def gram_stats_reference(G: torch.Tensor) -> GramStats:
+    """Plain-torch ``gram_stats``: ``gram_reference`` (fp32), then ``stats_from_gram``."""
+    check_grad_matrix(G)
+    return stats_from_gram(gram_reference(G))
+
+
+def triton_available() -> bool:
+    """True if triton imports."""
+    return triton is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonGramConfig:
+    """Launch configuration of the Gram kernel (see ``triton_gram_config``)."""
+
+    block_k: int
+    block_p: int
+    num_programs: int
+    num_warps: int
+
+
+def triton_gram_config(K: int, P: int, device: torch.device, block_p: int | None = None) -> TritonGramConfig:
+    """Pick tile sizes and grid for a K x P matrix.
+
+    BLOCK_K is K padded to a power of two ≥ 16 (``tl.dot``'s minimum). The grid is persistent
+    (a few programs per SM, each looping over column chunks) so that the partial Gram matrices
+    to reduce stay few. Under the interpreter, programs run one after another in numpy, so
+    wide column blocks and few programs are much faster there and exercise the same code.
+    """
+    block_k = max(16, _next_pow2(K))
+    if block_p is None:
+        if device.type != "cuda":
+            block_p = 4096
+        else:
+            block_p = 128 if block_k <= 64 else 64
+    num_chunks = triton.cdiv(P, block_p) if P > 0 else 0
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        max_programs = 4 * sms
+    else:
+        max_programs = 4
+    num_programs = max(1, min(num_chunks, max_programs))
+    num_warps = 4 if block_k <= 32 else 8
+    return TritonGramConfig(block_k, block_p, num_programs, num_warps)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gram_partial_kernel(
+        g_ptr,
+        out_ptr,
+        K,
+        P,
+        stride_k,
+        num_chunks,
+        BLOCK_K: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+        USE_ATOMIC: tl.constexpr,
+        IS_FP32: tl.constexpr,
+        UPCAST: tl.constexpr,
+    ):
+        # Each program accumulates the Gram matrix of its own column chunks (chunk pid,
+        # pid + nprog, ...) in fp32 registers, so every element of G is loaded exactly once.
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        offs_k = tl.arange(0, BLOCK_K)
+        row_ptrs = g_ptr + offs_k.to(tl.int64)[:, None] * stride_k
+        row_mask = offs_k[:, None] < K
+        acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
+        for chunk in range(pid, num_chunks, nprog):
+            offs_p = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
+            tile = tl.load(row_ptrs + offs_p[None, :], mask=row_mask & (offs_p[None, :] < P), other=0.0)
+            if UPCAST:
+                # Triton 3.9's interpreter runs tl.dot on the raw bits of bf16; the fp32 products
+                # of bf16/fp16 values are exact, so upcasting first computes the same sums.
+                tile = tile.to(tl.float32)
+            if IS_FP32 or UPCAST:
+                # tf32x3 keeps ~fp32 accuracy while using tensor cores; plain tf32 would not.
+                acc = tl.dot(tile, tl.trans(tile), acc, input_precision="tf32x3")
+            else:
+                acc = tl.dot(tile, tl.trans(tile), acc)
+        tile_offs = offs_k[:, None] * BLOCK_K + offs_k[None, :]
+        if USE_ATOMIC:
+            tl.atomic_add(out_ptr + tile_offs, acc)
+        else:
+            tl.store(out_ptr + pid * BLOCK_K * BLOCK_K + tile_offs, acc)
+
+    @triton.jit
+    def _gram_epilogue_kernel(
+        part_ptr,
+        num_parts,
+        K,
+        gram_ptr,
+        norms_ptr,
+        dot_ptr,
+        cos_ptr,
+        mean_norm_ptr,
+        counts_ptr,
+        flags_ptr,
+        BLOCK_K: tl.constexpr,
+    ):
+        # One program: reduce the partial Gram matrices in a fixed order (deterministic), then
+        # the O(K²) statistics of the module docstring, mirroring ``stats_from_gram``.
+        offs = tl.arange(0, BLOCK_K)
+        tile_offs = offs[:, None] * BLOCK_K + offs[None, :]
+        acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
+        for i in range(num_parts):
+            acc += tl.load(part_ptr + i * BLOCK_K * BLOCK_K + tile_offs)
+        k_valid = offs < K
+        valid = k_valid[:, None] & k_valid[None, :]
+        m = tl.where(valid, acc, 0.0)
+        tl.store(gram_ptr + offs[:, None] * K + offs[None, :], m, mask=valid)
+
+        diag = tl.sum(tl.where(offs[:, None] == offs[None, :], m, 0.0), axis=1)
+        norms = tl.sqrt(tl.maximum(diag, 0.0))
+        dot = tl.sum(m, axis=1) / K
+        mean_norm = tl.sqrt(tl.maximum(tl.sum(dot, axis=0) / K, 0.0))
+        denom = norms * mean_norm
+        cos = tl.where(denom > 0, dot / denom, 0.0)
+        cos = tl.minimum(tl.maximum(cos, -1.0), 1.0)
+        tl.store(norms_ptr + offs, norms, mask=k_valid)
+        tl.store(dot_ptr + offs, dot, mask=k_valid)
+        tl.store(cos_ptr + offs, cos, mask=k_valid)
+        tl.store(mean_norm_ptr, mean_norm)
+
+        num_dominated = tl.sum(((dot < 0) & k_valid).to(tl.int64), axis=0)
+        upper = (offs[:, None] < offs[None, :]) & valid
+        num_pairs = tl.sum(tl.sum(((m < 0) & upper).to(tl.int64), axis=1), axis=0)
+        bad = (m != m) | (tl.abs(m) == float("inf"))
+        num_bad = tl.sum(tl.sum((bad & valid).to(tl.int32), axis=1), axis=0)
+        nonfinite = num_bad > 0
+        trigger = (num_bad == 0) & (2 * num_dominated >= K)
+        tl.store(counts_ptr, num_dominated)
+        tl.store(counts_ptr + 1, num_pairs)
+        tl.store(flags_ptr, trigger)
+        tl.store(flags_ptr + 1, nonfinite)
+
+
+def check_triton_usable(G: torch.Tensor) -> None:
+    """Raise a ``RuntimeError``/``ValueError`` if the Triton kernel cannot run on ``G``."""
+    if triton is None:
+        raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+    if G.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(
+            f"backend='triton' on a {G.device.type} tensor needs TRITON_INTERPRET=1 set before "
+            "triton is imported (or use backend='torch')"
+        )
+    K, P = G.shape
+    if K > MAX_TRITON_TASKS:
+        raise ValueError(f"the Triton Gram kernel handles K ≤ {MAX_TRITON_TASKS} tasks, got K = {K}")
+    if P > MAX_TRITON_COLUMNS:
+        raise ValueError(f"the Triton Gram kernel handles P ≤ {MAX_TRITON_COLUMNS} columns, got P = {P}")
+
+
+def gram_stats_triton(G: torch.Tensor, *, deterministic: bool = False, block_p: int | None = None) -> GramStats:
+    """``gram_stats`` through the fused Triton kernels (see the module docstring).
+
+    ``deterministic=False`` adds each program's partial Gram matrix into one accumulator with
+    atomics (order varies run to run); ``deterministic=True`` stores the partials and sums them
+    in a fixed order, which is bitwise reproducible. ``block_p`` overrides the column tile.
+    """
+    check_grad_matrix(G)
+    check_triton_usable(G)
+    if G.shape[1] > 1 and G.stride(1) != 1:
+        G = G.contiguous()  # the kernel needs unit column stride; any row stride is fine
+    K, P = G.shape
+    cfg = triton_gram_config(K, P, G.device, block_p)
+    num_chunks = triton.cdiv(P, cfg.block_p)
+    num_parts = 1 if not deterministic else cfg.num_programs
+    tile = cfg.block_k * cfg.block_k
+    dev = G.device
+    partials = torch.zeros(num_parts * tile, dtype=torch.float32, device=dev)
+    _gram_partial_kernel[(cfg.num_programs,)](
+        G,
+        partials,
+        K,
+        P,
+        G.stride(0),
+        num_chunks,
+        BLOCK_K=cfg.block_k,
+        BLOCK_P=cfg.block_p,
+        USE_ATOMIC=not deterministic,
+        IS_FP32=G.dtype == torch.float32,
+        UPCAST=G.device.type != "cuda",
+        num_warps=cfg.num_warps,
+    )
+    gram = torch.empty((K, K), dtype=torch.float32, device=dev)
+    vectors = torch.empty((3, K), dtype=torch.float32, device=dev)
+    mean_norm = torch.empty((), dtype=torch.float32, device=dev)
+    counts = torch.empty(2, dtype=torch.int64, device=dev)
+    flags = torch.empty(2, dtype=torch.bool, device=dev)
+    _gram_epilogue_kernel[(1,)](
+        partials,
+        num_parts,
+        K,
+        gram,
+        vectors[0],
+        vectors[1],
+        vectors[2],
+        mean_norm,
+        counts,
+        flags,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+    )
+    return GramStats(
+        gram=gram,
+        norms=vectors[0],
+        dot_mean=vectors[1],
+        cos_mean=vectors[2],
+        mean_norm=mean_norm,
+        num_dominated=counts[0],
+        num_conflicting_pairs=counts[1],
+        trigger=flags[0],
+        nonfinite=flags[1],
+    )
+
+
+def resolve_backend(G: torch.Tensor, backend: Backend) -> Literal["triton", "torch"]:
+    """``"auto"`` -> Triton for CUDA tensors it can handle, torch otherwise."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend != "auto":
+        return backend
+    usable = (
+        triton is not None
+        and G.device.type == "cuda"
+        and G.shape[0] <= MAX_TRITON_TASKS
+        and G.shape[1] <= MAX_TRITON_COLUMNS
+    )
+    return "triton" if usable else "torch"
+
+
+def gram_stats(G: torch.Tensor, *, backend: Backend = "auto", deterministic: bool = False) -> GramStats:
+    """Gram matrix ``M = G Gᵀ`` of K task gradients and the conflict statistics derived from it.
+
+    Args:
+        G: (K, P) per-task gradients, one task per row; float32, float16 or bfloat16. Any row
+            stride is accepted without a copy (e.g. the buffer of ``cost_fast.grads``).
+        backend: ``"triton"`` (fused kernel; on CPU tensors only under ``TRITON_INTERPRET=1``),
+            ``"torch"`` (``gram_stats_reference``), or ``"auto"`` (Triton on CUDA, torch otherwise).
+        deterministic: Triton only: bitwise-identical results run to run (fixed-order reduction
+            instead of atomics). The torch backend is one matmul and ignores it.
+
+    Returns:
+        A ``GramStats`` of device tensors, with no host synchronization. Accumulation is fp32.
+
+    Formulas: see the module docstring; ``trigger`` is ``dominated ≥ ⌈K/2⌉`` on finite input.
+    """
+    check_grad_matrix(G)
+    if resolve_backend(G, backend) == "triton":
+        return gram_stats_triton(G, deterministic=deterministic)
+    return gram_stats_reference(G)

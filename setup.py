@@ -1,0 +1,25 @@
+"""Packaging: the top-level ``kernels/`` folder installs as ``cost_fast.kernels``."""
+
+from setuptools import setup
+
+setup(
+    name="cost_fast",
+    version="0.1.0",
+    description="Fast gradient-based multi-task learning and COST symmetry teleportation for PyTorch",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["cost_fast", "cost_fast.kernels"],
+    package_dir={"cost_fast": "cost_fast", "cost_fast.kernels": "kernels"},
+    # Ranges, so that a user keeps the (CUDA) torch build they already have.
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "peft>=0.13",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["cost-fast = cost_fast.cli:main"]},
+)
