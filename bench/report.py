@@ -1,0 +1,84 @@
+"""Tables (Markdown, to stdout) and PNG plots from the pytest-benchmark JSON files in bench/results/.
+
+Usage:  python -m bench.report [bench/results/*.json ...]
+Ratios are of medians measured side by side in the same run (same file).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+BASELINES = {"gram": "plain_torch", "grads": "reference_loop"}
+
+
+def load(path: Path) -> tuple[dict, dict[str, dict[str, float]]]:
+    """Stamp and {group: {impl: median seconds}} of one result file."""
+    data = json.loads(path.read_text())
+    groups: dict[str, dict[str, float]] = defaultdict(dict)
+    for bench in data["benchmarks"]:
+        groups[bench["group"]][bench["extra_info"]["impl"]] = bench["stats"]["median"]
+    return data.get("stamp", {}), groups
+
+
+def table(path: Path) -> str:
+    """Markdown table of medians and speed-ups over the baseline of each group."""
+    stamp, groups = load(path)
+    baseline = BASELINES[path.stem.split("_")[0]]
+    lines = [
+        f"### {path.name}",
+        f"{stamp.get('device')}; torch {stamp.get('torch')}, triton {stamp.get('triton')}; {stamp.get('date')}",
+        "",
+        "| group | impl | median (ms) | speed-up vs " + baseline + " |",
+        "|---|---|---:|---:|",
+    ]
+    for group, impls in groups.items():
+        base = impls.get(baseline)
+        for impl, median in sorted(impls.items(), key=lambda kv: -kv[1]):
+            ratio = f"{base / median:.2f}x" if base else "n/a"
+            lines.append(f"| {group} | {impl} | {median * 1e3:.3f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def plot(path: Path) -> Path:
+    """Grouped bar chart of medians (log scale), saved next to the JSON as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stamp, groups = load(path)
+    impls = sorted({impl for g in groups.values() for impl in g})
+    names = list(groups)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 4.5))
+    width = 0.8 / len(impls)
+    for j, impl in enumerate(impls):
+        xs = [i + j * width for i, g in enumerate(names) if impl in groups[g]]
+        ys = [groups[g][impl] * 1e3 for g in names if impl in groups[g]]
+        ax.bar(xs, ys, width, label=impl)
+    ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(names))])
+    ax.set_xticklabels([n.split(" ", 1)[-1] for n in names], rotation=30, ha="right", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("median time per call (ms, log)")
+    ax.set_title(f"{path.stem}: {stamp.get('device')}\ntorch {stamp.get('torch')}, {stamp.get('date')}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    paths = [Path(p) for p in (argv if argv else sys.argv[1:])] or sorted(RESULTS.glob("*.json"))
+    for path in paths:
+        print(table(path), end="\n\n")
+        print(f"plot: {plot(path)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
