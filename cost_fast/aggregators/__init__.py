@@ -1,0 +1,33 @@
+"""Multi-task aggregators: task weights from the Gram matrix M = G Gᵀ, update d = Gᵀ w.
+
+``get_aggregator(name, **hparams)`` builds one by name; ``list_aggregators()`` lists them.
+"""
+
+from cost_fast.aggregators.aligned import AlignedMTL
+from cost_fast.aggregators.base import Aggregator, get_aggregator, list_aggregators
+from cost_fast.aggregators.cagrad import CAGrad
+from cost_fast.aggregators.config import ConFIG
+from cost_fast.aggregators.dual_cone import DualProj, UPGrad
+from cost_fast.aggregators.imtl import IMTLG
+from cost_fast.aggregators.linear import Mean, Sum
+from cost_fast.aggregators.mgda import MGDA
+from cost_fast.aggregators.nash import FairGrad, NashMTL
+from cost_fast.aggregators.pcgrad import PCGrad
+
+__all__ = [
+    "MGDA",
+    "Aggregator",
+    "AlignedMTL",
+    "CAGrad",
+    "ConFIG",
+    "DualProj",
+    "FairGrad",
+    "IMTLG",
+    "Mean",
+    "NashMTL",
+    "PCGrad",
+    "Sum",
+    "UPGrad",
+    "get_aggregator",
+    "list_aggregators",
+]

@@ -1,0 +1,113 @@
+"""The aggregator interface and its registry.
+
+A Gram-based aggregator maps the Gram matrix M = G Gᵀ (K x K) of the task gradients to weights
+w ∈ R^K; the update is then d = Gᵀ w = ∇(Σ_i w_i L_i), which ``TaskGradients.combine`` applies
+with one matrix-vector product. Solvers run in float64 on M's device and return weights in
+float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+
+from cost_fast.kernels.gram import check_grad_matrix, gram_reference
+
+REGISTRY: dict[str, type[Aggregator]] = {}
+
+
+def register(name: str) -> Callable[[type[Aggregator]], type[Aggregator]]:
+    """Class decorator: make an aggregator reachable as ``get_aggregator(name)``."""
+
+    def add(cls: type[Aggregator]) -> type[Aggregator]:
+        if name in REGISTRY:
+            raise ValueError(f"aggregator name {name!r} is registered twice")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return add
+
+
+def check_gram(gram: torch.Tensor) -> None:
+    """Raise ``TypeError``/``ValueError`` naming what is wrong with a Gram matrix."""
+    if not isinstance(gram, torch.Tensor):
+        raise TypeError(f"gram must be a (K, K) torch.Tensor, got {type(gram).__name__}")
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1]:
+        raise ValueError(f"gram must be square (K, K), got shape {tuple(gram.shape)}")
+    if gram.shape[0] == 0:
+        raise ValueError("gram is 0 x 0: at least one task is needed")
+    if not gram.dtype.is_floating_point:
+        raise TypeError(f"gram must be floating point, got {gram.dtype}")
+    if not bool(torch.isfinite(gram).all()):
+        raise ValueError("gram contains NaN or inf: the task gradients are not finite")
+
+
+class Aggregator:
+    """Base class: ``weights(gram) -> w`` (shape (K,)); ``aggregate(G) -> Gᵀ w`` (shape (P,)).
+
+    Calling the object is ``weights``. Stateful methods override ``state_dict`` and
+    ``load_state_dict``, as torch.optim optimizers do.
+    """
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "gram"
+
+    def weights(self, gram: torch.Tensor) -> torch.Tensor:
+        """Task weights w of shape (K,) from the Gram matrix (K, K)."""
+        check_gram(gram)
+        return self._weights(gram.to(torch.float64)).to(torch.float32)
+
+    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, gram: torch.Tensor) -> torch.Tensor:
+        return self.weights(gram)
+
+    def aggregate(self, G: torch.Tensor) -> torch.Tensor:
+        """The update d = Gᵀ w for the (K, P) gradient matrix G, in float32."""
+        check_grad_matrix(G)
+        w = self.weights(gram_reference(G))
+        G32 = G if G.dtype == torch.float32 else G.float()
+        return G32.T @ w
+
+    def state_dict(self) -> dict[str, Any]:
+        """The method's state (empty for stateless methods)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        if state:
+            raise ValueError(f"{type(self).__name__} is stateless; got state keys {sorted(state)}")
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+def check_positive(name: str, value: float) -> float:
+    """A hyperparameter that must be a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative(name: str, value: float) -> float:
+    """A hyperparameter that must be a finite number ≥ 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+    return float(value)
+
+
+def get_aggregator(name: str, **hparams: Any) -> Aggregator:
+    """Build the aggregator registered as ``name`` with its hyperparameters."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown aggregator {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name](**hparams)
+
+
+def list_aggregators() -> dict[str, str]:
+    """Every registered name with its kind."""
+    return {name: cls.kind for name, cls in sorted(REGISTRY.items())}

@@ -1,0 +1,148 @@
+"""Small K x K solvers in torch (float64, on the device of their input), shared by the aggregators.
+
+- ``nonnegative_qp``: min_v ½ vᵀQv + bᵀv  s.t. v ≥ 0, exactly (primal active set).
+- ``min_norm_simplex``: min_w wᵀMw  s.t. w ≥ 0, Σ w = 1 (MGDA), exactly, through the QP above.
+- ``power_fixed_point``: w > 0 with M w = w^(-1/α) (Nash-MTL for α = 1, FairGrad), by damped
+  Newton steps on a strictly convex potential, with a fixed step budget and no host sync.
+- ``project_simplex``: Euclidean projection onto the probability simplex, batched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_STEPS = 2.0 ** -torch.arange(0, 40, dtype=torch.float64)
+
+
+def unit_diagonal_scaling(M: torch.Tensor) -> torch.Tensor:
+    """s with s_i = 1/sqrt(M_ii) (1 where M_ii = 0), so that diag(s) M diag(s) has unit diagonal.
+
+    Gradient norms may differ by many orders of magnitude; the scaled matrix is a correlation
+    matrix and keeps the solvers well conditioned.
+    """
+    d = M.diagonal()
+    return torch.where(d > 0, d.rsqrt(), torch.ones_like(d))
+
+
+def nonnegative_qp(Q: torch.Tensor, b: torch.Tensor, *, tol: float = 1e-12) -> torch.Tensor:
+    """min_v ½ vᵀQv + bᵀv subject to v ≥ 0, for symmetric positive semi-definite Q (K x K).
+
+    Lawson–Hanson style active set: free variables solve Q_FF v_F = -b_F; a variable joins F
+    while its gradient (Qv + b)_j is negative, and leaves when the step would make it negative.
+    KKT at return: (Qv + b)_j ≥ -tol·scale for all j, = 0 on v_j > 0. A ridge of 1e-12·max|Q_ii|
+    keeps the sub-systems solvable when Q is singular.
+    """
+    K = Q.shape[0]
+    scale = float(Q.diagonal().abs().max())
+    b_scale = float(b.abs().max())
+    v = torch.zeros(K, dtype=Q.dtype, device=Q.device)
+    if b_scale == 0:
+        return v
+    ridge = 1e-12 * scale if scale > 0 else 1e-12
+    Qr = Q + ridge * torch.eye(K, dtype=Q.dtype, device=Q.device)
+    free = torch.zeros(K, dtype=torch.bool, device=Q.device)
+    for _ in range(10 * K + 10):
+        grad = Q @ v + b
+        candidate = torch.where(free, torch.full_like(grad, float("inf")), grad)
+        j = int(candidate.argmin())
+        if float(candidate[j]) >= -tol * b_scale:
+            break
+        free[j] = True
+        for _ in range(K + 1):
+            idx = free.nonzero().squeeze(1)
+            z = torch.zeros_like(v)
+            z[idx] = torch.linalg.solve(Qr[idx][:, idx], -b[idx])
+            if bool((z[idx] > 0).all()):
+                v = z
+                break
+            bad = idx[z[idx] <= 0]
+            alpha = float((v[bad] / (v[bad] - z[bad])).min())
+            v = v + alpha * (z - v)
+            free &= v > 1e-300
+            free[j] = free[j] | bool(z[j] > 0)  # the entering variable is kept unless it left
+            v = torch.where(free, v, torch.zeros_like(v))
+    return v
+
+
+def min_norm_simplex(M: torch.Tensor) -> torch.Tensor:
+    """w* = argmin_{w ∈ simplex} wᵀMw: the min-norm point of the convex hull of the gradients.
+
+    Solved exactly: with v* = argmin_{v ≥ 0} ½ vᵀMv - 1ᵀv, the KKT conditions (Mv*)_j ≥ 1 (= 1
+    where v*_j > 0) become, for w = v*/Σv*, (Mw)_j ≥ 1/Σv* with equality on the support, which
+    are the KKT conditions of the min-norm problem. Computed on the unit-diagonal scaling of M.
+    """
+    s = unit_diagonal_scaling(M)
+    Ms = s[:, None] * M * s[None, :]
+    v = nonnegative_qp(Ms, -s) * s
+    total = v.sum()
+    if not total > 0:  # cannot happen for PSD M; guard against a degenerate solve
+        return torch.full_like(v, 1.0 / v.numel())
+    return v / total
+
+
+def project_simplex(v: torch.Tensor) -> torch.Tensor:
+    """Euclidean projection of each row of v (..., K) onto {w ≥ 0, Σ w = 1} (sort-based)."""
+    K = v.shape[-1]
+    u, _ = torch.sort(v, dim=-1, descending=True)
+    css = u.cumsum(dim=-1) - 1
+    ks = torch.arange(1, K + 1, dtype=v.dtype, device=v.device)
+    cond = u - css / ks > 0
+    rho = cond.to(v.dtype).cumsum(dim=-1).argmax(dim=-1, keepdim=True)  # last index where cond holds
+    theta = css.gather(-1, rho) / (rho + 1).to(v.dtype)
+    return (v - theta).clamp_min(0)
+
+
+def power_fixed_point(M: torch.Tensor, alpha: float, *, max_iter: int = 50, rtol: float = 1e-10) -> torch.Tensor:
+    """w > 0 solving M w = w^(-1/α) for PSD M (K x K) and α > 0.
+
+    The equation is the stationarity condition of the strictly convex potential
+    φ(w) = ½ wᵀMw - Σ_i h(w_i), h(w) = log w (α = 1) or w^(1-1/α) / (1-1/α) (α ≠ 1).
+    We solve in the variables x = w / D, D_i = M_ii^(-1/2), where the potential reads
+    ½ xᵀAx - Σ_i c_i h(x_i) with A = DMD of unit diagonal and c_i = D_i^(1-1/α), starting from
+    the exact solution for orthogonal gradients (A = I). Gradient norms spread over many decades
+    then keep the Hessian well conditioned; the attainable residual of the smallest tasks is
+    still limited by float64 cancellation in (Mw)_i when norms differ by ~1e16.
+    Damped Newton: each step tries 24 halvings of the largest step that keeps x > 0 (0.99 of
+    the way to the boundary), evaluated at once, and takes the longest satisfying Armijo.
+    On CPU it stops once every |residual_i| ≤ rtol·c_i x_i^(-1/α); on other devices it
+    checks every 8 steps, to keep host synchronizations rare.
+
+    A ridge of 1e-12·M_ii per task (and, for a zero gradient, 1e-6 times the smallest nonzero
+    M_jj) keeps φ bounded below when gradients are zero or linearly dependent; the weight of a
+    zero gradient is then large but finite, and it moves nothing. All-zero M gives w = 1.
+    """
+    K = M.shape[0]
+    p = 1.0 / alpha
+    d = M.diagonal()
+    positive = d > 0
+    if not bool(positive.any()):
+        return torch.ones(K, dtype=M.dtype, device=M.device)
+    smallest = torch.where(positive, d, torch.full_like(d, float("inf"))).min()
+    M = M + torch.diag(1e-12 * d + torch.where(positive, torch.zeros_like(d), 1e-6 * smallest))
+    D = M.diagonal().rsqrt()
+    A = D[:, None] * M * D[None, :]
+    c = D ** (1 - p)
+    steps = _STEPS[:24].to(M.device)
+    check_every = 1 if M.device.type == "cpu" else 8
+    x = c ** (alpha / (alpha + 1))  # the solution when the gradients are orthogonal (A = I)
+
+    def potential(X: torch.Tensor) -> torch.Tensor:
+        quad = 0.5 * ((X @ A) * X).sum(-1)
+        h = X.log() if alpha == 1.0 else X ** (1 - p) / (1 - p)
+        return quad - (c * h).sum(-1)
+
+    for it in range(max_iter):
+        pull = c * x ** (-p)
+        residual = A @ x - pull
+        if it % check_every == 0 and bool((residual.abs() <= rtol * pull).all()):
+            break
+        hessian = A + torch.diag(p * pull / x)
+        delta = -torch.linalg.solve(hessian, residual)
+        to_boundary = torch.where(delta < 0, -x / delta, torch.full_like(x, float("inf"))).min()
+        s_max = torch.clamp(0.99 * to_boundary, max=1.0)
+        candidates = x + (s_max * steps)[:, None] * delta
+        f0 = potential(x)
+        ok = potential(candidates) <= f0 + 1e-4 * s_max * steps * (residual @ delta) + 1e-13 * f0.abs()
+        first = torch.argmax(ok.to(torch.int8))  # longest acceptable step (0 if none is)
+        x = torch.where(ok.any(), candidates[first], x)
+    return D * x

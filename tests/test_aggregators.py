@@ -1,0 +1,331 @@
+"""Each aggregator against its defining property (not a copy of its code), and on degenerate input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from cost_fast.aggregators import (
+    IMTLG,
+    MGDA,
+    AlignedMTL,
+    CAGrad,
+    ConFIG,
+    DualProj,
+    FairGrad,
+    Mean,
+    NashMTL,
+    PCGrad,
+    Sum,
+    UPGrad,
+    get_aggregator,
+    list_aggregators,
+)
+from cost_fast.aggregators.aligned import aligning_matrix
+
+GRAM_METHODS = sorted(name for name, kind in list_aggregators().items() if kind == "gram")
+SEEDS = [0, 1, 2]
+KS = [2, 3, 7, 16, 40]
+
+
+def conflicting_grads(K: int, P: int = 60, seed: int = 0) -> torch.Tensor:
+    """Float64 task gradients with a common part, some tasks flipped (conflicts), norms over a decade."""
+    gen = torch.Generator().manual_seed(seed)
+    G = torch.randn(K, P, generator=gen, dtype=torch.float64) + 0.4 * torch.randn(
+        1, P, generator=gen, dtype=torch.float64
+    )
+    G[: K // 3] *= -0.6
+    return G * torch.logspace(-0.5, 0.5, K, dtype=torch.float64)[:, None]
+
+
+def gram_and_weights(method, K: int, seed: int):
+    G = conflicting_grads(K, seed=seed)
+    M = G @ G.T
+    w = method.weights(M).double()
+    return G, M, w
+
+
+def test_registry_lists_every_method_with_its_kind() -> None:
+    names = list_aggregators()
+    for name in (
+        "mean",
+        "sum",
+        "mgda",
+        "cagrad",
+        "imtl_g",
+        "nash_mtl",
+        "fairgrad",
+        "aligned_mtl",
+        "upgrad",
+        "dualproj",
+        "config",
+        "pcgrad",
+    ):
+        assert names[name] == "gram"
+    assert isinstance(get_aggregator("fairgrad", alpha=2.0), FairGrad)
+    assert get_aggregator("fairgrad", alpha=2.0).alpha == 2.0
+    with pytest.raises(ValueError, match="unknown aggregator 'nope'"):
+        get_aggregator("nope")
+    with pytest.raises(TypeError):
+        get_aggregator("mean", alpha=1.0)
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        (lambda: FairGrad(alpha=0), "alpha"),
+        (lambda: FairGrad(alpha=-1.0), "alpha"),
+        (lambda: FairGrad(alpha=float("nan")), "alpha"),
+        (lambda: CAGrad(c=-0.1), "c must"),
+        (lambda: CAGrad(rescale=3), "rescale"),
+    ],
+)
+def test_bad_hyperparameters(factory, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        factory()
+
+
+def test_linear_scalarization() -> None:
+    M = conflicting_grads(4) @ conflicting_grads(4).T
+    torch.testing.assert_close(Mean()(M), torch.full((4,), 0.25))
+    torch.testing.assert_close(Sum()(M), torch.ones(4))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("K", KS)
+def test_mgda_satisfies_kkt(K: int, seed: int) -> None:
+    _, M, w = gram_and_weights(MGDA(), K, seed)
+    assert (w >= 0).all() and abs(w.sum().item() - 1) < 1e-6
+    g = M @ w
+    value = w @ g  # min-norm value ‖d‖²
+    scale = M.diagonal().max()
+    # KKT of min wᵀMw on the simplex: (Mw)_j ≥ wᵀMw for all j, equality where w_j > 0
+    assert (g >= value - 1e-5 * scale).all()
+    assert ((g - value).abs()[w > 1e-6] <= 1e-5 * scale).all()
+
+
+def test_mgda_two_tasks_closed_form() -> None:
+    g1, g2 = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([-0.5, 1.0], dtype=torch.float64)
+    G = torch.stack([g1, g2])
+    gamma = ((g2 - g1) @ g2 / (g1 - g2).pow(2).sum()).clamp(0, 1)  # weight of g1
+    torch.testing.assert_close(MGDA()(G @ G.T).double(), torch.stack([gamma, 1 - gamma]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0, 5.0])
+@pytest.mark.parametrize("K", KS)
+def test_fairgrad_fixed_point(K: int, alpha: float) -> None:
+    _, M, w = gram_and_weights(FairGrad(alpha=alpha), K, seed=K)
+    assert (w > 0).all()
+    target = w ** (-1 / alpha)
+    assert ((M @ w - target).abs() / target).max() < 1e-5
+
+
+@pytest.mark.parametrize("K", KS)
+def test_nash_mtl_fixed_point_and_equals_fairgrad_alpha_1(K: int) -> None:
+    _, M, w = gram_and_weights(NashMTL(), K, seed=K)
+    assert ((M @ w - 1 / w).abs() * w).max() < 1e-5
+    torch.testing.assert_close(NashMTL()(M), FairGrad(alpha=1.0)(M))
+
+
+def cagrad_scipy(M: np.ndarray, c: float) -> float:
+    """The dual objective's minimum by SLSQP from several starts (the paper code's solver)."""
+    K = M.shape[0]
+    b = M.sum(1) / K
+    sqrt_phi = c * np.sqrt(M.sum() / K**2)
+
+    def f(w):
+        return w @ b + sqrt_phi * np.sqrt(max(w @ M @ w, 1e-300))
+
+    best = np.inf
+    for start in [np.full(K, 1 / K), *np.eye(K)[:3]]:
+        res = minimize(
+            f,
+            start,
+            bounds=[(0, 1)] * K,
+            method="SLSQP",
+            constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
+            options={"ftol": 1e-12, "maxiter": 500},
+        )
+        best = min(best, f(np.clip(res.x, 0, None) / np.clip(res.x, 0, None).sum()))
+    return best
+
+
+@pytest.mark.parametrize("c", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("K", [2, 3, 7, 16])
+def test_cagrad_ball_and_optimality(K: int, c: float) -> None:
+    G, M, w = gram_and_weights(CAGrad(c=c, rescale=0), K, seed=K)
+    d, g0 = G.T @ w, G.mean(0)
+    assert (d - g0).norm() <= c * g0.norm() * (1 + 1e-5)  # inside the ball
+    # the dual weights reach SLSQP's optimum of the dual objective (or better)
+    from cost_fast.aggregators.cagrad import cagrad_dual_weights
+
+    wd = cagrad_dual_weights(M, c)
+    b, sqrt_phi = M.sum(1) / K, c * (M.sum() / K**2).sqrt()
+    ours = (wd @ b + sqrt_phi * (wd @ M @ wd).sqrt()).item()
+    assert ours <= cagrad_scipy(M.numpy(), c) + 1e-7 * abs(ours) + 1e-12
+    # primal: d maximizes the worst improvement min_i g_iᵀd over the ball; check against
+    # random feasible points on the ball's boundary
+    worst = (G @ d).min()
+    gen = torch.Generator().manual_seed(0)
+    dirs = torch.randn(2000, G.shape[1], generator=gen, dtype=torch.float64)
+    others = g0 + c * g0.norm() * dirs / dirs.norm(dim=1, keepdim=True)
+    assert worst >= (others @ G.T).min(dim=1).values.max() - 1e-6 * g0.norm() ** 2
+
+
+def test_cagrad_rescale_and_c_zero() -> None:
+    _, M, _ = gram_and_weights(Mean(), 5, 0)
+    base = CAGrad(c=0.5, rescale=0)(M)
+    torch.testing.assert_close(CAGrad(c=0.5, rescale=1)(M), base / 1.25)
+    torch.testing.assert_close(CAGrad(c=0.5, rescale=2)(M), base / 1.5)
+    torch.testing.assert_close(CAGrad(c=0.0)(M), Mean()(M))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("K", KS)
+def test_imtl_g_equal_projections(K: int, seed: int) -> None:
+    G, M, w = gram_and_weights(IMTLG(), K, seed)
+    if K > G.shape[1]:
+        pytest.skip("needs linearly independent gradients")
+    d = G.T @ w
+    proj = (G / G.norm(dim=1, keepdim=True)) @ d
+    assert abs(w.sum().item() - 1) < 1e-5
+    assert (proj - proj.mean()).abs().max() <= 1e-4 * proj.abs().max()
+
+
+@pytest.mark.parametrize("K", KS)
+def test_aligned_mtl_condition_number_one(K: int) -> None:
+    G, M, w = gram_and_weights(AlignedMTL(), K, seed=K)
+    B = aligning_matrix(M)
+    aligned = B @ M @ B.T
+    eig = torch.linalg.eigvalsh(aligned)
+    assert eig.max() / eig.min() < 1 + 1e-6
+    torch.testing.assert_close(w, B @ torch.full((K,), 1.0 / K, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+
+
+def test_aligned_mtl_rank_deficient_is_conditioned_on_span() -> None:
+    G = conflicting_grads(3, P=2)  # 3 gradients in R²: rank 2
+    M = G @ G.T
+    eig = torch.linalg.eigvalsh(aligning_matrix(M) @ M @ aligning_matrix(M))
+    nonzero = eig[eig > 1e-9 * eig.max()]
+    assert len(nonzero) == 2 and nonzero.max() / nonzero.min() < 1 + 1e-6
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("K", KS)
+def test_pcgrad_leaves_no_conflict_with_last_projected_task(K: int, seed: int) -> None:
+    G = conflicting_grads(K, seed=seed)
+    M = G @ G.T
+    C, order = PCGrad(seed=seed).projection_coefficients(M)
+    projected = C @ G
+    for i in range(K):
+        partners = [j for j in order[i].tolist() if j != i]
+        last = partners[-1]
+        # the last projection is not undone by a later one
+        assert projected[i] @ G[last] >= -1e-9 * G[i].norm() * G[last].norm()
+
+
+def test_pcgrad_two_tasks_closed_form() -> None:
+    g1, g2 = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([-1.0, 1.0], dtype=torch.float64)
+    G = torch.stack([g1, g2])
+    p1 = g1 - (g1 @ g2) / (g2 @ g2) * g2
+    p2 = g2 - (g2 @ g1) / (g1 @ g1) * g1
+    torch.testing.assert_close(PCGrad().aggregate(G.float()).double(), p1 + p2, rtol=1e-6, atol=1e-6)
+
+
+def test_pcgrad_state_dict_resumes_the_random_orders() -> None:
+    M = conflicting_grads(6) @ conflicting_grads(6).T
+    a = PCGrad(seed=3)
+    a(M)
+    state = a.state_dict()
+    expected = a(M)
+    b = PCGrad(seed=99)
+    b.load_state_dict(state)
+    torch.testing.assert_close(b(M), expected)
+
+
+@pytest.mark.parametrize("method", [UPGrad(), DualProj()], ids=["upgrad", "dualproj"])
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("K", KS)
+def test_dual_cone_update_conflicts_with_no_task(method, K: int, seed: int) -> None:
+    G, M, w = gram_and_weights(method, K, seed)
+    d = G.T @ w
+    assert ((G @ d) >= -1e-5 * G.norm(dim=1) * d.norm()).all()
+
+
+def test_dual_cone_methods_keep_a_conflict_free_mean() -> None:
+    G = torch.tensor([[1.0, 0.2], [0.8, 1.0], [0.5, 0.5]], dtype=torch.float64)  # no conflict
+    M = G @ G.T
+    torch.testing.assert_close(DualProj()(M), Mean()(M))
+    torch.testing.assert_close(UPGrad()(M), Mean()(M))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("K", [2, 3, 7, 16, 40])
+def test_config_equal_positive_projections(K: int, seed: int) -> None:
+    G, M, w = gram_and_weights(ConFIG(), K, seed)
+    d = G.T @ w
+    proj = (G / G.norm(dim=1, keepdim=True)) @ d
+    assert (proj > 0).all()
+    assert (proj - proj.mean()).abs().max() <= 1e-4 * proj.abs().max()
+    # magnitude: d = s·v̂ with s = Σ_i g_iᵀv̂, hence ‖d‖² = Σ_i g_iᵀd
+    torch.testing.assert_close(d @ d, (G @ d).sum(), rtol=1e-5, atol=0)
+
+
+def degenerate_grams() -> dict[str, torch.Tensor]:
+    g = torch.randn(50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rank2 = conflicting_grads(5, P=2)
+    with_zero = conflicting_grads(4)
+    with_zero[2] = 0
+    spread = conflicting_grads(5) * torch.logspace(-8, 8, 5, dtype=torch.float64)[:, None]
+    cases = {
+        "all_zero": torch.zeros(3, 50, dtype=torch.float64),
+        "one_zero": with_zero,
+        "identical": g.repeat(4, 1),
+        "opposite": torch.stack([g, -g]),
+        "single_task": g[None],
+        "rank_deficient": rank2,
+        "norms_1e-8_to_1e8": spread,
+    }
+    return {name: G @ G.T for name, G in cases.items()}
+
+
+@pytest.mark.parametrize("case", list(degenerate_grams()))
+@pytest.mark.parametrize("name", GRAM_METHODS)
+def test_degenerate_input_gives_finite_weights(name: str, case: str) -> None:
+    M = degenerate_grams()[case]
+    w = get_aggregator(name)(M)
+    assert w.shape == (M.shape[0],) and w.dtype == torch.float32
+    assert torch.isfinite(w).all(), f"{name} on {case}: {w}"
+
+
+@pytest.mark.parametrize("name", GRAM_METHODS)
+def test_single_task_moves_along_its_gradient(name: str) -> None:
+    G = torch.randn(1, 30, dtype=torch.float64)
+    w = get_aggregator(name)(G @ G.T)
+    assert w.item() > 0
+
+
+@pytest.mark.parametrize("name", GRAM_METHODS)
+def test_bad_gram_is_named(name: str) -> None:
+    method = get_aggregator(name)
+    with pytest.raises(ValueError, match="square"):
+        method(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        method(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        method([[1.0]])
+    with pytest.raises(ValueError, match="0 x 0"):
+        method(torch.zeros(0, 0))
+
+
+@pytest.mark.parametrize("name", GRAM_METHODS)
+def test_aggregate_is_weighted_sum_of_rows(name: str) -> None:
+    G = conflicting_grads(5).float()
+    if name == "pcgrad":  # random orders: use the same seed for both calls
+        a, b = PCGrad(seed=4), PCGrad(seed=4)
+    else:
+        a = b = get_aggregator(name)
+    d = a.aggregate(G)
+    torch.testing.assert_close(d, G.T @ b.weights(G.double() @ G.double().T), rtol=1e-4, atol=1e-5)
