@@ -13,6 +13,7 @@ from cost_fast.aggregators import (
     AlignedMTL,
     CAGrad,
     ConFIG,
+    ConicGrad,
     DualProj,
     FairGrad,
     Mean,
@@ -80,6 +81,8 @@ def test_registry_lists_every_method_with_its_kind() -> None:
         (lambda: FairGrad(alpha=float("nan")), "alpha"),
         (lambda: CAGrad(c=-0.1), "c must"),
         (lambda: CAGrad(rescale=3), "rescale"),
+        (lambda: ConicGrad(c=1.0), "c must"),
+        (lambda: ConicGrad(c=-0.2), "c must"),
     ],
 )
 def test_bad_hyperparameters(factory, message: str) -> None:
@@ -172,6 +175,27 @@ def test_cagrad_ball_and_optimality(K: int, c: float) -> None:
     dirs = torch.randn(2000, G.shape[1], generator=gen, dtype=torch.float64)
     others = g0 + c * g0.norm() * dirs / dirs.norm(dim=1, keepdim=True)
     assert worst >= (others @ G.T).min(dim=1).values.max() - 1e-6 * g0.norm() ** 2
+
+
+@pytest.mark.parametrize("c", [0.0, 0.25, 0.5, 0.9])
+@pytest.mark.parametrize("K", [2, 3, 7, 16])
+def test_conicgrad_stays_in_its_cone_and_is_max_min_optimal(K: int, c: float) -> None:
+    G, M, w = gram_and_weights(ConicGrad(c=c), K, seed=K)
+    d, g0 = G.T @ w, G.mean(0)
+    cos = d @ g0 / (d.norm() * g0.norm())
+    assert cos >= c - 1e-6  # inside the cone
+    torch.testing.assert_close(d.norm(), g0.norm(), rtol=1e-5, atol=0)
+    # no direction of the cone improves the worst task more (sampled cone directions)
+    gen = torch.Generator().manual_seed(1)
+    u = torch.randn(4000, G.shape[1], generator=gen, dtype=torch.float64)
+    g0_hat = g0 / g0.norm()
+    u = u - (u @ g0_hat)[:, None] * g0_hat
+    u = u / u.norm(dim=1, keepdim=True)
+    t = torch.rand(4000, 1, generator=gen, dtype=torch.float64)
+    cos_t = c + (1 - c) * t  # cosines in [c, 1]
+    dirs = cos_t * g0_hat + (1 - cos_t**2).sqrt() * u
+    best_sampled = (dirs @ G.T).min(dim=1).values.max()
+    assert (G @ d).min() / d.norm() >= best_sampled - 1e-6 * G.norm(dim=1).max()
 
 
 def test_cagrad_rescale_and_c_zero() -> None:

@@ -7,6 +7,7 @@ from cost_fast.aggregators.aligned import AlignedMTL
 from cost_fast.aggregators.base import Aggregator, get_aggregator, list_aggregators
 from cost_fast.aggregators.cagrad import CAGrad
 from cost_fast.aggregators.config import ConFIG
+from cost_fast.aggregators.conicgrad import ConicGrad
 from cost_fast.aggregators.dual_cone import DualProj, UPGrad
 from cost_fast.aggregators.imtl import IMTLG
 from cost_fast.aggregators.linear import Mean, Sum
@@ -20,6 +21,7 @@ __all__ = [
     "AlignedMTL",
     "CAGrad",
     "ConFIG",
+    "ConicGrad",
     "DualProj",
     "FairGrad",
     "IMTLG",

@@ -5,45 +5,29 @@ from __future__ import annotations
 import torch
 
 from cost_fast.aggregators.base import Aggregator, check_nonnegative, register
-from cost_fast.aggregators.solvers import project_simplex
-
-_STEPS = 2.0 ** -torch.arange(0, 30, dtype=torch.float64)
+from cost_fast.aggregators.solvers import minimize_on_simplex
 
 
-def cagrad_dual_weights(M: torch.Tensor, c: float, *, max_iter: int = 500, tol: float = 1e-13) -> torch.Tensor:
+def cagrad_dual_weights(M: torch.Tensor, c: float) -> torch.Tensor:
     """w* = argmin_{w ∈ simplex} F(w),  F(w) = wᵀb + sqrt(φ) ‖Gᵀw‖,  b = M1/K,  φ = c²‖g0‖².
 
-    Projected gradient with a batched backtracking search (30 step lengths projected and
-    evaluated at once, the best decrease taken); M is scaled by its mean diagonal first (w* is
-    invariant to that scale). Stops when F decreases by less than ``tol`` relative (checked
-    every step on CPU, every 16 elsewhere).
+    M is first scaled by its mean diagonal (w* is invariant to that scale); then
+    ``minimize_on_simplex`` from w = 1/K, with ∇F = b + sqrt(φ) Mw/‖Gᵀw‖.
     """
     K = M.shape[0]
     scale = M.diagonal().mean()
     M = M / torch.where(scale > 0, scale, torch.ones_like(scale))
     b = M.sum(dim=1) / K
     sqrt_phi = c * (b.sum() / K).clamp_min(0).sqrt()
-    steps = _STEPS.to(M.device)
-    check_every = 1 if M.device.type == "cpu" else 16
 
     def objective(W: torch.Tensor) -> torch.Tensor:
         return W @ b + sqrt_phi * ((W @ M) * W).sum(-1).clamp_min(0).sqrt()
 
-    w = torch.full((K,), 1.0 / K, dtype=M.dtype, device=M.device)
-    f = objective(w)
-    for it in range(max_iter):
-        norm = (w @ M @ w).clamp_min(1e-300).sqrt()
-        grad = b + sqrt_phi * (M @ w) / norm
-        candidates = project_simplex(w - steps[:, None] * grad)
-        values = objective(candidates)
-        best = values.argmin()
-        improved = values[best] < f
-        f_new = torch.where(improved, values[best], f)
-        w = torch.where(improved, candidates[best], w)
-        if it % check_every == 0 and not bool(f - f_new > tol * f_new.abs().clamp_min(1e-300)):
-            break
-        f = f_new
-    return w
+    def gradient(w: torch.Tensor) -> torch.Tensor:
+        return b + sqrt_phi * (M @ w) / (w @ M @ w).clamp_min(1e-300).sqrt()
+
+    w0 = torch.full((K,), 1.0 / K, dtype=M.dtype, device=M.device)
+    return minimize_on_simplex(objective, gradient, w0)
 
 
 @register("cagrad")
@@ -82,6 +66,3 @@ class CAGrad(Aggregator):
         elif self.rescale == 2:
             weights = weights / (1 + self.c)
         return weights
-
-
-__all__ = ["CAGrad", "cagrad_dual_weights"]

@@ -3,11 +3,15 @@
 - ``nonnegative_qp``: min_v ½ vᵀQv + bᵀv  s.t. v ≥ 0, exactly (primal active set).
 - ``min_norm_simplex``: min_w wᵀMw  s.t. w ≥ 0, Σ w = 1 (MGDA), exactly, through the QP above.
 - ``power_fixed_point``: w > 0 with M w = w^(-1/α) (Nash-MTL for α = 1, FairGrad), by damped
-  Newton steps on a strictly convex potential, with a fixed step budget and no host sync.
+  Newton steps on a strictly convex potential.
 - ``project_simplex``: Euclidean projection onto the probability simplex, batched.
+- ``minimize_on_simplex``: projected gradient for a convex function on the simplex (CAGrad's
+  and ConicGrad's duals).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -146,3 +150,36 @@ def power_fixed_point(M: torch.Tensor, alpha: float, *, max_iter: int = 50, rtol
         first = torch.argmax(ok.to(torch.int8))  # longest acceptable step (0 if none is)
         x = torch.where(ok.any(), candidates[first], x)
     return D * x
+
+
+def minimize_on_simplex(
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    gradient: Callable[[torch.Tensor], torch.Tensor],
+    w0: torch.Tensor,
+    *,
+    max_iter: int = 500,
+    tol: float = 1e-13,
+) -> torch.Tensor:
+    """argmin of a convex ``objective`` over {w ≥ 0, Σ w = 1}, from ``w0``.
+
+    ``objective`` maps a batch (..., K) to (...); ``gradient`` maps w (K,) to (K,). Projected
+    gradient with a batched backtracking search: 30 step lengths 2^0..2^-29 are projected and
+    evaluated at once and the best decrease is taken (monotone). Stops when the objective
+    decreases by less than ``tol`` relative (checked every step on CPU, every 16 elsewhere,
+    to keep host synchronizations rare).
+    """
+    steps = _STEPS[:30].to(w0.device)
+    check_every = 1 if w0.device.type == "cpu" else 16
+    w = w0
+    f = objective(w)
+    for it in range(max_iter):
+        candidates = project_simplex(w - steps[:, None] * gradient(w))
+        values = objective(candidates)
+        best = values.argmin()
+        improved = values[best] < f
+        f_new = torch.where(improved, values[best], f)
+        w = torch.where(improved, candidates[best], w)
+        if it % check_every == 0 and not bool(f - f_new > tol * f_new.abs().clamp_min(1e-300)):
+            break
+        f = f_new
+    return w
