@@ -16,7 +16,10 @@ from cost_fast.aggregators import (
     ConicGrad,
     DualProj,
     FairGrad,
+    GradDrop,
+    GradVac,
     Mean,
+    MoCo,
     NashMTL,
     PCGrad,
     Sum,
@@ -347,9 +350,98 @@ def test_bad_gram_is_named(name: str) -> None:
 @pytest.mark.parametrize("name", GRAM_METHODS)
 def test_aggregate_is_weighted_sum_of_rows(name: str) -> None:
     G = conflicting_grads(5).float()
-    if name == "pcgrad":  # random orders: use the same seed for both calls
-        a, b = PCGrad(seed=4), PCGrad(seed=4)
+    if name in ("pcgrad", "gradvac"):  # random orders: use the same seed for both calls
+        a, b = get_aggregator(name, seed=4), get_aggregator(name, seed=4)
     else:
         a = b = get_aggregator(name)
     d = a.aggregate(G)
     torch.testing.assert_close(d, G.T @ b.weights(G.double() @ G.double().T), rtol=1e-4, atol=1e-5)
+
+
+def test_gradvac_first_step_is_pcgrad_and_targets_follow_ema() -> None:
+    M = conflicting_grads(6) @ conflicting_grads(6).T
+    vac = GradVac(beta=0.2, seed=5)
+    torch.testing.assert_close(vac(M), PCGrad(seed=5)(M))  # targets start at 0
+    # after one step each off-diagonal target is 0.2 · (a cosine), the diagonal stays 0
+    off = ~torch.eye(6, dtype=torch.bool)
+    assert (vac.targets[off] != 0).all() and (vac.targets[off].abs() <= 0.2 + 1e-12).all()
+    assert (vac.targets.diagonal() == 0).all()
+
+
+@pytest.mark.parametrize("K", [2, 3, 7, 16])
+def test_gradvac_reaches_target_with_last_partner(K: int) -> None:
+    G = conflicting_grads(K, seed=K)
+    M = G @ G.T
+    vac = GradVac(beta=0.5, seed=K)
+    for _ in range(3):  # let the targets move away from 0
+        vac(M)
+    C, order, used = vac.vaccinate(M)
+    adjusted = C @ G
+    for i in range(K):
+        last = [j for j in order[i].tolist() if j != i][-1]
+        cos = adjusted[i] @ G[last] / (adjusted[i].norm() * G[last].norm())
+        assert cos >= used[i, last] - 1e-6
+
+
+def test_gradvac_state_dict_and_task_count() -> None:
+    M = conflicting_grads(5) @ conflicting_grads(5).T
+    a = GradVac(seed=1)
+    a(M)
+    state = a.state_dict()
+    expected = a(M)
+    b = GradVac(seed=7)
+    b.load_state_dict(state)
+    torch.testing.assert_close(b(M), expected)
+    with pytest.raises(ValueError, match="K = 5 tasks, now K = 3"):
+        a(M[:3, :3])
+
+
+def test_graddrop_keeps_one_sign_per_coordinate() -> None:
+    G = conflicting_grads(5, P=400).float()
+    G[:, 0] = torch.tensor([1.0, 2.0, 0.5, 0.1, 3.0])  # all positive: purity 1, always kept
+    d = GradDrop(seed=0).aggregate(G)
+    positive = (G * (G > 0)).sum(0)
+    negative = (G * (G < 0)).sum(0)
+    assert torch.isclose(d, positive).logical_or(torch.isclose(d, negative)).all()
+    assert d[0] == G[:, 0].sum()
+    assert torch.isclose(d, positive).any() and torch.isclose(d, negative).any()
+    torch.testing.assert_close(GradDrop(seed=3).aggregate(G), GradDrop(seed=3).aggregate(G))
+    with pytest.raises(TypeError, match="aggregate"):
+        GradDrop().weights(G @ G.T)
+
+
+def test_graddrop_state_dict_resumes_randomness() -> None:
+    G = conflicting_grads(4, P=300).float()
+    a = GradDrop(seed=2)
+    a.aggregate(G)
+    state = a.state_dict()
+    expected = a.aggregate(G)
+    b = GradDrop(seed=9)
+    b.load_state_dict(state)
+    torch.testing.assert_close(b.aggregate(G), expected)
+
+
+def test_moco_converges_to_min_norm_point_on_fixed_gradients() -> None:
+    G = conflicting_grads(4).float()
+    moco = MoCo(beta=0.5, gamma=0.5)
+    for _ in range(3000):
+        d = moco.aggregate(G)
+    w_mgda = MGDA()(G.double() @ G.double().T)
+    torch.testing.assert_close(d, G.T @ w_mgda, rtol=1e-3, atol=1e-4)
+    with pytest.raises(TypeError, match="aggregate"):
+        moco(G @ G.T)
+    with pytest.raises(ValueError, match="tracks gradients"):
+        moco.aggregate(G[:3])
+
+
+def test_moco_tracks_and_resumes() -> None:
+    G1, G2 = conflicting_grads(3, seed=1).float(), conflicting_grads(3, seed=2).float()
+    moco = MoCo(beta=0.25)
+    moco.aggregate(G1)
+    moco.aggregate(G2)
+    torch.testing.assert_close(moco.tracked, 0.75 * G1 + 0.25 * G2)
+    state = moco.state_dict()
+    expected = moco.aggregate(G1)
+    other = MoCo(beta=0.25)
+    other.load_state_dict(state)
+    torch.testing.assert_close(other.aggregate(G1), expected)

@@ -9,6 +9,8 @@ from cost_fast.aggregators.cagrad import CAGrad
 from cost_fast.aggregators.config import ConFIG
 from cost_fast.aggregators.conicgrad import ConicGrad
 from cost_fast.aggregators.dual_cone import DualProj, UPGrad
+from cost_fast.aggregators.elementwise import GradDrop, MoCo
+from cost_fast.aggregators.gradvac import GradVac
 from cost_fast.aggregators.imtl import IMTLG
 from cost_fast.aggregators.linear import Mean, Sum
 from cost_fast.aggregators.mgda import MGDA
@@ -24,8 +26,11 @@ __all__ = [
     "ConicGrad",
     "DualProj",
     "FairGrad",
+    "GradDrop",
+    "GradVac",
     "IMTLG",
     "Mean",
+    "MoCo",
     "NashMTL",
     "PCGrad",
     "Sum",
