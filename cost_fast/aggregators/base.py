@@ -15,13 +15,13 @@ import torch
 
 from cost_fast.kernels.gram import check_grad_matrix, gram_reference
 
-REGISTRY: dict[str, type[Aggregator]] = {}
+REGISTRY: dict[str, type] = {}
 
 
-def register(name: str) -> Callable[[type[Aggregator]], type[Aggregator]]:
-    """Class decorator: make an aggregator reachable as ``get_aggregator(name)``."""
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: make a method (aggregator or loss weighting) reachable as ``get_aggregator(name)``."""
 
-    def add(cls: type[Aggregator]) -> type[Aggregator]:
+    def add(cls: type) -> type:
         if name in REGISTRY:
             raise ValueError(f"aggregator name {name!r} is registered twice")
         cls.name = name
@@ -101,13 +101,18 @@ def check_nonnegative(name: str, value: float) -> float:
     return float(value)
 
 
-def get_aggregator(name: str, **hparams: Any) -> Aggregator:
-    """Build the aggregator registered as ``name`` with its hyperparameters."""
+def get_aggregator(name: str, **hparams: Any) -> Any:
+    """Build the method registered as ``name`` (an ``Aggregator`` or a ``LossWeighting``)."""
+    import cost_fast.weighting  # noqa: F401  (registers the loss weightings)
+
     if name not in REGISTRY:
         raise ValueError(f"unknown aggregator {name!r}; known: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name](**hparams)
 
 
 def list_aggregators() -> dict[str, str]:
-    """Every registered name with its kind."""
+    """Every registered name with its kind: "gram" (weights from M), "grads" (needs G itself)
+    or "loss" (weights the task losses)."""
+    import cost_fast.weighting  # noqa: F401  (registers the loss weightings)
+
     return {name: cls.kind for name, cls in sorted(REGISTRY.items())}

@@ -1,0 +1,67 @@
+"""The loss-weighting interface: methods that weight the task losses, not their gradients.
+
+A ``LossWeighting`` is an ``nn.Module``: ``forward(losses)`` returns the scalar training loss
+(differentiable, so learned weightings such as UW get gradients for their parameters), and
+``weights(losses)`` the effective task weights w_i = ∂total/∂L_i, which can drive
+``TaskGradients.combine`` (d = Gᵀw). Methods that learn from what happened after a step
+expose ``update(...)``; its arguments are method-specific and documented per class.
+Everything a method learns is a buffer or parameter, so ``state_dict()`` holds it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LossWeighting(nn.Module):
+    """Base class. Subclasses implement ``total(losses)``.
+
+    Args:
+        num_tasks: K ≥ 1.
+    """
+
+    name = ""
+    kind = "loss"
+    needs_positive_losses = False
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__()
+        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+            raise ValueError(f"num_tasks must be an int ≥ 1, got {num_tasks!r}")
+        self.num_tasks = num_tasks
+
+    def check_losses(self, losses: torch.Tensor) -> None:
+        """Raise ``TypeError``/``ValueError`` naming what is wrong with the losses."""
+        if not isinstance(losses, torch.Tensor):
+            raise TypeError(f"losses must be a 1-D tensor of {self.num_tasks} task losses, got {type(losses).__name__}")
+        if losses.ndim != 1 or losses.shape[0] != self.num_tasks:
+            raise ValueError(
+                f"losses must be a 1-D tensor of {self.num_tasks} task losses, got shape {tuple(losses.shape)}"
+            )
+        if not losses.dtype.is_floating_point:
+            raise TypeError(f"losses must be floating point, got {losses.dtype}")
+        if self.needs_positive_losses and not bool((losses.detach() > 0).all()):
+            raise ValueError(
+                f"{type(self).__name__} takes logarithms: every loss must be > 0, got {losses.detach().tolist()}"
+            )
+
+    def total(self, losses: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, losses: torch.Tensor) -> torch.Tensor:
+        """The scalar training loss (see the class docstring for its formula)."""
+        self.check_losses(losses)
+        return self.total(losses)
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        """Effective task weights w_i = ∂total/∂L_i at ``losses`` (detached; learned
+        parameters receive no gradient from this call)."""
+        self.check_losses(losses)
+        with torch.enable_grad():
+            point = losses.detach().clone().requires_grad_(True)
+            (w,) = torch.autograd.grad(self.total(point), point)
+        return w.detach()
+
+    def update(self, *args, **kwargs) -> None:
+        """Learn from the step just taken (no-op unless the method says otherwise)."""
