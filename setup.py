@@ -19,7 +19,9 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "matplotlib>=3.7"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "matplotlib>=3.7", "scipy>=1.10"],
+        # reference solvers for bench/test_bench_solvers.py
+        "bench": ["cvxpy>=1.4", "ecos>=2.0"],
     },
     entry_points={"console_scripts": ["cost-fast = cost_fast.cli:main"]},
 )

@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-BASELINES = {"gram": "plain_torch", "grads": "reference_loop"}
+BASELINES = {"gram": "plain_torch", "grads": "reference_loop", "solvers": "reference"}
 
 
 def load(path: Path) -> tuple[dict, dict[str, dict[str, float]]]:
@@ -28,18 +28,25 @@ def table(path: Path) -> str:
     """Markdown table of medians and speed-ups over the baseline of each group."""
     stamp, groups = load(path)
     baseline = BASELINES[path.stem.split("_")[0]]
+    residuals = {
+        (b["group"], b["extra_info"]["impl"]): b["extra_info"]["residual"]
+        for b in json.loads(path.read_text())["benchmarks"]
+        if "residual" in b["extra_info"]
+    }
     lines = [
         f"### {path.name}",
         f"{stamp.get('device')}; torch {stamp.get('torch')}, triton {stamp.get('triton')}; {stamp.get('date')}",
         "",
-        "| group | impl | median (ms) | speed-up vs " + baseline + " |",
-        "|---|---|---:|---:|",
+        "| group | impl | median (ms) | speed-up vs " + baseline + " | residual |",
+        "|---|---|---:|---:|---:|",
     ]
     for group, impls in groups.items():
         base = impls.get(baseline)
         for impl, median in sorted(impls.items(), key=lambda kv: -kv[1]):
             ratio = f"{base / median:.2f}x" if base else "n/a"
-            lines.append(f"| {group} | {impl} | {median * 1e3:.3f} | {ratio} |")
+            res = residuals.get((group, impl))
+            res_text = "" if res is None else f"{res:.1e}"
+            lines.append(f"| {group} | {impl} | {median * 1e3:.3f} | {ratio} | {res_text} |")
     return "\n".join(lines)
 
 

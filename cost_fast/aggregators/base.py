@@ -2,8 +2,8 @@
 
 A Gram-based aggregator maps the Gram matrix M = G Gᵀ (K x K) of the task gradients to weights
 w ∈ R^K; the update is then d = Gᵀ w = ∇(Σ_i w_i L_i), which ``TaskGradients.combine`` applies
-with one matrix-vector product. Solvers run in float64 on M's device and return weights in
-float32.
+with one matrix-vector product. Solvers run in float64 on M's device; weights come back in M's dtype (float32
+for half precision).
 """
 
 from __future__ import annotations
@@ -56,9 +56,13 @@ class Aggregator:
     kind: ClassVar[str] = "gram"
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
-        """Task weights w of shape (K,) from the Gram matrix (K, K)."""
+        """Task weights w of shape (K,) from the Gram matrix (K, K), in the Gram matrix's dtype
+        (float32 for half-precision input); solved in float64."""
         check_gram(gram)
-        return self._weights(gram.to(torch.float64)).to(torch.float32)
+        out_dtype = gram.dtype if gram.dtype == torch.float64 else torch.float32
+        M = gram.to(torch.float64)
+        # A float32 G @ G.T is not exactly symmetric; the solvers assume symmetry.
+        return self._weights(0.5 * (M + M.T)).to(out_dtype)
 
     def _weights(self, gram: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -69,7 +73,7 @@ class Aggregator:
     def aggregate(self, G: torch.Tensor) -> torch.Tensor:
         """The update d = Gᵀ w for the (K, P) gradient matrix G, in float32."""
         check_grad_matrix(G)
-        w = self.weights(gram_reference(G))
+        w = self.weights(gram_reference(G)).float()
         G32 = G if G.dtype == torch.float32 else G.float()
         return G32.T @ w
 

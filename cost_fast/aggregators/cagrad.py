@@ -8,11 +8,48 @@ from cost_fast.aggregators.base import Aggregator, check_nonnegative, register
 from cost_fast.aggregators.solvers import minimize_on_simplex
 
 
+def cagrad_on_support(M: torch.Tensor, b: torch.Tensor, s: torch.Tensor, support: torch.Tensor) -> torch.Tensor | None:
+    """The exact minimizer of F(w) = wᵀb + s‖Gᵀw‖ on the simplex if its support is ``support``.
+
+    With t = s/‖Gᵀw‖, the KKT conditions on the support S read t M_SS w_S = ν1 - b_S,
+    1ᵀw_S = 1, whose solution is w_S = p + q/t with p = M_SS⁻¹1/α, q = (β/α) M_SS⁻¹1 - M_SS⁻¹b_S,
+    α = 1ᵀM_SS⁻¹1, β = 1ᵀM_SS⁻¹b_S. Since pᵀM_SS q = 0, ‖Gᵀw‖² = 1/α + qᵀM_SS q/t², and
+    t = s/‖Gᵀw‖ gives t = sqrt(α (s² - qᵀM_SS q)). The candidate is returned only if it passes
+    the KKT certificate (w_S > 0; ∇F_j ≥ ν off S), which proves it optimal (F is convex).
+    """
+    idx = support.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return None
+    M_SS = M[idx][:, idx]
+    inv = torch.linalg.pinv(M_SS, hermitian=True)
+    x1, xb = inv.sum(dim=1), inv @ b[idx]
+    alpha, beta = x1.sum(), xb.sum()
+    if not bool(alpha > 0):
+        return None
+    q = (beta / alpha) * x1 - xb
+    disc = s * s - q @ M_SS @ q
+    if not bool(disc > 0):
+        return None
+    t = (alpha * disc).sqrt()
+    w_S = x1 / alpha + q / t
+    if not bool((w_S > 0).all()):
+        return None
+    w = torch.zeros_like(b)
+    w[idx] = w_S
+    grad = b + t * (M @ w)
+    nu = grad[idx].mean()
+    scale = grad.abs().max().clamp_min(1e-300)
+    on_support = (grad[idx] - nu).abs().max() <= 1e-9 * scale
+    off_support = (grad[~support] >= nu - 1e-9 * scale).all()
+    return w if bool(on_support & off_support) else None
+
+
 def cagrad_dual_weights(M: torch.Tensor, c: float) -> torch.Tensor:
     """w* = argmin_{w ∈ simplex} F(w),  F(w) = wᵀb + sqrt(φ) ‖Gᵀw‖,  b = M1/K,  φ = c²‖g0‖².
 
-    M is first scaled by its mean diagonal (w* is invariant to that scale); then
-    ``minimize_on_simplex`` from w = 1/K, with ∇F = b + sqrt(φ) Mw/‖Gᵀw‖.
+    M is first scaled by its mean diagonal (w* is invariant to that scale). Projected gradient
+    (``minimize_on_simplex``, ∇F = b + sqrt(φ) Mw/‖Gᵀw‖) identifies the support, and
+    ``cagrad_on_support`` solves the problem exactly on it, with a KKT certificate.
     """
     K = M.shape[0]
     scale = M.diagonal().mean()
@@ -26,8 +63,12 @@ def cagrad_dual_weights(M: torch.Tensor, c: float) -> torch.Tensor:
     def gradient(w: torch.Tensor) -> torch.Tensor:
         return b + sqrt_phi * (M @ w) / (w @ M @ w).clamp_min(1e-300).sqrt()
 
+    def polish(w: torch.Tensor) -> torch.Tensor | None:
+        return cagrad_on_support(M, b, sqrt_phi, w > 1e-12)
+
     w0 = torch.full((K,), 1.0 / K, dtype=M.dtype, device=M.device)
-    return minimize_on_simplex(objective, gradient, w0)
+    exact = polish(w0)  # all tasks in the support is common when conflicts are mild
+    return exact if exact is not None else minimize_on_simplex(objective, gradient, w0, polish=polish)
 
 
 @register("cagrad")

@@ -14,12 +14,13 @@ from cost_fast.aggregators.base import Aggregator, register
 from cost_fast.aggregators.solvers import nonnegative_qp, unit_diagonal_scaling
 
 
-def project_to_dual_cone(gram: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Weights u + v of the projection of Gᵀu onto {x : Gx ≥ 0} (exact, unit-diagonal scaled)."""
+def project_to_dual_cone(gram: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """Weights u + v of the projections of Gᵀu onto {x : Gx ≥ 0}, for each row u of U (n x K);
+    the n dual QPs are solved together, exactly, on the unit-diagonal scaling of M."""
     s = unit_diagonal_scaling(gram)
     scaled = s[:, None] * gram * s[None, :]
-    v = nonnegative_qp(scaled, s * (gram @ u)) * s
-    return u + v
+    V = nonnegative_qp(scaled, (U @ gram) * s) * s
+    return U + V
 
 
 @register("upgrad")
@@ -33,8 +34,7 @@ class UPGrad(Aggregator):
 
     def _weights(self, gram: torch.Tensor) -> torch.Tensor:
         K = gram.shape[0]
-        eye = torch.eye(K, dtype=gram.dtype, device=gram.device)
-        return torch.stack([project_to_dual_cone(gram, eye[i]) for i in range(K)]).mean(dim=0)
+        return project_to_dual_cone(gram, torch.eye(K, dtype=gram.dtype, device=gram.device)).mean(dim=0)
 
 
 @register("dualproj")
@@ -43,4 +43,4 @@ class DualProj(Aggregator):
 
     def _weights(self, gram: torch.Tensor) -> torch.Tensor:
         K = gram.shape[0]
-        return project_to_dual_cone(gram, torch.full((K,), 1.0 / K, dtype=gram.dtype, device=gram.device))
+        return project_to_dual_cone(gram, torch.full((1, K), 1.0 / K, dtype=gram.dtype, device=gram.device))[0]
