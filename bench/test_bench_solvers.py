@@ -84,9 +84,9 @@ def run(benchmark, group: str, impl: str, fn, residual) -> None:
 @pytest.mark.parametrize("K", KS)
 def test_fairgrad_solve(benchmark, K: int, alpha: float, impl: str) -> None:
     M = make_gram(K)
-    M_np, M32 = M.numpy(), M.float()
+    M_np = M.numpy()
     method = FairGrad(alpha=alpha)
-    fn = (lambda: method(M32).double().numpy()) if impl == "ours" else (lambda: scipy_fairgrad(M_np, alpha))
+    fn = (lambda: method(M).double().numpy()) if impl == "ours" else (lambda: scipy_fairgrad(M_np, alpha))
     run(benchmark, f"fairgrad alpha={alpha} K={K}", impl, fn, lambda w: fixed_point_residual(M_np, w, alpha))
 
 
@@ -94,7 +94,7 @@ def test_fairgrad_solve(benchmark, K: int, alpha: float, impl: str) -> None:
 @pytest.mark.parametrize("K", KS)
 def test_cagrad_solve(benchmark, K: int, impl: str) -> None:
     M = make_gram(K)
-    M_np, M32 = M.numpy(), M.float()
+    M_np = M.numpy()
     best = min(
         cagrad_objective(M_np, cagrad_dual_weights(M, 0.5).numpy(), 0.5),
         cagrad_objective(M_np, scipy_cagrad(M_np, 0.5), 0.5),
@@ -103,10 +103,10 @@ def test_cagrad_solve(benchmark, K: int, impl: str) -> None:
         method = CAGrad(c=0.5)
 
         def fn() -> np.ndarray:
-            method(M32)  # the full aggregator call, timed
+            method(M)  # the full aggregator call, timed
             return cagrad_dual_weights(M, 0.5).numpy()  # its dual weights, for the residual only
 
-        fn_timed = lambda: method(M32)  # noqa: E731
+        fn_timed = lambda: method(M)  # noqa: E731
     else:
         fn = fn_timed = lambda: scipy_cagrad(M_np, 0.5)  # noqa: E731
     benchmark.group = f"cagrad c=0.5 K={K}"
@@ -118,11 +118,11 @@ def test_cagrad_solve(benchmark, K: int, impl: str) -> None:
 @pytest.mark.parametrize("K", KS)
 def test_nash_mtl_solve(benchmark, K: int, impl: str) -> None:
     M = make_gram(K)
-    M_np, M32 = M.numpy(), M.float()
+    M_np = M.numpy()
     if impl == "reference":
         pytest.importorskip("cvxpy")
         fn = lambda: cvxpy_nash(M_np)  # noqa: E731
     else:
         method = NashMTL()
-        fn = lambda: method(M32).double().numpy()  # noqa: E731
+        fn = lambda: method(M).double().numpy()  # noqa: E731
     run(benchmark, f"nash_mtl K={K}", impl, fn, lambda w: fixed_point_residual(M_np, w, 1.0))
