@@ -29,6 +29,16 @@ from cost_fast.kernels import GramStats, gram_stats
 Mode = Literal["loop", "batched"]
 
 
+def check_task_losses(losses: torch.Tensor, num_tasks: int) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``losses`` is a 1-D float tensor of K = num_tasks losses."""
+    if not isinstance(losses, torch.Tensor):
+        raise TypeError(f"losses must be a 1-D tensor of {num_tasks} task losses, got {type(losses).__name__}")
+    if losses.ndim != 1 or losses.shape[0] != num_tasks:
+        raise ValueError(f"losses must be a 1-D tensor of {num_tasks} task losses, got shape {tuple(losses.shape)}")
+    if not losses.dtype.is_floating_point:
+        raise TypeError(f"losses must be floating point, got {losses.dtype}")
+
+
 def _collect_parameters(params: Iterable[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of tensors (e.g. module.parameters()), not one tensor")
@@ -106,14 +116,7 @@ class TaskGradients:
         self._eye = torch.eye(num_tasks, dtype=first.dtype, device=first.device)
 
     def _check_losses(self, losses: torch.Tensor) -> None:
-        if not isinstance(losses, torch.Tensor):
-            raise TypeError(f"losses must be a 1-D tensor of {self.num_tasks} task losses, got {type(losses).__name__}")
-        if losses.ndim != 1 or losses.shape[0] != self.num_tasks:
-            raise ValueError(
-                f"losses must be a 1-D tensor of {self.num_tasks} task losses, got shape {tuple(losses.shape)}"
-            )
-        if not losses.dtype.is_floating_point:
-            raise TypeError(f"losses must be floating point, got {losses.dtype}")
+        check_task_losses(losses, self.num_tasks)
         if losses.device != self.grads.device:
             raise ValueError(f"losses are on {losses.device} but the shared parameters on {self.grads.device}")
         if not losses.requires_grad:

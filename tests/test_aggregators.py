@@ -262,13 +262,14 @@ def test_pcgrad_two_tasks_closed_form() -> None:
     torch.testing.assert_close(PCGrad().aggregate(G.float()).double(), p1 + p2, rtol=1e-6, atol=1e-6)
 
 
-def test_pcgrad_state_dict_resumes_the_random_orders() -> None:
-    M = conflicting_grads(6) @ conflicting_grads(6).T
-    a = PCGrad(seed=3)
+@pytest.mark.parametrize("cls", [PCGrad, GradVac])
+def test_state_dict_resumes_random_orders_and_targets(cls) -> None:
+    M = conflicting_grads(5) @ conflicting_grads(5).T
+    a = cls(seed=3)
     a(M)
     state = a.state_dict()
     expected = a(M)
-    b = PCGrad(seed=99)
+    b = cls(seed=99)
     b.load_state_dict(state)
     torch.testing.assert_close(b(M), expected)
 
@@ -384,15 +385,10 @@ def test_gradvac_reaches_target_with_last_partner(K: int) -> None:
         assert cos >= used[i, last] - 1e-6
 
 
-def test_gradvac_state_dict_and_task_count() -> None:
+def test_gradvac_task_count_is_fixed() -> None:
     M = conflicting_grads(5) @ conflicting_grads(5).T
     a = GradVac(seed=1)
     a(M)
-    state = a.state_dict()
-    expected = a(M)
-    b = GradVac(seed=7)
-    b.load_state_dict(state)
-    torch.testing.assert_close(b(M), expected)
     with pytest.raises(ValueError, match="K = 5 tasks, now K = 3"):
         a(M[:3, :3])
 

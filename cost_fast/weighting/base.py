@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cost_fast.grads import check_task_losses
+
 
 class LossWeighting(nn.Module):
     """Base class. Subclasses implement ``total(losses)``.
@@ -33,14 +35,7 @@ class LossWeighting(nn.Module):
 
     def check_losses(self, losses: torch.Tensor) -> None:
         """Raise ``TypeError``/``ValueError`` naming what is wrong with the losses."""
-        if not isinstance(losses, torch.Tensor):
-            raise TypeError(f"losses must be a 1-D tensor of {self.num_tasks} task losses, got {type(losses).__name__}")
-        if losses.ndim != 1 or losses.shape[0] != self.num_tasks:
-            raise ValueError(
-                f"losses must be a 1-D tensor of {self.num_tasks} task losses, got shape {tuple(losses.shape)}"
-            )
-        if not losses.dtype.is_floating_point:
-            raise TypeError(f"losses must be floating point, got {losses.dtype}")
+        check_task_losses(losses, self.num_tasks)
         if self.needs_positive_losses and not bool((losses.detach() > 0).all()):
             raise ValueError(
                 f"{type(self).__name__} takes logarithms: every loss must be > 0, got {losses.detach().tolist()}"
