@@ -1,0 +1,103 @@
+"""A LoRA adapter injected once into a shared backbone and kept for every teleport.
+
+The public COST code wraps the model with ``peft.get_peft_model`` at every teleport and
+unwraps it with ``merge_and_unload``. Here the adapter is injected once (``peft``'s
+``inject_adapter_in_model``, which keeps the backbone's own Parameter objects, so optimizers
+and ``TaskGradients`` that hold them stay valid), disabled between teleports (the forward pass
+skips it and its parameters need no grad), and after a teleport merged in place and reset:
+
+    W ← W + s·BA   (per adapted layer, through peft's ``get_delta_weight``),   then B = 0
+
+so the adapter is again the identity. ``snapshot``/``restore`` copy the base weights for a
+bit-exact rollback.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+ADAPTER = "cost_teleport"
+ADAPTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class TeleportAdapter:
+    """LoRA of rank ``rank`` on every Linear/Conv layer of ``backbone`` (modified in place).
+
+    Args:
+        backbone: the shared module; its parameters keep their identity and ``requires_grad``.
+        rank: LoRA rank r ≥ 1 (default 5, as COST). alpha: LoRA alpha (default r, scale 1).
+
+    Attributes:
+        layers: the peft LoRA layers, in module order.
+        adapter_parameters: their A and B weights (trainable only while enabled).
+        base_parameters: the backbone's own parameters (what a teleport changes).
+    """
+
+    def __init__(self, backbone: nn.Module, rank: int = 5, alpha: float | None = None) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+        from peft.tuners.lora.layer import LoraLayer
+
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an int ≥ 1, got {rank!r}")
+        targets = [name for name, m in backbone.named_modules() if isinstance(m, ADAPTED_TYPES)]
+        if not targets:
+            raise ValueError("the backbone has no Linear or Conv layer to adapt")
+        if any(isinstance(m, LoraLayer) for m in backbone.modules()):
+            raise ValueError("the backbone already holds LoRA layers")
+        self.base_parameters = list(backbone.parameters())
+        trainable = [p.requires_grad for p in self.base_parameters]
+        # A regex that matches the full names exactly: a list would match name suffixes too.
+        pattern = "^(" + "|".join(re.escape(t) for t in targets) + ")$"
+        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=pattern)
+        inject_adapter_in_model(config, backbone, adapter_name=ADAPTER)
+        for p, flag in zip(self.base_parameters, trainable):
+            p.requires_grad_(flag)  # peft freezes the base weights; COST trains them between teleports
+        self.backbone = backbone
+        self.layers = [m for m in backbone.modules() if isinstance(m, LoraLayer)]
+        self.adapter_parameters = [
+            p for layer in self.layers for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
+        ]
+        self.set_enabled(False)
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Switch the adapter into (teleport) or out of (ordinary training) the forward pass."""
+        for layer in self.layers:
+            layer.enable_adapters(enabled)
+        for p in self.adapter_parameters:
+            p.requires_grad_(enabled)
+        self.enabled = enabled
+
+    @torch.no_grad()
+    def merge_and_reset(self) -> list[torch.Tensor]:
+        """W ← W + s·BA for every adapted layer, then reset the adapter to the identity (B = 0,
+        A re-initialized as peft does). Returns Δθ aligned with ``base_parameters`` (zeros for
+        parameters the adapter does not touch, e.g. biases and norms)."""
+        deltas = {id(layer.base_layer.weight): layer.get_delta_weight(ADAPTER) for layer in self.layers}
+        out = []
+        for p in self.base_parameters:
+            delta = deltas.get(id(p))
+            if delta is None:
+                out.append(torch.zeros_like(p))
+            else:
+                p.add_(delta.to(p.dtype))
+                out.append(delta)
+        for layer in self.layers:
+            layer.reset_lora_parameters(ADAPTER, True)
+        return out
+
+    @torch.no_grad()
+    def snapshot(self) -> list[torch.Tensor]:
+        """Copies of the base parameters (for ``restore``)."""
+        return [p.detach().clone() for p in self.base_parameters]
+
+    @torch.no_grad()
+    def restore(self, snapshot: list[torch.Tensor]) -> None:
+        """Put the base parameters back bit-exactly and reset the adapter."""
+        if len(snapshot) != len(self.base_parameters):
+            raise ValueError(f"snapshot has {len(snapshot)} tensors, the backbone {len(self.base_parameters)}")
+        torch._foreach_copy_(self.base_parameters, snapshot)
+        for layer in self.layers:
+            layer.reset_lora_parameters(ADAPTER, True)
