@@ -1,0 +1,222 @@
+"""COST's teleport: train the LoRA adapter to a loss-equivalent, sharper point, merge, check.
+
+Reference semantics (what the public COST code does; the paper's variant is future work here):
+
+    L*_i   = mean over the teleport data of L_i(θ)                         (before any step)
+    L_t    = (1/K) Σ_i |L_i(θ+Δθ; b) - L*_i|                               (teleport batch b)
+    L_g    = (1/K) Σ_i max_j R_i |L_i(θ+Δθ+ε_j; x) - L_i(θ+Δθ; x)| / ν      (current batch x)
+    L_lora = 10 L_t - 0.5 L_g,   minimized by Adam over the adapter, ``rounds`` passes over the data
+
+with R_i = K (1 - ‖g_i‖ / Σ_j ‖g_j‖), and ε_j Gaussian noise drawn for every parameter tensor
+of the model (adapter excluded), each tensor's noise scaled to norm ν = 1e-4. The perturbed
+losses are constants (the public code evaluates them on deep copies), so L_g's gradient flows
+through L_i(θ+Δθ; x) alone.
+
+What we do differently, for speed, with the same result: the adapter is injected once
+(``TeleportAdapter``), the noise is added to the parameters in place and undone by copying the
+saved values back (bit-exact; no model copies), and the perturbed losses run under
+``torch.no_grad()``. A guard evaluates the teleport data again after the merge and rolls back
+(bit-exactly) if any task's mean loss rose by more than ``guard_tolerance`` relatively, or if
+anything is non-finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from cost_fast.lora import TeleportAdapter
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclasses.dataclass
+class TeleportConfig:
+    """Settings of one teleport (reference semantics defaults).
+
+    Attributes:
+        lr: Adam learning rate of the adapter (the public code uses the model's).
+        rounds: passes over the teleport data (``tele_round``, default 2).
+        max_steps: optional budget of adapter steps (stops the passes early).
+        num_samples: n perturbations for L_g (default 5).
+        noise_norm: ν, the norm of each parameter tensor's noise (default 1e-4).
+        task_weight, sharpness_weight: the objective's 10 and 0.5.
+        guard_tolerance: relative rise of any task's mean loss that triggers a rollback (0.05).
+    """
+
+    lr: float = 1e-3
+    rounds: int = 2
+    max_steps: int | None = None
+    num_samples: int = 5
+    noise_norm: float = 1e-4
+    task_weight: float = 10.0
+    sharpness_weight: float = 0.5
+    guard_tolerance: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "noise_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.rounds < 1 or self.num_samples < 1:
+            raise ValueError(f"rounds and num_samples must be ≥ 1, got {self.rounds} and {self.num_samples}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be ≥ 1 or None, got {self.max_steps}")
+        if not self.guard_tolerance >= 0:
+            raise ValueError(f"guard_tolerance must be ≥ 0, got {self.guard_tolerance}")
+
+
+@dataclasses.dataclass
+class TeleportResult:
+    """What a teleport did. ``deltas`` is Δθ aligned with the adapter's base parameters
+    (all zeros after a rollback); ``task_terms``/``sharpness_terms`` are L_t and L_g per step."""
+
+    deltas: list[torch.Tensor]
+    steps: int
+    task_terms: list[float]
+    sharpness_terms: list[float]
+    contour_before: torch.Tensor
+    contour_after: torch.Tensor
+    rolled_back: bool
+
+
+def reference_ratio_weights(norms: torch.Tensor) -> torch.Tensor:
+    """R_i = K (1 - ‖g_i‖ / Σ_j ‖g_j‖) (the public code's weights; smaller gradients weigh more)."""
+    K = norms.shape[0]
+    total = norms.sum()
+    return K * (1 - norms / torch.where(total > 0, total, torch.ones_like(total)))
+
+
+@torch.no_grad()
+def loss_contour(model: nn.Module, loss_fn: LossFn, data: Iterable[Any]) -> torch.Tensor:
+    """Mean of the task losses over ``data`` (no grad; the caller sets train/eval mode)."""
+    total, count = None, 0
+    for batch in data:
+        losses = loss_fn(model, batch).detach().double()
+        total = losses if total is None else total + losses
+        count += 1
+    if count == 0:
+        raise ValueError("the teleport data yielded no batch")
+    return (total / count).float()
+
+
+def perturbed_losses(
+    model: nn.Module,
+    params: list[torch.Tensor],
+    loss_fn: LossFn,
+    batch: Any,
+    num_samples: int,
+    noise_norm: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """(n, K) task losses at n perturbations θ + ε_j, each parameter tensor's noise of norm ν.
+
+    The noise is added in place and the saved values are copied back after each sample, so
+    the parameters end bit-exactly where they started; nothing is differentiated.
+    """
+    saved = [p.detach().clone() for p in params]
+    rows = []
+    with torch.no_grad():
+        for _ in range(num_samples):
+            for p in params:
+                noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
+                p.add_(noise * (noise_norm / noise.norm()))
+            rows.append(loss_fn(model, batch).detach())
+            torch._foreach_copy_(params, saved)
+    return torch.stack(rows)
+
+
+def reference_sharpness(
+    unperturbed: torch.Tensor, perturbed: torch.Tensor, ratios: torch.Tensor, noise_norm: float
+) -> torch.Tensor:
+    """L_g = mean_i max_j R_i |L_i(θ+Δθ+ε_j) - L_i(θ+Δθ)| / ν from the (K,) unperturbed losses
+    (differentiable) and the (n, K) perturbed ones (constants)."""
+    return (ratios * (perturbed - unperturbed).abs()).max(dim=0).values.mean() / noise_norm
+
+
+def teleport(
+    model: nn.Module,
+    adapter: TeleportAdapter,
+    loss_fn: LossFn,
+    data: Iterable[Any],
+    current_batch: Any,
+    ratios: torch.Tensor,
+    config: TeleportConfig | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> TeleportResult:
+    """One COST teleport of ``model``'s shared backbone (reference semantics, module docstring).
+
+    Args:
+        model: the whole multi-task model (``loss_fn(model, batch)`` gives its K losses).
+        adapter: the ``TeleportAdapter`` injected into the shared backbone.
+        data: the teleport data, iterated 2 + ``config.rounds`` times (e.g. the training loader).
+        current_batch: the training batch on which L_g is measured.
+        ratios: R (shape (K,)), e.g. ``reference_ratio_weights(stats.norms)``.
+        generator: the source of the perturbation noise (reproducible runs).
+        progress: called as progress(step, L_t, L_g) after every adapter step (0-d device
+            tensors: reading them synchronizes, so a progress bar should do it sparingly).
+
+    The model is in eval mode during the teleport (as the public code) and goes back to the
+    mode it had. Returns a ``TeleportResult``; the adapter ends disabled and reset.
+    """
+    config = config or TeleportConfig()
+    if iter(data) is data:
+        raise ValueError("the teleport data must be re-iterable (a DataLoader or a list), not a one-shot iterator")
+    was_training = model.training
+    model.eval()
+    adapter_ids = {id(p) for p in adapter.adapter_parameters}
+    perturb = [p for p in model.parameters() if id(p) not in adapter_ids]
+    snapshot = adapter.snapshot()
+    try:
+        contour = loss_contour(model, loss_fn, data)
+        adapter.set_enabled(True)
+        optimizer = torch.optim.Adam(adapter.adapter_parameters, lr=config.lr)
+        task_terms: list[torch.Tensor] = []
+        sharp_terms: list[torch.Tensor] = []
+        steps = 0
+        for _ in range(config.rounds):
+            for batch in data:
+                # The perturbations modify parameters in place, so they run before any graph of
+                # this step exists (autograd would reject saved tensors that were modified).
+                perturbed = perturbed_losses(
+                    model, perturb, loss_fn, current_batch, config.num_samples, config.noise_norm, generator
+                )
+                losses = loss_fn(model, batch)
+                task_term = (losses - contour.to(losses)).abs().mean()
+                unperturbed = loss_fn(model, current_batch)
+                sharp_term = reference_sharpness(unperturbed, perturbed, ratios.to(unperturbed), config.noise_norm)
+                objective = config.task_weight * task_term - config.sharpness_weight * sharp_term
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward(inputs=adapter.adapter_parameters)
+                optimizer.step()
+                steps += 1
+                task_terms.append(task_term.detach())
+                sharp_terms.append(sharp_term.detach())
+                if progress is not None:
+                    progress(steps, task_terms[-1], sharp_terms[-1])
+                if config.max_steps is not None and steps >= config.max_steps:
+                    break
+            if config.max_steps is not None and steps >= config.max_steps:
+                break
+        deltas = adapter.merge_and_reset()
+        adapter.set_enabled(False)
+        after = loss_contour(model, loss_fn, data)
+        rose = after > contour * (1 + config.guard_tolerance) + 1e-12
+        rolled_back = bool(rose.any() or not torch.isfinite(after).all())
+        if rolled_back:
+            adapter.restore(snapshot)
+            deltas = [torch.zeros_like(d) for d in deltas]
+        # one host transfer for the whole history (nothing synchronizes inside the loop)
+        history = torch.stack(task_terms + sharp_terms).tolist() if steps else []
+        return TeleportResult(deltas, steps, history[:steps], history[steps:], contour, after, rolled_back)
+    except BaseException:
+        adapter.set_enabled(False)
+        adapter.restore(snapshot)
+        raise
+    finally:
+        model.train(was_training)

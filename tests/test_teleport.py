@@ -1,0 +1,117 @@
+"""The fast teleport against the straightforward reference; the guard; the step budget."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cost_fast.lora import ADAPTER, TeleportAdapter
+from cost_fast.models import CelebACNN
+from cost_fast.reference import reference_teleport
+from cost_fast.teleport import TeleportConfig, reference_ratio_weights, teleport
+
+K = 3
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return model.task_losses(x, y)
+
+
+def problem(seed: int = 0):
+    torch.manual_seed(seed)
+    model = CelebACNN(num_tasks=K, width=2).double()
+    gen = torch.Generator().manual_seed(seed + 1)
+    data = [
+        (torch.randn(4, 3, 16, 16, generator=gen, dtype=torch.float64), torch.randint(0, 2, (4, K), generator=gen))
+        for _ in range(2)
+    ]
+    current = (
+        torch.randn(4, 3, 16, 16, generator=gen, dtype=torch.float64),
+        torch.randint(0, 2, (4, K), generator=gen),
+    )
+    ratios = reference_ratio_weights(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
+    return model, data, current, ratios
+
+
+def test_fast_teleport_equals_reference() -> None:
+    model, data, current, ratios = problem()
+    reference_input = copy.deepcopy(model)
+    config = TeleportConfig(lr=1e-2, rounds=2, guard_tolerance=1e9)
+    adapter = TeleportAdapter(model.backbone, rank=2)
+    initial_a = [layer.lora_A[ADAPTER].weight.detach().clone() for layer in adapter.layers]
+    result = teleport(
+        model, adapter, loss_fn, data, current, ratios, config, generator=torch.Generator().manual_seed(7)
+    )
+    expected = reference_teleport(
+        reference_input,
+        "backbone",
+        loss_fn,
+        data,
+        current,
+        ratios,
+        config,
+        rank=2,
+        generator=torch.Generator().manual_seed(7),
+        initial_lora_a=initial_a,
+    )
+    assert result.steps == 4 and not result.rolled_back
+    moved = 0.0
+    for ours, theirs, before, delta in zip(
+        adapter.base_parameters, expected.backbone.parameters(), reference_input.backbone.parameters(), result.deltas
+    ):
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(ours.detach(), before.detach() + delta, rtol=1e-12, atol=1e-14)
+        moved += float((ours - before).detach().abs().sum())
+    assert moved > 0  # the teleport did move the backbone
+    # same function after the teleport, and the adapter is back to the identity, disabled
+    x = current[0]
+    torch.testing.assert_close(model.eval()(x), expected.eval()(x), rtol=1e-9, atol=1e-12)
+    assert not adapter.enabled and all(
+        torch.equal(layer.lora_B[ADAPTER].weight, torch.zeros_like(layer.lora_B[ADAPTER].weight))
+        for layer in adapter.layers
+    )
+
+
+def test_guard_rolls_back_bit_exactly() -> None:
+    model, data, current, ratios = problem(1)
+    adapter = TeleportAdapter(model.backbone, rank=2)
+    before = adapter.snapshot()
+    # an absurd step size: the teleport wrecks the losses and the guard must undo it
+    result = teleport(model, adapter, loss_fn, data, current, ratios, TeleportConfig(lr=10.0, rounds=1))
+    assert result.rolled_back
+    assert all(torch.equal(p, b) for p, b in zip(adapter.base_parameters, before))
+    assert all(float(d.abs().sum()) == 0 for d in result.deltas)
+    assert model.training  # mode restored
+
+
+def test_step_budget_progress_and_bad_data() -> None:
+    model, data, current, ratios = problem(2)
+    adapter = TeleportAdapter(model.backbone, rank=2)
+    seen = []
+    result = teleport(
+        model,
+        adapter,
+        loss_fn,
+        data,
+        current,
+        ratios,
+        TeleportConfig(rounds=5, max_steps=3, guard_tolerance=1e9),
+        progress=lambda step, lt, lg: seen.append((step, lt, lg)),
+    )
+    assert result.steps == 3 and [s for s, _, _ in seen] == [1, 2, 3]
+    assert len(result.task_terms) == 3 and all(float(lg) >= 0 for _, _, lg in seen)
+    assert result.sharpness_terms == [float(lg) for _, _, lg in seen]
+    with pytest.raises(ValueError, match="re-iterable"):
+        teleport(model, adapter, loss_fn, iter(data), current, ratios)
+    with pytest.raises(ValueError, match="no batch"):
+        teleport(model, adapter, loss_fn, [], current, ratios)
+    with pytest.raises(ValueError, match="rounds"):
+        TeleportConfig(rounds=0)
+
+
+def test_reference_ratio_weights() -> None:
+    R = reference_ratio_weights(torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(R, torch.tensor([2 * 0.75, 2 * 0.25]))
