@@ -81,6 +81,8 @@ class TaskGradients:
     Attributes:
         grads: the (K, P) buffer; row i holds ∂L_i/∂θ after ``compute``.
         views: per parameter, a (K, *param.shape) view into ``grads``.
+        combined: the (P,) buffer of the last update written by ``combine``/``write_update``.
+        combined_views: per parameter, a param-shaped view into ``combined``.
         params: the trainable shared parameters, in buffer order.
 
     Example::
@@ -107,11 +109,11 @@ class TaskGradients:
         self.grads = torch.empty((num_tasks, self.num_params), dtype=first.dtype, device=first.device)
         self.combined = torch.empty(self.num_params, dtype=first.dtype, device=first.device)
         self.views: list[torch.Tensor] = []
-        self._combined_views: list[torch.Tensor] = []
+        self.combined_views: list[torch.Tensor] = []
         offset = 0
         for p, n in zip(self.params, self.sizes):
             self.views.append(self.grads[:, offset : offset + n].view(num_tasks, *p.shape))
-            self._combined_views.append(self.combined[offset : offset + n].view(p.shape))
+            self.combined_views.append(self.combined[offset : offset + n].view(p.shape))
             offset += n
         self._eye = torch.eye(num_tasks, dtype=first.dtype, device=first.device)
 
@@ -163,11 +165,7 @@ class TaskGradients:
 
     def combine(self, weights: torch.Tensor, *, write_grad: bool = True) -> torch.Tensor:
         """Return d = Gᵀ w (shape (P,)) and, by default, set each shared parameter's ``.grad`` to
-        its slice of d.
-
-        The ``.grad`` tensors become views of one flat buffer owned by the engine, so an
-        optimizer step reads d directly; an ``optimizer.zero_grad()`` in between is harmless.
-        """
+        its slice of d (see ``write_update``)."""
         if not isinstance(weights, torch.Tensor):
             raise TypeError(f"weights must be a tensor of shape ({self.num_tasks},), got {type(weights).__name__}")
         if weights.shape != (self.num_tasks,):
@@ -176,8 +174,24 @@ class TaskGradients:
             raise ValueError(f"weights are on {weights.device} but the gradients on {self.grads.device}")
         torch.mv(self.grads.T, weights.to(self.grads.dtype), out=self.combined)
         if write_grad:
-            # Re-attach only where the user's zero_grad(set_to_none=True) dropped our view.
-            for p, view in zip(self.params, self._combined_views):
-                if p.grad is not view:
-                    p.grad = view
+            self._attach_grads()
         return self.combined
+
+    def write_update(self, update: torch.Tensor) -> torch.Tensor:
+        """Set the shared parameters' ``.grad`` to an update vector d of shape (P,) computed
+        elsewhere (e.g. by GradDrop or MoCo); returns the engine's copy of it.
+
+        The ``.grad`` tensors become views of one flat buffer owned by the engine, so an
+        optimizer step reads d directly; an ``optimizer.zero_grad()`` in between is harmless.
+        """
+        if not isinstance(update, torch.Tensor) or update.shape != (self.num_params,):
+            raise ValueError(f"update must be a tensor of shape ({self.num_params},)")
+        self.combined.copy_(update)
+        self._attach_grads()
+        return self.combined
+
+    def _attach_grads(self) -> None:
+        # Re-attach only where the user's zero_grad(set_to_none=True) dropped our view.
+        for p, view in zip(self.params, self.combined_views):
+            if p.grad is not view:
+                p.grad = view

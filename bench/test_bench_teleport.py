@@ -1,0 +1,75 @@
+"""One COST teleport (reference semantics), fast engine vs the straightforward reference.
+
+Workload: ``CelebACNN`` (40 binary tasks, 64x64 inputs); on CPU width 8, batch 8, 4 teleport
+batches, ``rounds`` = 2 (8 adapter steps of 1 + 1 + 5 forward passes each), n = 5, LoRA rank 5.
+On a GPU: width 64, batch 64. Both sides get the same model, data and noise generator seed.
+
+Run:  pytest bench/test_bench_teleport.py --benchmark-json=bench/results/teleport_<device>.json
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from bench.stamp import bench_device, synchronize
+from cost_fast.lora import TeleportAdapter
+from cost_fast.models import CelebACNN
+from cost_fast.reference import reference_teleport
+from cost_fast.teleport import TeleportConfig, reference_ratio_weights, teleport
+
+DEVICE = bench_device()
+K = 40
+WIDTH, BATCH = (64, 64) if DEVICE.type == "cuda" else (8, 8)
+CONFIG = TeleportConfig(lr=1e-3, rounds=2, guard_tolerance=1e9)
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return model.task_losses(x, y)
+
+
+@pytest.mark.parametrize("impl", ["reference", "fast"])
+def test_teleport_speed(benchmark, impl: str) -> None:
+    torch.manual_seed(0)
+    model = CelebACNN(num_tasks=K, width=WIDTH).to(DEVICE)
+    gen = torch.Generator().manual_seed(1)
+    data = [
+        (
+            torch.randn(BATCH, 3, 64, 64, generator=gen).to(DEVICE),
+            torch.randint(0, 2, (BATCH, K), generator=gen).to(DEVICE),
+        )
+        for _ in range(4)
+    ]
+    current = data[0]
+    ratios = reference_ratio_weights(torch.rand(K, generator=gen)).to(DEVICE)
+    if impl == "fast":
+        adapter = TeleportAdapter(model.backbone, rank=5)
+
+        def run() -> None:
+            teleport(
+                model, adapter, loss_fn, data, current, ratios, CONFIG, generator=torch.Generator(DEVICE).manual_seed(2)
+            )
+            synchronize(DEVICE)
+    else:
+        original = copy.deepcopy(model)
+
+        def run() -> None:
+            reference_teleport(
+                original,
+                "backbone",
+                loss_fn,
+                data,
+                current,
+                ratios,
+                CONFIG,
+                rank=5,
+                generator=torch.Generator(DEVICE).manual_seed(2),
+            )
+            synchronize(DEVICE)
+
+    benchmark.group = f"teleport K={K} width={WIDTH} batch={BATCH} steps=8 n=5"
+    benchmark.extra_info.update(impl=impl, K=K, width=WIDTH, batch=BATCH)
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)

@@ -1,0 +1,217 @@
+"""``COST``: a drop-in multi-task step with COST's teleport (reference semantics).
+
+Per ``step(losses, batch)``:
+
+1. per-task gradients of the shared backbone (``TaskGradients``) and their Gram statistics
+   (``gram_stats``), on the device;
+2. the trigger: reference semantics ``min_i cos(g_i, g0) ≤ 0`` (the public code), or
+   ``trigger="paper"``: ≥ ⌈K/2⌉ tasks with cos(g_i, g0) < 0 (Eq. 4); only from ``start_step`` /
+   ``start_epoch`` on and at most ``max_teleports_per_epoch`` times per epoch (one host read);
+3. if it fires: ``teleport`` (LoRA adapter trained on 10 L_t - 0.5 L_g, merged, guarded), then
+   HTR on Adam/AdamW with σ = cos(last combined update, Δθ) (σ ≤ 0: fresh Adam state). That
+   step updates no parameter, as in the public code;
+4. otherwise the base method's update: Gram-based methods give w from M, loss weightings w from
+   the losses, gradient-based ones (GradDrop, MoCo) the backbone update itself; the heads get
+   the gradient of Σ w_i L_i, the backbone Gᵀw; then ``optimizer.step()``.
+
+Call ``end_epoch()`` after each epoch (it resets the per-epoch teleport count).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from cost_fast.aggregators.base import Aggregator
+from cost_fast.grads import Mode, TaskGradients
+from cost_fast.htr import apply_htr, flat_cosine, supports_htr
+from cost_fast.kernels import gram_stats
+from cost_fast.lora import TeleportAdapter
+from cost_fast.teleport import LossFn, TeleportConfig, reference_ratio_weights, teleport
+from cost_fast.weighting.base import LossWeighting
+
+
+@dataclasses.dataclass
+class StepInfo:
+    """What one ``COST.step`` saw and did (host values)."""
+
+    step: int
+    epoch: int
+    num_dominated: int
+    num_conflicting_pairs: int
+    min_cos_mean: float
+    trigger: bool
+    teleported: bool = False
+    rolled_back: bool = False
+    sigma: float | None = None
+    htr: str | None = None
+    teleport_steps: int = 0
+    task_term: tuple[float, float] | None = None  # L_t at the first and last adapter step
+    sharpness_term: tuple[float, float] | None = None  # L_g likewise
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class COST:
+    """Multi-task training step with COST teleportation (see the module docstring).
+
+    Args:
+        model: the whole multi-task model.
+        shared: its shared backbone (a submodule of ``model``); the LoRA adapter is injected
+            into it once, here.
+        base: the base method: an ``Aggregator`` (``get_aggregator("fairgrad")``, ...) or a
+            ``LossWeighting``.
+        optimizer: over ``model.parameters()``; Adam/AdamW get HTR, others none.
+        loss_fn: ``loss_fn(model, batch) -> Tensor[K]``, used by the teleport.
+        teleport_data: re-iterable batches for the teleport (the public code: the training loader).
+        trigger: ``"reference"`` (default) or ``"paper"``.
+        start_step, start_epoch: no teleport before these (delayed start).
+        max_teleports_per_epoch: frequency control (default 1).
+        rank: LoRA rank (default 5). teleport: ``TeleportConfig`` (default: lr of the
+            optimizer's first group). gradient_mode: ``TaskGradients`` mode.
+        seed: seed of the teleport's noise generator.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        shared: nn.Module,
+        base: Aggregator | LossWeighting,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn,
+        teleport_data: Iterable[Any],
+        *,
+        trigger: Literal["reference", "paper"] = "reference",
+        start_step: int = 0,
+        start_epoch: int = 0,
+        max_teleports_per_epoch: int = 1,
+        rank: int = 5,
+        teleport: TeleportConfig | None = None,
+        gradient_mode: Mode = "loop",
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(base, Aggregator | LossWeighting):
+            raise TypeError(f"base must be an Aggregator or a LossWeighting, got {type(base).__name__}")
+        if trigger not in ("reference", "paper"):
+            raise ValueError(f"trigger must be 'reference' or 'paper', got {trigger!r}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> Tensor[K]")
+        if min(start_step, start_epoch) < 0 or max_teleports_per_epoch < 0:
+            raise ValueError("start_step, start_epoch and max_teleports_per_epoch must be ≥ 0")
+        if not any(m is shared for m in model.modules()):
+            raise ValueError("shared must be a submodule of model")
+        self.model, self.shared, self.base, self.optimizer = model, shared, base, optimizer
+        self.loss_fn, self.teleport_data = loss_fn, teleport_data
+        self.trigger_rule = trigger
+        self.start_step, self.start_epoch = start_step, start_epoch
+        self.max_teleports_per_epoch = max_teleports_per_epoch
+        self.teleport_config = teleport or TeleportConfig(lr=optimizer.param_groups[0]["lr"])
+        self.gradient_mode: Mode = gradient_mode
+        shared_params = [p for p in shared.parameters() if p.requires_grad]
+        shared_ids = {id(p) for p in shared.parameters()}
+        self.adapter = TeleportAdapter(shared, rank=rank)
+        adapter_ids = {id(p) for p in self.adapter.adapter_parameters}
+        self.task_params = [p for p in model.parameters() if id(p) not in shared_ids | adapter_ids and p.requires_grad]
+        self._shared_params = shared_params
+        self.engine: TaskGradients | None = None
+        self.generator = torch.Generator(device=shared_params[0].device).manual_seed(seed)
+        self.step_count = 0
+        self.epoch = 0
+        self.teleports_this_epoch = 0
+        self.has_update = False
+
+    def end_epoch(self) -> None:
+        """Start a new epoch for the frequency control and ``start_epoch``."""
+        self.epoch += 1
+        self.teleports_this_epoch = 0
+
+    def _allowed(self) -> bool:
+        return (
+            self.step_count >= self.start_step
+            and self.epoch >= self.start_epoch
+            and self.teleports_this_epoch < self.max_teleports_per_epoch
+        )
+
+    def step(self, losses: torch.Tensor, batch: Any) -> StepInfo:
+        """One training step from the K task losses of ``batch`` (with their graph)."""
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        if self.engine is None:
+            self.engine = TaskGradients(self._shared_params, num_tasks=losses.shape[0], mode=self.gradient_mode)
+        engine = self.engine
+        engine.compute(losses, retain_graph=True)
+        t1 = time.perf_counter()
+        stats = gram_stats(engine.grads)
+        if self.trigger_rule == "paper":
+            fires = stats.trigger
+        else:
+            fires = (stats.cos_mean.min() <= 0) & ~stats.nonfinite
+        t2 = time.perf_counter()
+        times["gradients"], times["gram"] = t1 - t0, t2 - t1
+        info = StepInfo(
+            step=self.step_count,
+            epoch=self.epoch,
+            num_dominated=int(stats.num_dominated),
+            num_conflicting_pairs=int(stats.num_conflicting_pairs),
+            min_cos_mean=float(stats.cos_mean.min()),
+            trigger=bool(fires),
+            seconds=times,
+        )
+        if info.trigger and self._allowed():
+            self._teleport(stats.norms, batch, info)
+            times["teleport"] = time.perf_counter() - t2
+        else:
+            self._base_update(losses, stats.gram)
+            times["solve_and_step"] = time.perf_counter() - t2
+        self.step_count += 1
+        return info
+
+    def _base_update(self, losses: torch.Tensor, gram: torch.Tensor) -> None:
+        engine = self.engine
+        self.optimizer.zero_grad(set_to_none=True)
+        if isinstance(self.base, LossWeighting):
+            w = self.base.weights(losses).to(engine.grads.dtype)
+        elif self.base.kind == "gram":
+            w = self.base.weights(gram).to(engine.grads.dtype)
+        else:
+            w = torch.ones(losses.shape[0], dtype=engine.grads.dtype, device=engine.grads.device)
+        if self.task_params:
+            (losses @ w.to(losses)).backward(inputs=self.task_params)
+        if isinstance(self.base, Aggregator) and self.base.kind == "grads":
+            engine.write_update(self.base.aggregate(engine.grads).to(engine.grads.dtype))
+        else:
+            engine.combine(w)
+        self.optimizer.step()
+        self.has_update = True
+
+    def _teleport(self, norms: torch.Tensor, batch: Any, info: StepInfo) -> None:
+        result = teleport(
+            self.model,
+            self.adapter,
+            self.loss_fn,
+            self.teleport_data,
+            batch,
+            reference_ratio_weights(norms),
+            self.teleport_config,
+            generator=self.generator,
+        )
+        self.teleports_this_epoch += 1
+        info.teleported = not result.rolled_back
+        info.rolled_back = result.rolled_back
+        info.teleport_steps = result.steps
+        if result.steps:
+            info.task_term = (result.task_terms[0], result.task_terms[-1])
+            info.sharpness_term = (result.sharpness_terms[0], result.sharpness_terms[-1])
+        self.optimizer.zero_grad(set_to_none=True)
+        if result.rolled_back or not self.has_update or not supports_htr(self.optimizer):
+            return
+        delta_of = {id(p): d for p, d in zip(self.adapter.base_parameters, result.deltas)}
+        deltas = [delta_of[id(p)] for p in self.engine.params]
+        # the engine still holds the last combined update Gᵀw (this step made none)
+        sigma = float(flat_cosine(deltas, self.engine.combined_views))
+        info.sigma = sigma
+        info.htr = apply_htr(self.optimizer, max(-1.0, min(1.0, sigma)))
