@@ -26,13 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
-        help="train a toy multi-task model and print per-step Gram/conflict statistics",
-        description="Train a toy shared-backbone model (linear scalarization, Adam) on synthetic "
-        "conflicting binary tasks and print the per-step Gram/conflict statistics.",
+        help="train a small multi-task model with a base method + COST on CPU",
+        description="Train a small shared-backbone model on synthetic binary tasks with a base "
+        "multi-task method and COST, printing per-step conflict statistics and every teleport.",
     )
-    demo.add_argument("--steps", type=_positive_int, default=30, help="training steps (default: 30)")
+    demo.add_argument("--epochs", type=_positive_int, default=4, help="epochs (default: 4)")
+    demo.add_argument("--steps-per-epoch", type=_positive_int, default=10, help="steps per epoch (default: 10)")
     demo.add_argument("--tasks", type=_positive_int, default=6, help="number of tasks K (default: 6)")
     demo.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default: 64)")
+    demo.add_argument("--method", default="fairgrad", help="base method, a Gram-based aggregator (default: fairgrad)")
+    demo.add_argument("--no-cost", action="store_true", help="train the base method alone")
     demo.add_argument(
         "--mode", choices=["loop", "batched"], default="loop", help="per-task gradient mode (default: loop)"
     )
@@ -52,12 +55,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--device: {err}")
         if device.type == "cuda" and not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")
+        from cost_fast.aggregators import list_aggregators
         from cost_fast.demo import run_demo
 
+        gram_methods = sorted(n for n, kind in list_aggregators().items() if kind == "gram")
+        if args.method not in gram_methods:
+            parser.error(f"--method: unknown or not Gram-based: {args.method!r}; choose from {', '.join(gram_methods)}")
         run_demo(
-            steps=args.steps,
+            epochs=args.epochs,
+            steps_per_epoch=args.steps_per_epoch,
             num_tasks=args.tasks,
             batch_size=args.batch_size,
+            method=args.method,
+            use_cost=not args.no_cost,
             mode=args.mode,
             seed=args.seed,
             device=str(device),

@@ -152,13 +152,22 @@ class COST:
             fires = (stats.cos_mean.min() <= 0) & ~stats.nonfinite
         t2 = time.perf_counter()
         times["gradients"], times["gram"] = t1 - t0, t2 - t1
+        # the step's one host transfer: the trigger decision and the statistics it reports
+        dominated, pairs, min_cos, fired = torch.stack(
+            [
+                stats.num_dominated.double(),
+                stats.num_conflicting_pairs.double(),
+                stats.cos_mean.min().double(),
+                fires.double(),
+            ]
+        ).tolist()
         info = StepInfo(
             step=self.step_count,
             epoch=self.epoch,
-            num_dominated=int(stats.num_dominated),
-            num_conflicting_pairs=int(stats.num_conflicting_pairs),
-            min_cos_mean=float(stats.cos_mean.min()),
-            trigger=bool(fires),
+            num_dominated=int(dominated),
+            num_conflicting_pairs=int(pairs),
+            min_cos_mean=min_cos,
+            trigger=bool(fired),
             seconds=times,
         )
         if info.trigger and self._allowed():

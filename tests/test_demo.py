@@ -1,4 +1,4 @@
-"""The demo and the command line at tiny sizes."""
+"""The demo (README's main job) and the command line at small sizes."""
 
 from __future__ import annotations
 
@@ -12,33 +12,48 @@ from cost_fast.cli import main
 from cost_fast.demo import run_demo
 
 
-@pytest.mark.parametrize("mode", ["loop", "batched"])
-def test_demo_trains_and_reports_statistics(mode: str) -> None:
+def test_demo_trains_with_cost_and_reports_teleports() -> None:
     out = io.StringIO()
-    history = run_demo(steps=25, num_tasks=4, batch_size=32, mode=mode, out=out)
-    assert [r.step for r in history] == list(range(25))
+    history = run_demo(out=out)  # the default run: 4 epochs x 10 steps, FairGrad + COST
+    assert [r.step for r in history] == list(range(40))
     for r in history:
-        assert math.isfinite(r.mean_loss) and math.isfinite(r.mean_norm)
-        assert 0 <= r.num_dominated <= 4 and 0 <= r.num_conflicting_pairs <= 6
-        assert -1.0 <= r.min_cos_mean <= 1.0
-        assert r.trigger == (r.num_dominated >= 2)
+        assert math.isfinite(r.mean_loss) and -1.0 <= r.min_cos_mean <= 1.0
+        assert 0 <= r.num_dominated <= 6 and 0 <= r.num_conflicting_pairs <= 15
+        assert r.trigger == (r.min_cos_mean <= 0)  # the reference trigger rule
+        assert not (r.teleported and r.step < 10)  # delayed start: not in the first epoch
+    per_epoch = [sum(r.teleported or r.rolled_back for r in history if r.epoch == e) for e in range(4)]
+    assert max(per_epoch) <= 1 and sum(per_epoch) >= 1  # frequency control, and COST did act
     assert sum(r.mean_loss for r in history[-5:]) < sum(r.mean_loss for r in history[:5])  # it learns
     text = out.getvalue()
-    assert "K=4 tasks" in text and text.rstrip().splitlines()[-1].startswith("done: trigger fired on")
+    assert "fairgrad + COST" in text and "teleport:" in text and "L_t" in text and "L_g" in text
+    assert text.rstrip().splitlines()[-1].startswith("done in")
+
+
+def test_demo_without_cost_never_teleports() -> None:
+    history = run_demo(epochs=2, use_cost=False, method="mgda")
+    assert not any(r.teleported or r.rolled_back for r in history)
 
 
 def test_demo_is_reproducible() -> None:
-    assert run_demo(steps=3, seed=5) == run_demo(steps=3, seed=5)
+    assert run_demo(epochs=2, seed=5) == run_demo(epochs=2, seed=5)
 
 
 def test_cli_demo(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--steps", "2", "--tasks", "3"]) == 0
-    assert "K=3 tasks" in capsys.readouterr().out
+    assert main(["demo", "--epochs", "1", "--steps-per-epoch", "3", "--tasks", "3", "--method", "mgda"]) == 0
+    assert "mgda + COST, K=3 tasks" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
     "argv",
-    [["demo", "--steps", "-1"], ["demo", "--tasks", "0"], ["demo", "--mode", "vmap"], ["demo", "--device", "nope"], []],
+    [
+        ["demo", "--epochs", "-1"],
+        ["demo", "--tasks", "0"],
+        ["demo", "--mode", "vmap"],
+        ["demo", "--device", "nope"],
+        ["demo", "--method", "nope"],
+        ["demo", "--method", "moco"],
+        [],
+    ],
 )
 def test_cli_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:

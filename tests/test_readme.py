@@ -22,3 +22,18 @@ def test_readme_mtl_step_example_trains() -> None:
     assert final.mean() < 0.1  # from ~0.69 (chance) at initialization; ~0.01 measured
     w = namespace["w"]
     assert w.shape == (4,) and (w > 0).all()
+
+
+def test_readme_cost_example_runs() -> None:
+    from cost_fast.models import MultiTaskMLP, conflicting_binary_tasks
+
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    example = next(b for b in blocks if "COST(" in b)
+    torch.manual_seed(0)
+    x, y = conflicting_binary_tasks(128, in_features=16, num_tasks=4)
+    model = MultiTaskMLP(16, num_tasks=4, hidden=8)
+    namespace = {"torch": torch, "model": model, "epochs": 2, "train_batches": [(x[:64], y[:64]), (x[64:], y[64:])]}
+    exec(compile(example, "README.md", "exec"), namespace)
+    cost = namespace["cost"]
+    assert cost.step_count == 4 and cost.epoch == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
