@@ -4,12 +4,13 @@ Per ``step(losses, batch)``:
 
 1. per-task gradients of the shared backbone (``TaskGradients``) and their Gram statistics
    (``gram_stats``), on the device;
-2. the trigger: reference semantics ``min_i cos(g_i, g0) ≤ 0`` (the public code), or
-   ``trigger="paper"``: ≥ ⌈K/2⌉ tasks with cos(g_i, g0) < 0 (Eq. 4); only from ``start_step`` /
-   ``start_epoch`` on and at most ``max_teleports_per_epoch`` times per epoch (one host read);
-3. if it fires: ``teleport`` (LoRA adapter trained on 10 L_t - 0.5 L_g, merged, guarded), then
-   HTR on Adam/AdamW with σ = cos(last combined update, Δθ) (σ ≤ 0: fresh Adam state). That
-   step updates no parameter, as in the public code;
+2. the trigger: ``semantics="reference"`` (the public code, default) ``min_i cos(g_i, g0) ≤ 0``;
+   ``semantics="paper"``: ≥ ⌈K/2⌉ tasks with cos(g_i, g0) < 0 (Eq. 4); only from ``start_step``
+   / ``start_epoch`` on and at most ``max_teleports_per_epoch`` times per epoch (one host read);
+3. if it fires: ``teleport`` (see ``cost_fast.teleport`` for both semantics: LoRA adapter trained
+   on L_t and L_g, merged, guarded), then HTR on Adam/AdamW with σ = cos(Δθ, g'), g' the last
+   combined update (reference) or the combined gradient at the pre-teleport point (paper, Eq.
+   12); σ ≤ 0 gives a fresh Adam state. That step updates no parameter, as in the public code;
 4. otherwise the base method's update: Gram-based methods give w from M, loss weightings w from
    the losses, gradient-based ones (GradDrop, MoCo) the backbone update itself; the heads get
    the gradient of Σ w_i L_i, the backbone Gᵀw; then ``optimizer.step()``.
@@ -32,7 +33,7 @@ from cost_fast.grads import Mode, TaskGradients
 from cost_fast.htr import apply_htr, flat_cosine, supports_htr
 from cost_fast.kernels import gram_stats
 from cost_fast.lora import TeleportAdapter
-from cost_fast.teleport import LossFn, TeleportConfig, reference_ratio_weights, teleport
+from cost_fast.teleport import LossFn, TeleportConfig, paper_ratio_weights, reference_ratio_weights, teleport
 from cost_fast.weighting.base import LossWeighting
 
 
@@ -68,7 +69,8 @@ class COST:
         optimizer: over ``model.parameters()``; Adam/AdamW get HTR, others none.
         loss_fn: ``loss_fn(model, batch) -> Tensor[K]``, used by the teleport.
         teleport_data: re-iterable batches for the teleport (the public code: the training loader).
-        trigger: ``"reference"`` (default) or ``"paper"``.
+        semantics: ``"reference"`` (default) or ``"paper"``: trigger rule, R weights, default
+            teleport settings and the g' of HTR.
         start_step, start_epoch: no teleport before these (delayed start).
         max_teleports_per_epoch: frequency control (default 1).
         rank: LoRA rank (default 5). teleport: ``TeleportConfig`` (default: lr of the
@@ -85,7 +87,7 @@ class COST:
         loss_fn: LossFn,
         teleport_data: Iterable[Any],
         *,
-        trigger: Literal["reference", "paper"] = "reference",
+        semantics: Literal["reference", "paper"] = "reference",
         start_step: int = 0,
         start_epoch: int = 0,
         max_teleports_per_epoch: int = 1,
@@ -96,8 +98,8 @@ class COST:
     ) -> None:
         if not isinstance(base, Aggregator | LossWeighting):
             raise TypeError(f"base must be an Aggregator or a LossWeighting, got {type(base).__name__}")
-        if trigger not in ("reference", "paper"):
-            raise ValueError(f"trigger must be 'reference' or 'paper', got {trigger!r}")
+        if semantics not in ("reference", "paper"):
+            raise ValueError(f"semantics must be 'reference' or 'paper', got {semantics!r}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> Tensor[K]")
         if min(start_step, start_epoch) < 0 or max_teleports_per_epoch < 0:
@@ -106,10 +108,14 @@ class COST:
             raise ValueError("shared must be a submodule of model")
         self.model, self.shared, self.base, self.optimizer = model, shared, base, optimizer
         self.loss_fn, self.teleport_data = loss_fn, teleport_data
-        self.trigger_rule = trigger
+        self.semantics = semantics
         self.start_step, self.start_epoch = start_step, start_epoch
         self.max_teleports_per_epoch = max_teleports_per_epoch
-        self.teleport_config = teleport or TeleportConfig(lr=optimizer.param_groups[0]["lr"])
+        lr = optimizer.param_groups[0]["lr"]
+        default = TeleportConfig.paper(lr=lr) if semantics == "paper" else TeleportConfig(lr=lr)
+        self.teleport_config = teleport or default
+        if self.teleport_config.semantics != semantics:
+            raise ValueError(f"teleport config has semantics {self.teleport_config.semantics!r}, COST {semantics!r}")
         self.gradient_mode: Mode = gradient_mode
         shared_params = [p for p in shared.parameters() if p.requires_grad]
         shared_ids = {id(p) for p in shared.parameters()}
@@ -146,7 +152,7 @@ class COST:
         engine.compute(losses, retain_graph=True)
         t1 = time.perf_counter()
         stats = gram_stats(engine.grads)
-        if self.trigger_rule == "paper":
+        if self.semantics == "paper":
             fires = stats.trigger
         else:
             fires = (stats.cos_mean.min() <= 0) & ~stats.nonfinite
@@ -171,7 +177,7 @@ class COST:
             seconds=times,
         )
         if info.trigger and self._allowed():
-            self._teleport(stats.norms, batch, info)
+            self._teleport(losses, stats, batch, info)
             times["teleport"] = time.perf_counter() - t2
         else:
             self._base_update(losses, stats.gram)
@@ -179,32 +185,44 @@ class COST:
         self.step_count += 1
         return info
 
-    def _base_update(self, losses: torch.Tensor, gram: torch.Tensor) -> None:
+    def _direction(self, losses: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+        """The base method's task weights w (ones for methods that aggregate G themselves) and,
+        in the engine's ``combined`` buffer, the backbone update d (Gᵀw or the method's own)."""
         engine = self.engine
-        self.optimizer.zero_grad(set_to_none=True)
         if isinstance(self.base, LossWeighting):
             w = self.base.weights(losses).to(engine.grads.dtype)
         elif self.base.kind == "gram":
             w = self.base.weights(gram).to(engine.grads.dtype)
         else:
             w = torch.ones(losses.shape[0], dtype=engine.grads.dtype, device=engine.grads.device)
+        if isinstance(self.base, Aggregator) and self.base.kind == "grads":
+            engine.combined.copy_(self.base.aggregate(engine.grads).to(engine.grads.dtype))
+        else:
+            engine.combine(w, write_grad=False)
+        return w
+
+    def _base_update(self, losses: torch.Tensor, gram: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        w = self._direction(losses, gram)
         if self.task_params:
             (losses @ w.to(losses)).backward(inputs=self.task_params)
-        if isinstance(self.base, Aggregator) and self.base.kind == "grads":
-            engine.write_update(self.base.aggregate(engine.grads).to(engine.grads.dtype))
-        else:
-            engine.combine(w)
+        self.engine.write_update(self.engine.combined)
         self.optimizer.step()
         self.has_update = True
 
-    def _teleport(self, norms: torch.Tensor, batch: Any, info: StepInfo) -> None:
+    def _teleport(self, losses: torch.Tensor, stats, batch: Any, info: StepInfo) -> None:
+        if self.semantics == "paper":
+            self._direction(losses, stats.gram)  # g': the combined gradient before the teleport
+            ratios = paper_ratio_weights(stats.norms)
+        else:
+            ratios = reference_ratio_weights(stats.norms)  # g' stays the last step's update
         result = teleport(
             self.model,
             self.adapter,
             self.loss_fn,
             self.teleport_data,
             batch,
-            reference_ratio_weights(norms),
+            ratios,
             self.teleport_config,
             generator=self.generator,
         )
@@ -216,11 +234,11 @@ class COST:
             info.task_term = (result.task_terms[0], result.task_terms[-1])
             info.sharpness_term = (result.sharpness_terms[0], result.sharpness_terms[-1])
         self.optimizer.zero_grad(set_to_none=True)
-        if result.rolled_back or not self.has_update or not supports_htr(self.optimizer):
+        has_direction = self.has_update or self.semantics == "paper"
+        if result.rolled_back or not has_direction or not supports_htr(self.optimizer):
             return
         delta_of = {id(p): d for p, d in zip(self.adapter.base_parameters, result.deltas)}
         deltas = [delta_of[id(p)] for p in self.engine.params]
-        # the engine still holds the last combined update Gᵀw (this step made none)
         sigma = float(flat_cosine(deltas, self.engine.combined_views))
         info.sigma = sigma
         info.htr = apply_htr(self.optimizer, max(-1.0, min(1.0, sigma)))

@@ -186,7 +186,8 @@ class TaskGradients:
         """
         if not isinstance(update, torch.Tensor) or update.shape != (self.num_params,):
             raise ValueError(f"update must be a tensor of shape ({self.num_params},)")
-        self.combined.copy_(update)
+        if update is not self.combined:
+            self.combined.copy_(update)
         self._attach_grads()
         return self.combined
 

@@ -4,7 +4,8 @@ the fast engine (``cost_fast.teleport``) is profiled and tested against.
 Per teleport: wrap a deep copy of the model with ``peft.get_peft_model``; per adapter step and
 per sharpness sample, deep-copy the wrapped model, ``merge_and_unload`` it, add noise to every
 parameter tensor, evaluate; at the end ``merge_and_unload``. Same objective and reference
-semantics as ``cost_fast.teleport`` (see there).
+semantics as ``cost_fast.teleport`` (see there). In paper semantics, all n perturbed evaluations
+are differentiated and the max taken over them (the fast path differentiates the arg-max only).
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ import torch
 from torch import nn
 
 from cost_fast.lora import ADAPTED_TYPES
-from cost_fast.teleport import LossFn, TeleportConfig, loss_contour
+from cost_fast.teleport import (
+    LossFn,
+    TeleportConfig,
+    loss_contour,
+    losses_at,
+    paper_radius_and_seed,
+    paper_sharpness_term,
+    sphere_noise,
+)
 
 
 def reference_teleport(
@@ -57,12 +66,33 @@ def reference_teleport(
                 p.copy_(value)
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=config.lr)
+    prefix = f"base_model.model.{backbone_name}."
+    shared = [(n, p) for n, p in wrapped.named_parameters() if n.startswith(prefix) and "lora_" not in n]
+    if config.semantics == "paper":
+        radius, base_seed = paper_radius_and_seed([p for _, p in shared], config, generator)
     steps = 0
     for _ in range(config.rounds):
         for batch in data:
             losses = loss_fn(wrapped, batch)
             task_term = torch.stack([(losses[i] - contour[i]).abs() for i in range(len(losses))]).mean()
             unperturbed = loss_fn(wrapped, current_batch)
+            if config.semantics == "paper":
+                terms = []
+                for j in range(config.num_samples):
+                    noise = sphere_noise([p for _, p in shared], base_seed + steps * config.num_samples + j, radius)
+                    moved = {n: p + e for (n, p), e in zip(shared, noise)}
+                    terms.append(
+                        paper_sharpness_term(unperturbed, losses_at(wrapped, loss_fn, current_batch, moved), ratios)
+                    )
+                sharp_term = torch.stack(terms).max()
+                objective = config.task_weight * task_term - config.sharpness_weight * sharp_term
+                optimizer.zero_grad()
+                objective.backward()
+                optimizer.step()
+                steps += 1
+                if config.max_steps is not None and steps >= config.max_steps:
+                    break
+                continue
             samples = []
             for _ in range(config.num_samples):
                 noisy = copy.deepcopy(wrapped).merge_and_unload()

@@ -1,6 +1,6 @@
 """COST's teleport: train the LoRA adapter to a loss-equivalent, sharper point, merge, check.
 
-Reference semantics (what the public COST code does; the paper's variant is future work here):
+Two semantics. Reference (what the public COST code does, the default):
 
     L*_i   = mean over the teleport data of L_i(θ)                         (before any step)
     L_t    = (1/K) Σ_i |L_i(θ+Δθ; b) - L*_i|                               (teleport batch b)
@@ -11,6 +11,18 @@ with R_i = K (1 - ‖g_i‖ / Σ_j ‖g_j‖), and ε_j Gaussian noise drawn for
 of the model (adapter excluded), each tensor's noise scaled to norm ν = 1e-4. The perturbed
 losses are constants (the public code evaluates them on deep copies), so L_g's gradient flows
 through L_i(θ+Δθ; x) alone.
+
+Paper (Eqs. 7-11): R = K softmax(Σ_j‖g_j‖/‖g_i‖), L_lora = L_t - 0.1 L_g with
+
+    L_g = max_j | (1/K) Σ_i R_i [L_i(θ+Δθ+ε_j; x) - L_i(θ+Δθ; x)] |,
+
+ε_j Gaussian over the shared parameters scaled to the sphere of radius δ, both terms
+differentiable. The gradient of a max flows through its arg-max alone, so the fast path
+evaluates the n samples without autograd and differentiates only the arg-max sample (the
+reference differentiates all n: same gradient, n-fold less backward work). ε_j is regenerated
+from its own seed rather than stored. δ defaults to 1e-3·‖θ_shared‖ (the paper gives no value):
+a relative radius keeps the loss differences far above float32 rounding whatever the weights'
+scale, and 0.1% keeps the probe local.
 
 What we do differently, for speed, with the same result: the adapter is injected once
 (``TeleportAdapter``), the noise is added to the parameters in place and undone by copying the
@@ -39,6 +51,8 @@ class TeleportConfig:
     """Settings of one teleport (reference semantics defaults).
 
     Attributes:
+        semantics: "reference" or "paper" (module docstring); ``TeleportConfig.paper()`` sets
+            the paper's weights too.
         lr: Adam learning rate of the adapter (the public code uses the model's).
         rounds: passes over the teleport data (``tele_round``, default 2).
         max_steps: optional budget of adapter steps (stops the passes early).
@@ -46,8 +60,10 @@ class TeleportConfig:
         noise_norm: ν, the norm of each parameter tensor's noise (default 1e-4).
         task_weight, sharpness_weight: the objective's 10 and 0.5.
         guard_tolerance: relative rise of any task's mean loss that triggers a rollback (0.05).
+        relative_radius: paper semantics: δ / ‖θ_shared‖ (default 1e-3).
     """
 
+    semantics: str = "reference"
     lr: float = 1e-3
     rounds: int = 2
     max_steps: int | None = None
@@ -56,8 +72,18 @@ class TeleportConfig:
     task_weight: float = 10.0
     sharpness_weight: float = 0.5
     guard_tolerance: float = 0.05
+    relative_radius: float = 1e-3
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> TeleportConfig:
+        """The paper's settings: L_lora = L_t - 0.1 L_g (Eq. 11), δ = 1e-3·‖θ_shared‖."""
+        return cls(**{"semantics": "paper", "task_weight": 1.0, "sharpness_weight": 0.1, **overrides})
 
     def __post_init__(self) -> None:
+        if self.semantics not in ("reference", "paper"):
+            raise ValueError(f"semantics must be 'reference' or 'paper', got {self.semantics!r}")
+        if not self.relative_radius > 0:
+            raise ValueError(f"relative_radius must be > 0, got {self.relative_radius!r}")
         for name in ("lr", "noise_norm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
@@ -88,6 +114,36 @@ def reference_ratio_weights(norms: torch.Tensor) -> torch.Tensor:
     K = norms.shape[0]
     total = norms.sum()
     return K * (1 - norms / torch.where(total > 0, total, torch.ones_like(total)))
+
+
+def paper_ratio_weights(norms: torch.Tensor) -> torch.Tensor:
+    """R = K softmax([Σ_j ‖g_j‖ / ‖g_i‖]_i) (Eq. 10; a zero norm counts as 1e-30)."""
+    K = norms.shape[0]
+    return K * torch.softmax(norms.sum() / norms.clamp_min(1e-30), dim=0)
+
+
+def sphere_noise(params: list[torch.Tensor], seed: int, radius: float) -> list[torch.Tensor]:
+    """ε: Gaussian noise shaped like ``params``, drawn from ``seed`` (so it can be regenerated
+    instead of stored) and scaled so that ‖ε‖ over all tensors together is ``radius``."""
+    gen = torch.Generator(device=params[0].device).manual_seed(seed)
+    noise = [torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device) for p in params]
+    norm = torch.stack(torch._foreach_norm(noise)).square().sum().sqrt()
+    return torch._foreach_mul(noise, radius / norm)
+
+
+def paper_radius_and_seed(
+    shared: list[torch.Tensor], config: TeleportConfig, generator: torch.Generator | None
+) -> tuple[float, int]:
+    """δ = relative_radius·‖θ_shared‖ at the start of a teleport, and the base seed of its
+    perturbations (one draw from ``generator``; sample j of step t uses seed base + t·n + j)."""
+    norm = float(torch.stack(torch._foreach_norm([p.detach() for p in shared])).square().sum().sqrt())
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device if generator else "cpu"))
+    return config.relative_radius * norm, seed
+
+
+def paper_sharpness_term(unperturbed: torch.Tensor, perturbed: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
+    """|(1/K) Σ_i R_i [L_i(θ+Δθ+ε) - L_i(θ+Δθ)]| for (…, K) perturbed losses (the term Eq. 9 maximizes)."""
+    return (ratios * (perturbed - unperturbed)).mean(dim=-1).abs()
 
 
 @torch.no_grad()
@@ -137,6 +193,58 @@ def reference_sharpness(
     return (ratios * (perturbed - unperturbed).abs()).max(dim=0).values.mean() / noise_norm
 
 
+class _LossOf(nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``, so that ``functional_call`` can substitute
+    parameters for a loss that calls more than the model's ``forward``."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+def losses_at(model: nn.Module, loss_fn: LossFn, batch: Any, substitutes: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The task losses with some parameters (by name in ``model``) replaced by other tensors,
+    out of place: differentiable through those tensors, the model itself untouched."""
+    renamed = {f"model.{name}": t for name, t in substitutes.items()}
+    return torch.func.functional_call(_LossOf(model, loss_fn), renamed, (batch,), strict=False)
+
+
+def paper_sharpness(
+    model: nn.Module,
+    shared: list[tuple[str, torch.Tensor]],
+    loss_fn: LossFn,
+    batch: Any,
+    ratios: torch.Tensor,
+    seeds: list[int],
+    radius: float,
+) -> torch.Tensor:
+    """L_g of the paper semantics, differentiable, with one differentiable perturbed evaluation.
+
+    All n samples are evaluated under no_grad with ε_j added in place and removed bit-exactly;
+    only the arg-max sample is then evaluated again, through ``torch.func.functional_call``
+    with θ + ε_j* as out-of-place tensors, so the adapter receives the same gradient as from
+    differentiating all n.
+    """
+    params = [p for _, p in shared]
+    saved = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        base = loss_fn(model, batch)
+        terms = []
+        for seed in seeds:
+            torch._foreach_add_(params, sphere_noise(params, seed, radius))
+            terms.append(paper_sharpness_term(base, loss_fn(model, batch), ratios))
+            torch._foreach_copy_(params, saved)
+        best = int(torch.stack(terms).argmax())
+    unperturbed = loss_fn(model, batch)
+    noise = sphere_noise(params, seeds[best], radius)
+    perturbed = losses_at(model, loss_fn, batch, {name: p + e for (name, p), e in zip(shared, noise)})
+    return paper_sharpness_term(unperturbed, perturbed, ratios)
+
+
 def teleport(
     model: nn.Module,
     adapter: TeleportAdapter,
@@ -149,14 +257,15 @@ def teleport(
     generator: torch.Generator | None = None,
     progress: Callable[[int, float, float], None] | None = None,
 ) -> TeleportResult:
-    """One COST teleport of ``model``'s shared backbone (reference semantics, module docstring).
+    """One COST teleport of ``model``'s shared backbone (``config.semantics``, module docstring).
 
     Args:
         model: the whole multi-task model (``loss_fn(model, batch)`` gives its K losses).
         adapter: the ``TeleportAdapter`` injected into the shared backbone.
         data: the teleport data, iterated 2 + ``config.rounds`` times (e.g. the training loader).
         current_batch: the training batch on which L_g is measured.
-        ratios: R (shape (K,)), e.g. ``reference_ratio_weights(stats.norms)``.
+        ratios: R (shape (K,)): ``reference_ratio_weights(stats.norms)`` or, for the paper
+            semantics, ``paper_ratio_weights(stats.norms)``.
         generator: the source of the perturbation noise (reproducible runs).
         progress: called as progress(step, L_t, L_g) after every adapter step (0-d device
             tensors: reading them synchronizes, so a progress bar should do it sparingly).
@@ -171,9 +280,13 @@ def teleport(
     model.eval()
     adapter_ids = {id(p) for p in adapter.adapter_parameters}
     perturb = [p for p in model.parameters() if id(p) not in adapter_ids]
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    shared = [(name_of[id(p)], p) for p in adapter.base_parameters]
     snapshot = adapter.snapshot()
     try:
         contour = loss_contour(model, loss_fn, data)
+        if config.semantics == "paper":
+            radius, base_seed = paper_radius_and_seed(adapter.base_parameters, config, generator)
         adapter.set_enabled(True)
         optimizer = torch.optim.Adam(adapter.adapter_parameters, lr=config.lr)
         task_terms: list[torch.Tensor] = []
@@ -183,13 +296,17 @@ def teleport(
             for batch in data:
                 # The perturbations modify parameters in place, so they run before any graph of
                 # this step exists (autograd would reject saved tensors that were modified).
-                perturbed = perturbed_losses(
-                    model, perturb, loss_fn, current_batch, config.num_samples, config.noise_norm, generator
-                )
+                if config.semantics == "paper":
+                    seeds = [base_seed + steps * config.num_samples + j for j in range(config.num_samples)]
+                    sharp_term = paper_sharpness(model, shared, loss_fn, current_batch, ratios, seeds, radius)
+                else:
+                    perturbed = perturbed_losses(
+                        model, perturb, loss_fn, current_batch, config.num_samples, config.noise_norm, generator
+                    )
+                    unperturbed = loss_fn(model, current_batch)
+                    sharp_term = reference_sharpness(unperturbed, perturbed, ratios.to(unperturbed), config.noise_norm)
                 losses = loss_fn(model, batch)
                 task_term = (losses - contour.to(losses)).abs().mean()
-                unperturbed = loss_fn(model, current_batch)
-                sharp_term = reference_sharpness(unperturbed, perturbed, ratios.to(unperturbed), config.noise_norm)
                 objective = config.task_weight * task_term - config.sharpness_weight * sharp_term
                 optimizer.zero_grad(set_to_none=True)
                 objective.backward(inputs=adapter.adapter_parameters)

@@ -109,11 +109,18 @@ def test_teleport_once_per_epoch_with_htr() -> None:
         assert torch.isfinite(p).all()
 
 
-def test_paper_trigger_rule() -> None:
+def test_paper_semantics_trigger_teleport_and_htr() -> None:
     model, batches = tug_setup(2)
-    cost, _ = make_cost(model, batches, trigger="paper", max_teleports_per_epoch=0)
-    info = cost.step(loss_fn(model, batches[0]), batches[0])
-    assert info.trigger == (info.num_dominated >= 2) and not info.teleported
+    config = TeleportConfig.paper(lr=1e-2, rounds=1, guard_tolerance=1e9)
+    cost, optimizer = make_cost(model, batches, semantics="paper", start_step=1, teleport=config)
+    infos = [cost.step(loss_fn(model, b), b) for b in batches]
+    for info in infos:
+        assert info.trigger == (info.num_dominated >= 2)  # Eq. 4 with K = 4
+    tele = [i for i in infos if i.teleported or i.rolled_back]
+    assert len(tele) == 1 and tele[0].sigma is not None and tele[0].htr in ("modulated", "reset")
+    assert tele[0].teleport_steps == 2 and tele[0].sharpness_term[0] > 0
+    with pytest.raises(ValueError, match="semantics"):
+        make_cost(model, batches, semantics="paper", teleport=TeleportConfig())
 
 
 @pytest.mark.parametrize("base", ["mgda", "si", "graddrop", "upgrad"])
@@ -133,8 +140,8 @@ def test_bad_arguments() -> None:
     opt = torch.optim.Adam(model.parameters())
     with pytest.raises(TypeError, match="Aggregator or a LossWeighting"):
         COST(model, model.backbone, "fairgrad", opt, loss_fn, batches)
-    with pytest.raises(ValueError, match="trigger"):
-        COST(model, model.backbone, get_aggregator("mean"), opt, loss_fn, batches, trigger="sometimes")
+    with pytest.raises(ValueError, match="semantics"):
+        COST(model, model.backbone, get_aggregator("mean"), opt, loss_fn, batches, semantics="sometimes")
     with pytest.raises(ValueError, match="submodule"):
         COST(model, torch.nn.Linear(2, 2), get_aggregator("mean"), opt, loss_fn, batches)
     with pytest.raises(TypeError, match="callable"):

@@ -115,3 +115,53 @@ def test_step_budget_progress_and_bad_data() -> None:
 def test_reference_ratio_weights() -> None:
     R = reference_ratio_weights(torch.tensor([1.0, 3.0]))
     torch.testing.assert_close(R, torch.tensor([2 * 0.75, 2 * 0.25]))
+
+
+def test_fast_paper_teleport_equals_reference() -> None:
+    """Paper semantics: differentiating only the arg-max sample gives the reference's update."""
+    from cost_fast.teleport import paper_ratio_weights
+
+    model, data, current, _ = problem(3)
+    ratios = paper_ratio_weights(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
+    reference_input = copy.deepcopy(model)
+    config = TeleportConfig.paper(lr=1e-2, rounds=2, guard_tolerance=1e9, relative_radius=1e-2)
+    adapter = TeleportAdapter(model.backbone, rank=2)
+    initial_a = [layer.lora_A[ADAPTER].weight.detach().clone() for layer in adapter.layers]
+    result = teleport(
+        model, adapter, loss_fn, data, current, ratios, config, generator=torch.Generator().manual_seed(9)
+    )
+    expected = reference_teleport(
+        reference_input,
+        "backbone",
+        loss_fn,
+        data,
+        current,
+        ratios,
+        config,
+        rank=2,
+        generator=torch.Generator().manual_seed(9),
+        initial_lora_a=initial_a,
+    )
+    assert result.steps == 4 and not result.rolled_back and result.sharpness_terms[0] > 0
+    moved = 0.0
+    for ours, theirs, before in zip(
+        adapter.base_parameters, expected.backbone.parameters(), reference_input.backbone.parameters()
+    ):
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-9, atol=1e-12)
+        moved += float((ours - before).detach().abs().sum())
+    assert moved > 0
+
+
+def test_paper_helpers() -> None:
+    from cost_fast.teleport import paper_ratio_weights, sphere_noise
+
+    R = paper_ratio_weights(torch.tensor([1.0, 3.0]))
+    torch.testing.assert_close(R, 2 * torch.softmax(torch.tensor([4.0, 4.0 / 3.0]), 0))
+    params = [torch.randn(3, 4), torch.randn(5)]
+    a, b = sphere_noise(params, 11, 0.5), sphere_noise(params, 11, 0.5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # regenerable from the seed
+    norm = torch.cat([x.reshape(-1) for x in a]).norm()
+    torch.testing.assert_close(norm, torch.tensor(0.5))
+    assert not torch.equal(sphere_noise(params, 12, 0.5)[0], a[0])
+    with pytest.raises(ValueError, match="semantics"):
+        TeleportConfig(semantics="both")
