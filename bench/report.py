@@ -12,7 +12,13 @@ from collections import defaultdict
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-BASELINES = {"gram": "plain_torch", "grads": "reference_loop", "solvers": "reference", "teleport": "reference"}
+BASELINES = {
+    "gram": "plain_torch",
+    "grads": "reference_loop",
+    "solvers": "reference",
+    "teleport": "reference",
+    "epoch": "base",
+}
 
 
 def load(path: Path) -> tuple[dict, dict[str, dict[str, float]]]:
