@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cost_fast.kernels.perturb import sphere_noise
 from cost_fast.lora import ADAPTED_TYPES
 from cost_fast.teleport import (
     LossFn,
@@ -26,7 +27,6 @@ from cost_fast.teleport import (
     losses_at,
     paper_radius_and_seed,
     paper_sharpness_term,
-    sphere_noise,
 )
 
 

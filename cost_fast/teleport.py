@@ -16,8 +16,9 @@ Paper (Eqs. 7-11): R = K softmax(Σ_j‖g_j‖/‖g_i‖), L_lora = L_t - 0.1 L_
 
     L_g = max_j | (1/K) Σ_i R_i [L_i(θ+Δθ+ε_j; x) - L_i(θ+Δθ; x)] |,
 
-ε_j Gaussian over the shared parameters scaled to the sphere of radius δ, both terms
-differentiable. The gradient of a max flows through its arg-max alone, so the fast path
+ε_j Gaussian over the shared parameters scaled to the sphere of radius δ
+(``cost_fast.kernels.perturb``: Philox noise generated inside a Triton kernel on CUDA), both
+terms differentiable. The gradient of a max flows through its arg-max alone, so the fast path
 evaluates the n samples without autograd and differentiates only the arg-max sample (the
 reference differentiates all n: same gradient, n-fold less backward work). ε_j is regenerated
 from its own seed rather than stored. δ defaults to 1e-3·‖θ_shared‖ (the paper gives no value):
@@ -41,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cost_fast.kernels.perturb import sphere_noise, sphere_perturb_
 from cost_fast.lora import TeleportAdapter
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -120,15 +122,6 @@ def paper_ratio_weights(norms: torch.Tensor) -> torch.Tensor:
     """R = K softmax([Σ_j ‖g_j‖ / ‖g_i‖]_i) (Eq. 10; a zero norm counts as 1e-30)."""
     K = norms.shape[0]
     return K * torch.softmax(norms.sum() / norms.clamp_min(1e-30), dim=0)
-
-
-def sphere_noise(params: list[torch.Tensor], seed: int, radius: float) -> list[torch.Tensor]:
-    """ε: Gaussian noise shaped like ``params``, drawn from ``seed`` (so it can be regenerated
-    instead of stored) and scaled so that ‖ε‖ over all tensors together is ``radius``."""
-    gen = torch.Generator(device=params[0].device).manual_seed(seed)
-    noise = [torch.randn(p.shape, generator=gen, dtype=p.dtype, device=p.device) for p in params]
-    norm = torch.stack(torch._foreach_norm(noise)).square().sum().sqrt()
-    return torch._foreach_mul(noise, radius / norm)
 
 
 def paper_radius_and_seed(
@@ -235,7 +228,7 @@ def paper_sharpness(
         base = loss_fn(model, batch)
         terms = []
         for seed in seeds:
-            torch._foreach_add_(params, sphere_noise(params, seed, radius))
+            sphere_perturb_(params, seed, radius)
             terms.append(paper_sharpness_term(base, loss_fn(model, batch), ratios))
             torch._foreach_copy_(params, saved)
         best = int(torch.stack(terms).argmax())

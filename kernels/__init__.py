@@ -11,6 +11,7 @@ from .gram import (
     stats_from_gram,
     triton_available,
 )
+from .perturb import sphere_noise, sphere_noise_reference, sphere_perturb_
 
 __all__ = [
     "GramStats",
@@ -18,5 +19,8 @@ __all__ = [
     "gram_stats_reference",
     "gram_stats_triton",
     "stats_from_gram",
+    "sphere_noise",
+    "sphere_noise_reference",
+    "sphere_perturb_",
     "triton_available",
 ]

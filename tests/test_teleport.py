@@ -153,7 +153,8 @@ def test_fast_paper_teleport_equals_reference() -> None:
 
 
 def test_paper_helpers() -> None:
-    from cost_fast.teleport import paper_ratio_weights, sphere_noise
+    from cost_fast.kernels.perturb import sphere_noise
+    from cost_fast.teleport import paper_ratio_weights
 
     R = paper_ratio_weights(torch.tensor([1.0, 3.0]))
     torch.testing.assert_close(R, 2 * torch.softmax(torch.tensor([4.0, 4.0 / 3.0]), 0))
