@@ -85,26 +85,19 @@ def reference_teleport(
                         paper_sharpness_term(unperturbed, losses_at(wrapped, loss_fn, current_batch, moved), ratios)
                     )
                 sharp_term = torch.stack(terms).max()
-                objective = config.task_weight * task_term - config.sharpness_weight * sharp_term
-                optimizer.zero_grad()
-                objective.backward()
-                optimizer.step()
-                steps += 1
-                if config.max_steps is not None and steps >= config.max_steps:
-                    break
-                continue
-            samples = []
-            for _ in range(config.num_samples):
-                noisy = copy.deepcopy(wrapped).merge_and_unload()
-                for p in noisy.parameters():
-                    noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
-                    p.data = p.data + noise * (config.noise_norm / torch.norm(noise))
-                perturbed = loss_fn(noisy, current_batch)
-                samples.append(
-                    torch.stack([ratios[i] * (perturbed[i] - unperturbed[i]).abs() for i in range(len(perturbed))])
-                )
-                del noisy
-            sharp_term = torch.max(torch.stack(samples), dim=0)[0].mean() / config.noise_norm
+            else:
+                samples = []
+                for _ in range(config.num_samples):
+                    noisy = copy.deepcopy(wrapped).merge_and_unload()
+                    for p in noisy.parameters():
+                        noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
+                        p.data = p.data + noise * (config.noise_norm / torch.norm(noise))
+                    perturbed = loss_fn(noisy, current_batch)
+                    samples.append(
+                        torch.stack([ratios[i] * (perturbed[i] - unperturbed[i]).abs() for i in range(len(perturbed))])
+                    )
+                    del noisy
+                sharp_term = torch.max(torch.stack(samples), dim=0)[0].mean() / config.noise_norm
             objective = config.task_weight * task_term - config.sharpness_weight * sharp_term
             optimizer.zero_grad()
             objective.backward()
