@@ -124,11 +124,36 @@ class COST:
         self.task_params = [p for p in model.parameters() if id(p) not in shared_ids | adapter_ids and p.requires_grad]
         self._shared_params = shared_params
         self.engine: TaskGradients | None = None
+        self._last_update: torch.Tensor | None = None
         self.generator = torch.Generator(device=shared_params[0].device).manual_seed(seed)
         self.step_count = 0
         self.epoch = 0
         self.teleports_this_epoch = 0
         self.has_update = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, noise generator, the base method's state and the last update (HTR's g'),
+        so that a resumed run continues as an uninterrupted one. The model's and the
+        optimizer's own state dicts are saved by the caller, as usual."""
+        return {
+            "step_count": self.step_count,
+            "epoch": self.epoch,
+            "teleports_this_epoch": self.teleports_this_epoch,
+            "has_update": self.has_update,
+            "generator": self.generator.get_state(),
+            "base": self.base.state_dict(),
+            "last_update": None if self.engine is None else self.engine.combined.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (the engine is rebuilt at the next step)."""
+        self.step_count = state["step_count"]
+        self.epoch = state["epoch"]
+        self.teleports_this_epoch = state["teleports_this_epoch"]
+        self.has_update = state["has_update"]
+        self.generator.set_state(state["generator"])
+        self.base.load_state_dict(state["base"])
+        self._last_update = state["last_update"]
 
     def end_epoch(self) -> None:
         """Start a new epoch for the frequency control and ``start_epoch``."""
@@ -147,7 +172,11 @@ class COST:
         times: dict[str, float] = {}
         t0 = time.perf_counter()
         if self.engine is None:
+            if not isinstance(losses, torch.Tensor) or losses.ndim != 1 or losses.shape[0] < 1:
+                raise ValueError("losses must be a non-empty 1-D tensor of the K task losses")
             self.engine = TaskGradients(self._shared_params, num_tasks=losses.shape[0], mode=self.gradient_mode)
+            if self._last_update is not None:
+                self.engine.combined.copy_(self._last_update)
         engine = self.engine
         engine.compute(losses, retain_graph=True)
         t1 = time.perf_counter()

@@ -146,3 +146,36 @@ def test_bad_arguments() -> None:
         COST(model, torch.nn.Linear(2, 2), get_aggregator("mean"), opt, loss_fn, batches)
     with pytest.raises(TypeError, match="callable"):
         COST(model, model.backbone, get_aggregator("mean"), opt, None, batches)
+
+
+def test_resume_continues_like_an_uninterrupted_run() -> None:
+    def run(resume_at: int | None):
+        model, batches = tug_setup(4)
+        cost, opt = make_cost(model, batches, start_step=2, base=get_aggregator("pcgrad", seed=1))
+        infos = []
+        for i, b in enumerate(batches * 2):
+            if i == resume_at:  # save everything, rebuild from scratch, load
+                saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), cost.state_dict())
+                model, _ = tug_setup(99)
+                cost, opt = make_cost(model, batches, start_step=2, base=get_aggregator("pcgrad", seed=1))
+                model.load_state_dict(saved[0])
+                opt.load_state_dict(saved[1])
+                cost.load_state_dict(saved[2])
+            if i == 4:
+                cost.end_epoch()
+            infos.append(cost.step(loss_fn(model, b), b))
+        return [p.detach().clone() for p in cost.adapter.base_parameters], infos
+
+    straight, straight_infos = run(None)
+    resumed, resumed_infos = run(3)
+    assert any(i.teleported for i in straight_infos[3:])  # the resumed part includes a teleport
+    assert [(i.teleported, i.htr) for i in straight_infos] == [(i.teleported, i.htr) for i in resumed_infos]
+    for a, b in zip(straight, resumed):
+        torch.testing.assert_close(a, b)
+
+
+def test_losses_must_be_a_vector() -> None:
+    model, batches = setup()
+    cost, _ = make_cost(model, batches)
+    with pytest.raises(ValueError, match="1-D tensor"):
+        cost.step(loss_fn(model, batches[0]).sum(), batches[0])
