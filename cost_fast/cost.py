@@ -73,7 +73,8 @@ class COST:
             teleport settings and the g' of HTR.
         start_step, start_epoch: no teleport before these (delayed start).
         max_teleports_per_epoch: frequency control (default 1).
-        rank: LoRA rank (default 5). teleport: ``TeleportConfig`` (default: lr of the
+        rank: adapter rank (default 5). adapter: ``"lora"`` (default) or ``"loha"``.
+        teleport: ``TeleportConfig`` (default: the semantics' settings at the lr of the
             optimizer's first group). gradient_mode: ``TaskGradients`` mode.
         seed: seed of the teleport's noise generator.
     """
@@ -92,6 +93,7 @@ class COST:
         start_epoch: int = 0,
         max_teleports_per_epoch: int = 1,
         rank: int = 5,
+        adapter: str = "lora",
         teleport: TeleportConfig | None = None,
         gradient_mode: Mode = "loop",
         seed: int = 0,
@@ -119,7 +121,7 @@ class COST:
         self.gradient_mode: Mode = gradient_mode
         shared_params = [p for p in shared.parameters() if p.requires_grad]
         shared_ids = {id(p) for p in shared.parameters()}
-        self.adapter = TeleportAdapter(shared, rank=rank)
+        self.adapter = TeleportAdapter(shared, rank=rank, method=adapter)
         adapter_ids = {id(p) for p in self.adapter.adapter_parameters}
         self.task_params = [p for p in model.parameters() if id(p) not in shared_ids | adapter_ids and p.requires_grad]
         self._shared_params = shared_params

@@ -1,4 +1,4 @@
-"""A LoRA adapter injected once into a shared backbone and kept for every teleport.
+"""A low-rank adapter (LoRA, or LoHa) injected once into a shared backbone and kept for every teleport.
 
 The public COST code wraps the model with ``peft.get_peft_model`` at every teleport and
 unwraps it with ``merge_and_unload``. Here the adapter is injected once (``peft``'s
@@ -6,10 +6,10 @@ unwraps it with ``merge_and_unload``. Here the adapter is injected once (``peft`
 and ``TaskGradients`` that hold them stay valid), disabled between teleports (the forward pass
 skips it and its parameters need no grad), and after a teleport merged in place and reset:
 
-    W ← W + s·BA   (per adapted layer, through peft's ``get_delta_weight``),   then B = 0
+    W ← W + ΔW   (per adapted layer, ΔW from peft's ``get_delta_weight``: s·BA for LoRA),
 
-so the adapter is again the identity. ``snapshot``/``restore`` copy the base weights for a
-bit-exact rollback.
+then reset to the identity (B = 0) as peft initializes it. ``snapshot``/``restore`` copy the
+base weights for a bit-exact rollback.
 """
 
 from __future__ import annotations
@@ -21,44 +21,56 @@ from torch import nn
 
 ADAPTER = "cost_teleport"
 ADAPTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+METHODS = ("lora", "loha")
 
 
 class TeleportAdapter:
-    """LoRA of rank ``rank`` on every Linear/Conv layer of ``backbone`` (modified in place).
+    """A rank-``rank`` adapter on every Linear/Conv layer of ``backbone`` (modified in place).
 
     Args:
         backbone: the shared module; its parameters keep their identity and ``requires_grad``.
-        rank: LoRA rank r ≥ 1 (default 5, as COST). alpha: LoRA alpha (default r, scale 1).
+        rank: adapter rank r ≥ 1 (default 5, as COST). alpha: its alpha (default r, scale 1).
+        method: ``"lora"`` (W + s·BA, default) or ``"loha"`` (W + s·(B1A1 ⊙ B2A2), LoHa).
+            OFT is not offered: its update is multiplicative (W R) and peft's OFT layers do not
+            reproduce the base output exactly at initialization.
 
     Attributes:
-        layers: the peft LoRA layers, in module order.
-        adapter_parameters: their A and B weights (trainable only while enabled).
+        layers: the peft adapter layers, in module order.
+        adapter_parameters: their weights (trainable only while enabled).
         base_parameters: the backbone's own parameters (what a teleport changes).
     """
 
-    def __init__(self, backbone: nn.Module, rank: int = 5, alpha: float | None = None) -> None:
-        from peft import LoraConfig, inject_adapter_in_model
+    def __init__(self, backbone: nn.Module, rank: int = 5, alpha: float | None = None, method: str = "lora") -> None:
+        from peft import LoHaConfig, LoraConfig, inject_adapter_in_model
+        from peft.tuners.loha.layer import LoHaLayer
         from peft.tuners.lora.layer import LoraLayer
 
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank must be an int ≥ 1, got {rank!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS} (OFT is not supported), got {method!r}")
         targets = [name for name, m in backbone.named_modules() if isinstance(m, ADAPTED_TYPES)]
         if not targets:
             raise ValueError("the backbone has no Linear or Conv layer to adapt")
-        if any(isinstance(m, LoraLayer) for m in backbone.modules()):
-            raise ValueError("the backbone already holds LoRA layers")
+        if any(isinstance(m, LoraLayer | LoHaLayer) for m in backbone.modules()):
+            raise ValueError("the backbone already holds LoRA/LoHa layers")
         self.base_parameters = list(backbone.parameters())
         trainable = [p.requires_grad for p in self.base_parameters]
         # A regex that matches the full names exactly: a list would match name suffixes too.
         pattern = "^(" + "|".join(re.escape(t) for t in targets) + ")$"
-        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=pattern)
+        alpha = alpha if alpha is not None else rank
+        if method == "lora":
+            config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=pattern)
+        else:
+            config = LoHaConfig(r=rank, alpha=alpha, target_modules=pattern)
         inject_adapter_in_model(config, backbone, adapter_name=ADAPTER)
+        self.method = method
         for p, flag in zip(self.base_parameters, trainable):
             p.requires_grad_(flag)  # peft freezes the base weights; COST trains them between teleports
         self.backbone = backbone
-        self.layers = [m for m in backbone.modules() if isinstance(m, LoraLayer)]
+        self.layers = [m for m in backbone.modules() if isinstance(m, LoraLayer | LoHaLayer)]
         self.adapter_parameters = [
-            p for layer in self.layers for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
+            p for layer in self.layers for name, p in layer.named_parameters() if ADAPTER in name.split(".")
         ]
         self.set_enabled(False)
 
@@ -72,8 +84,8 @@ class TeleportAdapter:
 
     @torch.no_grad()
     def merge_and_reset(self) -> list[torch.Tensor]:
-        """W ← W + s·BA for every adapted layer, then reset the adapter to the identity (B = 0,
-        A re-initialized as peft does). Returns Δθ aligned with ``base_parameters`` (zeros for
+        """W ← W + ΔW for every adapted layer, then reset the adapter to the identity (as peft
+        initializes it). Returns Δθ aligned with ``base_parameters`` (zeros for
         parameters the adapter does not touch, e.g. biases and norms)."""
         deltas = {id(layer.base_layer.weight): layer.get_delta_weight(ADAPTER) for layer in self.layers}
         out = []
@@ -84,9 +96,16 @@ class TeleportAdapter:
             else:
                 p.add_(delta.to(p.dtype))
                 out.append(delta)
-        for layer in self.layers:
-            layer.reset_lora_parameters(ADAPTER, True)
+        self._reset()
         return out
+
+    def _reset(self) -> None:
+        """Back to the identity: B = 0 (LoRA) or the second Hadamard factor's B = 0 (LoHa)."""
+        for layer in self.layers:
+            if self.method == "lora":
+                layer.reset_lora_parameters(ADAPTER, True)
+            else:
+                layer.reset_adapter_parameters(ADAPTER)
 
     @torch.no_grad()
     def snapshot(self) -> list[torch.Tensor]:
@@ -99,5 +118,4 @@ class TeleportAdapter:
         if len(snapshot) != len(self.base_parameters):
             raise ValueError(f"snapshot has {len(snapshot)} tensors, the backbone {len(self.base_parameters)}")
         torch._foreach_copy_(self.base_parameters, snapshot)
-        for layer in self.layers:
-            layer.reset_lora_parameters(ADAPTER, True)
+        self._reset()

@@ -179,3 +179,11 @@ def test_losses_must_be_a_vector() -> None:
     cost, _ = make_cost(model, batches)
     with pytest.raises(ValueError, match="1-D tensor"):
         cost.step(loss_fn(model, batches[0]).sum(), batches[0])
+
+
+def test_loha_adapter_teleports() -> None:
+    model, batches = tug_setup(5)
+    cost, _ = make_cost(model, batches, start_step=1, adapter="loha")
+    infos = [cost.step(loss_fn(model, b), b) for b in batches]
+    tele = [i for i in infos if i.teleported or i.rolled_back]
+    assert len(tele) == 1 and cost.adapter.method == "loha" and tele[0].teleport_steps == 2

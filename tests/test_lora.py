@@ -16,13 +16,17 @@ def small_model(seed: int = 0) -> CelebACNN:
     return CelebACNN(num_tasks=3, width=2).eval()
 
 
-def test_injection_keeps_parameters_and_output() -> None:
+METHODS = ["lora", "loha"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_injection_keeps_parameters_and_output(method: str) -> None:
     model = small_model()
     x = torch.randn(2, 3, 16, 16)
     before = model(x)
     params = list(model.backbone.parameters())
     engine = TaskGradients(params, num_tasks=3)
-    adapter = TeleportAdapter(model.backbone, rank=2)
+    adapter = TeleportAdapter(model.backbone, rank=2, method=method)
     assert adapter.base_parameters == params and all(p.requires_grad for p in params)
     assert len(adapter.layers) == 9  # 7 convs + 2 linears
     assert not any(p.requires_grad for p in adapter.adapter_parameters)
@@ -32,10 +36,11 @@ def test_injection_keeps_parameters_and_output() -> None:
     assert torch.isfinite(engine.grads).all()
 
 
-def test_trained_adapter_merges_exactly_and_resets_to_identity() -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_trained_adapter_merges_exactly_and_resets_to_identity(method: str) -> None:
     model = small_model()
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 2, (4, 3))
-    adapter = TeleportAdapter(model.backbone, rank=2)
+    adapter = TeleportAdapter(model.backbone, rank=2, method=method)
     adapter.set_enabled(True)
     opt = torch.optim.Adam(adapter.adapter_parameters, lr=0.05)
     for _ in range(5):
@@ -54,13 +59,14 @@ def test_trained_adapter_merges_exactly_and_resets_to_identity() -> None:
     torch.testing.assert_close(model(x), with_adapter, rtol=1e-4, atol=1e-5)  # disabled: same function
 
 
-def test_restore_is_bit_exact() -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_restore_is_bit_exact(method: str) -> None:
     model = small_model()
-    adapter = TeleportAdapter(model.backbone, rank=2)
+    adapter = TeleportAdapter(model.backbone, rank=2, method=method)
     snap = adapter.snapshot()
     with torch.no_grad():
-        for layer in adapter.layers:
-            layer.lora_B["cost_teleport"].weight.normal_()
+        for p in adapter.adapter_parameters:
+            p.normal_()
     adapter.merge_and_reset()
     assert any(not torch.equal(p, s) for p, s in zip(adapter.base_parameters, snap))
     adapter.restore(snap)
@@ -76,5 +82,7 @@ def test_bad_backbones() -> None:
     TeleportAdapter(backbone)
     with pytest.raises(ValueError, match="already holds LoRA"):
         TeleportAdapter(backbone)
+    with pytest.raises(ValueError, match="OFT is not supported"):
+        TeleportAdapter(nn.Sequential(nn.Linear(3, 3)), method="oft")
     with pytest.raises(ValueError, match="rank"):
         TeleportAdapter(nn.Sequential(nn.Linear(3, 3)), rank=0)
