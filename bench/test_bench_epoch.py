@@ -1,9 +1,11 @@
 """Epoch time: base FairGrad, FairGrad + COST (fast engine), FairGrad + COST (reference teleport).
 
-Same settings on all three: CelebA-shaped CNN (``CelebACNN``, 40 binary tasks, 64x64 inputs),
-per-task gradients by ``TaskGradients``, FairGrad (α = 1) weights, Adam; COST with the
-reference semantics, at most 1 teleport per epoch, 2 rounds over 4 teleport batches, n = 5,
-LoRA rank 5. CPU: width 8, batch 8, 20 steps per epoch (GPU: width 64, batch 64). The
+Two workloads: CelebA-shaped (``CelebACNN``, 40 binary tasks, 64x64 inputs; CPU: width 8,
+batch 8; GPU: width 64, batch 64) and NYUv2-shaped (``SegNetMTL``, segmentation + depth +
+normals on synthetic 32x32 images; CPU: width 8, batch 8; GPU: width 32, batch 32).
+Same settings on all three: per-task gradients by ``TaskGradients``, FairGrad (α = 1) weights,
+Adam; COST with the reference semantics, at most 1 teleport per epoch, 2 rounds over 4
+teleport batches, n = 5, LoRA rank 5, 20 steps per epoch. The
 reference epoch differs only in its teleport: ``cost_fast.reference.reference_teleport``
 (deep copies, ``get_peft_model``, ``merge_and_unload``), whose weights are copied back.
 ``extra_info["teleports"]`` records how many teleports the timed epoch made.
@@ -22,14 +24,17 @@ from bench.stamp import bench_device, synchronize
 from cost_fast import TaskGradients, get_aggregator, gram_stats
 from cost_fast.cost import COST
 from cost_fast.htr import apply_htr, flat_cosine
-from cost_fast.models import CelebACNN
+from cost_fast.models import CelebACNN, SegNetMTL, synthetic_nyuv2
 from cost_fast.reference import reference_teleport
 from cost_fast.teleport import TeleportConfig, reference_ratio_weights
 
 DEVICE = bench_device()
-K = 40
-WIDTH, BATCH = (64, 64) if DEVICE.type == "cuda" else (8, 8)
+GPU = DEVICE.type == "cuda"
 STEPS = 20
+WORKLOADS = {  # name: (K, width, batch)
+    "celeba": (40, 64 if GPU else 8, 64 if GPU else 8),
+    "nyuv2": (3, 32 if GPU else 8, 32 if GPU else 8),
+}
 CONFIG = TeleportConfig(lr=1e-3, rounds=2)
 
 
@@ -38,15 +43,26 @@ def loss_fn(model, batch):
     return model.task_losses(x, y)
 
 
-def make_data():
+def make_workload(name: str):
+    """(model, batches) of the workload; batches are (x, targets) on the device."""
+    K, width, batch = WORKLOADS[name]
+    torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
-    return [
-        (
-            torch.randn(BATCH, 3, 64, 64, generator=gen).to(DEVICE),
-            torch.randint(0, 2, (BATCH, K), generator=gen).to(DEVICE),
-        )
-        for _ in range(STEPS)
-    ]
+    if name == "celeba":
+        model = CelebACNN(num_tasks=K, width=width)
+        data = [
+            (torch.randn(batch, 3, 64, 64, generator=gen), torch.randint(0, 2, (batch, K), generator=gen))
+            for _ in range(STEPS)
+        ]
+    else:
+        model = SegNetMTL(width=width)
+        x, (seg, depth, normal) = synthetic_nyuv2(STEPS * batch, size=32, seed=1)
+        data = [
+            (x[i : i + batch], (seg[i : i + batch], depth[i : i + batch], normal[i : i + batch]))
+            for i in range(0, STEPS * batch, batch)
+        ]
+    to = lambda t: tuple(u.to(DEVICE) for u in t) if isinstance(t, tuple) else t.to(DEVICE)  # noqa: E731
+    return model.to(DEVICE), [(to(x), to(y)) for x, y in data]
 
 
 def cost_epoch(model, data, max_teleports: int) -> int:
@@ -67,7 +83,7 @@ def cost_epoch(model, data, max_teleports: int) -> int:
 def reference_epoch(model, data) -> int:
     """The same loop, teleporting with the reference implementation."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    engine = TaskGradients(model.backbone.parameters(), num_tasks=K)
+    engine = TaskGradients(model.backbone.parameters(), num_tasks=len(loss_fn(model, data[0])))
     fairgrad = get_aggregator("fairgrad")
     heads = list(model.heads.parameters())
     teleports, updated = 0, False
@@ -100,10 +116,10 @@ def reference_epoch(model, data) -> int:
 
 
 @pytest.mark.parametrize("impl", ["base", "cost_fast", "cost_reference"])
-def test_epoch_time(benchmark, impl: str) -> None:
-    torch.manual_seed(0)
-    template = CelebACNN(num_tasks=K, width=WIDTH).to(DEVICE)
-    data = make_data()
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+def test_epoch_time(benchmark, workload: str, impl: str) -> None:
+    template, data = make_workload(workload)
+    K, width, batch = WORKLOADS[workload]
     teleports = []
 
     def setup():
@@ -116,6 +132,8 @@ def test_epoch_time(benchmark, impl: str) -> None:
             teleports.append(cost_epoch(model, data, 0 if impl == "base" else 1))
         synchronize(DEVICE)
 
-    benchmark.group = f"epoch K={K} width={WIDTH} batch={BATCH} steps={STEPS}"
+    benchmark.group = f"epoch {workload} K={K} width={width} batch={batch} steps={STEPS}"
     benchmark.pedantic(run, setup=setup, rounds=3, warmup_rounds=0)
-    benchmark.extra_info.update(impl=impl, teleports=teleports[-1], K=K, width=WIDTH, batch=BATCH, steps=STEPS)
+    benchmark.extra_info.update(
+        impl=impl, workload=workload, teleports=teleports[-1], K=K, width=width, batch=batch, steps=STEPS
+    )

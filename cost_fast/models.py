@@ -91,3 +91,63 @@ def conflicting_binary_tasks(
     x = torch.randn(num_samples, in_features, generator=gen)
     u = torch.randn(num_tasks, in_features, generator=gen)
     return x, (x @ u.T > 0).float()
+
+
+class SegNetMTL(nn.Module):
+    """A small SegNet-style encoder-decoder with the three NYUv2 heads (shared backbone:
+    encoder + decoder; heads: 1x1 convs).
+
+    Tasks: semantic segmentation (``num_classes`` classes, cross-entropy over labelled pixels,
+    label -1 ignored), depth (L1 over pixels with depth > 0), surface normals (1 - cosine between
+    unit normals, over pixels with a nonzero target). Inputs (B, 3, H, W) with H, W divisible by 4.
+    """
+
+    def __init__(self, num_classes: int = 13, width: int = 16) -> None:
+        super().__init__()
+        w = width
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+        self.backbone = nn.Sequential(
+            *block(3, w),
+            nn.MaxPool2d(2),
+            *block(w, 2 * w),
+            nn.MaxPool2d(2),
+            *block(2 * w, 4 * w),
+            nn.Upsample(scale_factor=2),
+            *block(4 * w, 2 * w),
+            nn.Upsample(scale_factor=2),
+            *block(2 * w, w),
+        )
+        self.heads = nn.ModuleList([nn.Conv2d(w, num_classes, 1), nn.Conv2d(w, 1, 1), nn.Conv2d(w, 3, 1)])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """[segmentation logits (B, C, H, W), depth (B, 1, H, W), unit normals (B, 3, H, W)]."""
+        h = self.backbone(x)
+        seg, depth, normal = (head(h) for head in self.heads)
+        return [seg, depth, F.normalize(normal, dim=1)]
+
+    def task_losses(self, x: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """(segmentation, depth, normal) losses, shape (3,)."""
+        seg_t, depth_t, normal_t = targets
+        seg, depth, normal = self(x)
+        seg_loss = F.cross_entropy(seg, seg_t, ignore_index=-1)
+        valid = (depth_t > 0).to(depth.dtype)
+        depth_loss = ((depth - depth_t).abs() * valid).sum() / valid.sum().clamp_min(1)
+        has_normal = (normal_t.abs().sum(dim=1) > 0).to(normal.dtype)
+        normal_loss = ((1 - (normal * normal_t).sum(dim=1)) * has_normal).sum() / has_normal.sum().clamp_min(1)
+        return torch.stack([seg_loss, depth_loss, normal_loss])
+
+
+def synthetic_nyuv2(num_samples: int, size: int = 32, num_classes: int = 13, *, seed: int = 0):
+    """Random images with piecewise-smooth segmentation, depth and unit-normal targets whose
+    structure depends on the image, so that a model can learn them (NYUv2-shaped, not NYUv2)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_samples, 3, size, size, generator=gen)
+    smooth = F.avg_pool2d(x, 5, stride=1, padding=2)
+    seg = (smooth[:, 0] * 3).floor().clamp(-6, 6).long() + 6
+    seg = seg % num_classes
+    depth = (smooth[:, 1:2] + 2).clamp_min(0.1)
+    normal = F.normalize(torch.cat([smooth[:, 2:3], smooth[:, :2]], dim=1), dim=1)
+    return x, (seg, depth, normal)

@@ -202,3 +202,23 @@ def test_bad_losses_and_weights() -> None:
         engine.combine(torch.ones(3))
     with pytest.raises(TypeError, match="weights"):
         engine.combine([1.0, 1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_segnet_three_dense_tasks(mode: str) -> None:
+    from cost_fast.models import SegNetMTL, synthetic_nyuv2
+
+    torch.manual_seed(0)
+    model = SegNetMTL(width=4)
+    x, targets = synthetic_nyuv2(2, size=16)
+    losses = model.task_losses(x, targets)
+    assert losses.shape == (3,) and torch.isfinite(losses).all()
+    params = list(model.backbone.parameters())
+    want = expected_grads(losses, params)
+    torch.testing.assert_close(
+        TaskGradients(params, num_tasks=3, mode=mode).compute(losses), want, rtol=1e-4, atol=1e-6
+    )
+    # masks: no valid depth or normal pixel gives a zero loss for that task
+    seg, depth, normal = targets
+    none = model.task_losses(x, (seg, torch.zeros_like(depth), torch.zeros_like(normal)))
+    assert none[1] == 0 and none[2] == 0
