@@ -19,24 +19,12 @@ import torch
 from bench.stamp import bench_device, synchronize
 from cost_fast import TaskGradients
 from cost_fast.models import CelebACNN
+from cost_fast.reference import reference_task_gradients
 
 DEVICE = bench_device()
 K = 40
 BATCH = 256 if DEVICE.type == "cuda" else 8
 WIDTH = 64
-
-
-def reference_way(model: CelebACNN, losses: torch.Tensor, grad_dims: list[int], buffer: torch.Tensor) -> None:
-    shared = list(model.backbone.parameters())
-    for i in range(losses.shape[0]):
-        model.zero_grad(set_to_none=True)
-        losses[i].backward(retain_graph=True)
-        buffer[:, i].fill_(0.0)
-        for cnt, p in enumerate(shared):
-            if p.grad is not None:
-                beg = sum(grad_dims[:cnt])
-                end = sum(grad_dims[: cnt + 1])
-                buffer[beg:end, i].copy_(p.grad.reshape(-1))
 
 
 @pytest.mark.parametrize("impl", ["reference_loop", "engine_loop", "engine_batched"])
@@ -51,7 +39,7 @@ def test_per_task_gradients_speed(benchmark, impl: str) -> None:
         buffer = torch.empty(sum(grad_dims), K, device=DEVICE)
 
         def step() -> None:
-            reference_way(model, model.task_losses(x, y), grad_dims, buffer)
+            reference_task_gradients(model, shared, model.task_losses(x, y), buffer)
     else:
         engine = TaskGradients(shared, num_tasks=K, mode=impl.removeprefix("engine_"))
 

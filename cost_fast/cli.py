@@ -41,20 +41,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    prof = sub.add_parser(
+        "profile",
+        help="torch.profiler breakdown of a step and a teleport, fast engine vs reference",
+        description="Profile one ordinary step and one teleport on a CelebA-shaped workload, fast engine "
+        "against the reference; writes summary.txt and a Chrome trace per phase.",
+    )
+    prof.add_argument("--out", default="profile_report", help="report folder (default: profile_report)")
+    prof.add_argument("--tasks", type=_positive_int, default=40, help="number of tasks K (default: 40)")
+    prof.add_argument("--width", type=_positive_int, default=8, help="CNN width (default: 8; 64 is CelebA's)")
+    prof.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default: 8)")
+    prof.add_argument("--rows", type=_positive_int, default=12, help="top operations per phase (default: 12)")
+    prof.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     return parser
+
+
+def _device(parser: argparse.ArgumentParser, text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        parser.error(f"--device: {err}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    return device
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cost-fast``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "profile":
+        from cost_fast.profile import run_profile
+
+        device = _device(parser, args.device)
         try:
-            device = torch.device(args.device)
-        except RuntimeError as err:
-            parser.error(f"--device: {err}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            parser.error("--device cuda: no CUDA device is available")
+            run_profile(
+                args.out,
+                num_tasks=args.tasks,
+                width=args.width,
+                batch_size=args.batch_size,
+                rows=args.rows,
+                device=str(device),
+                out=sys.stdout,
+            )
+        except ValueError as err:
+            parser.error(str(err))
+    if args.command == "demo":
+        device = _device(parser, args.device)
         from cost_fast.aggregators import list_aggregators
         from cost_fast.demo import run_demo
 

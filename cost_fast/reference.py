@@ -1,5 +1,9 @@
-"""A plain COST teleport, written the straightforward way the public code does it: the yardstick
-the fast engine (``cost_fast.teleport``) is profiled and tested against.
+"""Plain COST pieces, written the straightforward way the public code does them: the yardstick
+the fast engine is profiled and tested against.
+
+``reference_task_gradients``: K ``backward(retain_graph=True)`` calls, each followed by a Python
+loop copying every parameter's ``.grad`` into column i of a P x K buffer (the offset
+``sum(grad_dims[:cnt])`` recomputed per parameter).
 
 Per teleport: wrap a deep copy of the model with ``peft.get_peft_model``; per adapter step and
 per sharpness sample, deep-copy the wrapped model, ``merge_and_unload`` it, add noise to every
@@ -28,6 +32,23 @@ from cost_fast.teleport import (
     paper_radius_and_seed,
     paper_sharpness_term,
 )
+
+
+def reference_task_gradients(
+    model: nn.Module, shared: list[torch.Tensor], losses: torch.Tensor, buffer: torch.Tensor
+) -> torch.Tensor:
+    """Fill ``buffer`` (P x K) with the per-task gradients of ``shared`` the public code's way."""
+    grad_dims = [p.numel() for p in shared]
+    for i in range(losses.shape[0]):
+        model.zero_grad(set_to_none=True)
+        losses[i].backward(retain_graph=True)
+        buffer[:, i].fill_(0.0)
+        for cnt, p in enumerate(shared):
+            if p.grad is not None:
+                beg = sum(grad_dims[:cnt])
+                end = sum(grad_dims[: cnt + 1])
+                buffer[beg:end, i].copy_(p.grad.reshape(-1))
+    return buffer
 
 
 def reference_teleport(

@@ -1,0 +1,179 @@
+"""``cost-fast profile``: where the time of a COST run goes, fast engine against the reference.
+
+Four phases on a CelebA-shaped workload (``CelebACNN``, synthetic 64x64 images), each run once
+to warm up and once under ``torch.profiler``:
+
+- ``step_fast``: per-task gradients by ``TaskGradients`` + ``gram_stats`` + FairGrad + Adam step;
+- ``step_reference``: the same step with ``reference_task_gradients`` (K backward calls and a
+  copy loop) and the Gram matrix and statistics the plain way;
+- ``teleport_fast``: one ``teleport`` (reference semantics);
+- ``teleport_reference``: the same teleport by ``reference_teleport``.
+
+Writes, into the output folder, a Chrome trace per phase (``<phase>.trace.json``, open in
+chrome://tracing or Perfetto) and ``summary.txt`` with each phase's wall time and top operations.
+The folder is written under a temporary name and renamed at the end, so it is never half there.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from cost_fast.aggregators.base import get_aggregator
+from cost_fast.grads import TaskGradients
+from cost_fast.kernels import gram_stats
+from cost_fast.lora import TeleportAdapter
+from cost_fast.models import CelebACNN
+from cost_fast.reference import reference_task_gradients, reference_teleport
+from cost_fast.teleport import TeleportConfig, reference_ratio_weights, teleport
+
+
+def _loss_fn(model: CelebACNN, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return model.task_losses(x, y)
+
+
+def _phases(num_tasks: int, width: int, batch_size: int, device: torch.device) -> dict[str, Callable[[], None]]:
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    data = [
+        (
+            torch.randn(batch_size, 3, 64, 64, generator=gen).to(device),
+            torch.randint(0, 2, (batch_size, num_tasks), generator=gen).to(device),
+        )
+        for _ in range(2)
+    ]
+    config = TeleportConfig(lr=1e-3, rounds=1, guard_tolerance=float("inf"))
+    fairgrad = get_aggregator("fairgrad")
+
+    fast_model = CelebACNN(num_tasks, width).to(device)
+    reference_model = copy.deepcopy(fast_model)
+    teleport_model = copy.deepcopy(fast_model)
+    fast_opt = torch.optim.Adam(fast_model.parameters(), lr=1e-3)
+    ref_opt = torch.optim.Adam(reference_model.parameters(), lr=1e-3)
+    engine = TaskGradients(fast_model.backbone.parameters(), num_tasks)
+    ref_shared = list(reference_model.backbone.parameters())
+    ref_buffer = torch.empty(sum(p.numel() for p in ref_shared), num_tasks, device=device)
+    adapter = TeleportAdapter(teleport_model.backbone, rank=5)
+    ratios = reference_ratio_weights(torch.rand(num_tasks, generator=gen)).to(device)
+
+    def step_fast() -> None:
+        fast_opt.zero_grad(set_to_none=True)
+        losses = _loss_fn(fast_model, data[0])
+        stats = gram_stats(engine.compute(losses, retain_graph=True))
+        w = fairgrad(stats.gram)
+        (losses @ w).backward(inputs=list(fast_model.heads.parameters()))
+        engine.combine(w)
+        bool(stats.trigger)
+        fast_opt.step()
+
+    def step_reference() -> None:
+        losses = _loss_fn(reference_model, data[0])
+        G = reference_task_gradients(reference_model, ref_shared, losses, ref_buffer)
+        M = G.T @ G
+        norms = G.norm(dim=0)
+        g0 = G.mean(dim=1)
+        cos = (G.T @ g0) / (norms * g0.norm())
+        _ = [(norms[i].item(), cos[i].item()) for i in range(num_tasks)]
+        w = fairgrad(M)
+        ref_opt.zero_grad(set_to_none=True)
+        (losses @ w).backward(inputs=list(reference_model.heads.parameters()))
+        with torch.no_grad():
+            d = G @ w
+            offset = 0
+            for p in ref_shared:
+                p.grad = d[offset : offset + p.numel()].view_as(p).clone()
+                offset += p.numel()
+        ref_opt.step()
+
+    def teleport_fast() -> None:
+        teleport(
+            teleport_model,
+            adapter,
+            _loss_fn,
+            data,
+            data[0],
+            ratios,
+            config,
+            generator=torch.Generator(device).manual_seed(1),
+        )
+
+    def teleport_reference() -> None:
+        reference_teleport(
+            reference_model,
+            "backbone",
+            _loss_fn,
+            data,
+            data[0],
+            ratios,
+            config,
+            generator=torch.Generator(device).manual_seed(1),
+        )
+
+    return {
+        "step_fast": step_fast,
+        "step_reference": step_reference,
+        "teleport_fast": teleport_fast,
+        "teleport_reference": teleport_reference,
+    }
+
+
+def run_profile(
+    out_dir: str | os.PathLike,
+    *,
+    num_tasks: int = 40,
+    width: int = 8,
+    batch_size: int = 8,
+    rows: int = 12,
+    device: str = "cpu",
+    out: TextIO | None = None,
+) -> Path:
+    """Profile the four phases (module docstring) and write the report folder ``out_dir``."""
+    for name, value in (("tasks", num_tasks), ("width", width), ("batch size", batch_size), ("rows", rows)):
+        if value < 1:
+            raise ValueError(f"{name} must be ≥ 1, got {value}")
+    target = Path(out_dir)
+    parent = target.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"cannot write the report folder {target}: {parent} is not a writable directory")
+    dev = torch.device(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    sort_key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    try:
+        lines = [f"cost-fast profile: CelebA-shaped CNN, K={num_tasks}, width={width}, batch={batch_size}, {dev}", ""]
+        for name, fn in _phases(num_tasks, width, batch_size, dev).items():
+            fn()  # warm-up
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            with profile(activities=activities) as prof:
+                start = time.perf_counter()
+                fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                seconds = time.perf_counter() - start
+            prof.export_chrome_trace(str(staging / f"{name}.trace.json"))
+            table = prof.key_averages().table(sort_by=sort_key, row_limit=rows)
+            lines += [f"== {name}: {seconds * 1e3:.1f} ms ==", table, ""]
+            if out is not None:
+                print(f"{name:>20}: {seconds * 1e3:9.1f} ms", file=out, flush=True)
+        (staging / "summary.txt").write_text("\n".join(lines), encoding="utf-8")
+        staging.chmod(0o755)  # mkdtemp creates it private
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out is not None:
+        print(f"report: {target}/summary.txt and one Chrome trace per phase", file=out)
+    return target
