@@ -22,6 +22,8 @@ setup(
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "matplotlib>=3.7", "scipy>=1.10"],
         # reference solvers for bench/test_bench_solvers.py
         "bench": ["cvxpy>=1.4", "ecos>=2.0"],
+        # `cost-fast demo`: the digits data set, plots, progress bar
+        "demo": ["scikit-learn>=1.2", "matplotlib>=3.7", "tqdm>=4.60"],
     },
     entry_points={"console_scripts": ["cost-fast = cost_fast.cli:main"]},
 )

@@ -26,21 +26,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
-        help="train a small multi-task model with a base method + COST on CPU",
-        description="Train a small shared-backbone model on synthetic binary tasks with a base "
-        "multi-task method and COST, printing per-step conflict statistics and every teleport.",
+        help="train a base method with and without COST on the 8x8 digits (CPU) and write a report",
+        description="Train a base multi-task method alone and with COST on scikit-learn's 8x8 digits cast "
+        "as 10 one-vs-rest binary tasks, and write a report folder (metrics.json and PNG plots).",
     )
-    demo.add_argument("--epochs", type=_positive_int, default=4, help="epochs (default: 4)")
-    demo.add_argument("--steps-per-epoch", type=_positive_int, default=10, help="steps per epoch (default: 10)")
-    demo.add_argument("--tasks", type=_positive_int, default=6, help="number of tasks K (default: 6)")
-    demo.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default: 64)")
+    demo.add_argument("--out", default="demo_report", help="report folder (default: demo_report)")
+    demo.add_argument("--epochs", type=_positive_int, default=10, help="epochs (default: 10)")
     demo.add_argument("--method", default="fairgrad", help="base method, a Gram-based aggregator (default: fairgrad)")
-    demo.add_argument("--no-cost", action="store_true", help="train the base method alone")
     demo.add_argument(
-        "--mode", choices=["loop", "batched"], default="loop", help="per-task gradient mode (default: loop)"
+        "--semantics", choices=["reference", "paper"], default="reference", help="COST semantics (default: reference)"
     )
+    demo.add_argument("--hidden", type=_positive_int, default=16, help="shared backbone width (default: 16)")
+    demo.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default: 64)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     prof = sub.add_parser(
         "profile",
         help="torch.profiler breakdown of a step and a teleport, fast engine vs reference",
@@ -94,18 +94,21 @@ def main(argv: list[str] | None = None) -> int:
         gram_methods = sorted(n for n, kind in list_aggregators().items() if kind == "gram")
         if args.method not in gram_methods:
             parser.error(f"--method: unknown or not Gram-based: {args.method!r}; choose from {', '.join(gram_methods)}")
-        run_demo(
-            epochs=args.epochs,
-            steps_per_epoch=args.steps_per_epoch,
-            num_tasks=args.tasks,
-            batch_size=args.batch_size,
-            method=args.method,
-            use_cost=not args.no_cost,
-            mode=args.mode,
-            seed=args.seed,
-            device=str(device),
-            out=sys.stdout,
-        )
+        try:
+            run_demo(
+                args.out,
+                epochs=args.epochs,
+                method=args.method,
+                semantics=args.semantics,
+                hidden=args.hidden,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                device=str(device),
+                stream=sys.stdout,
+                progress=not args.no_progress,
+            )
+        except (ValueError, RuntimeError) as err:
+            parser.error(str(err))
     return 0
 
 

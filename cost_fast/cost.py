@@ -52,8 +52,8 @@ class StepInfo:
     sigma: float | None = None
     htr: str | None = None
     teleport_steps: int = 0
-    task_term: tuple[float, float] | None = None  # L_t at the first and last adapter step
-    sharpness_term: tuple[float, float] | None = None  # L_g likewise
+    task_terms: list[float] = dataclasses.field(default_factory=list)  # L_t per adapter step
+    sharpness_terms: list[float] = dataclasses.field(default_factory=list)  # L_g per adapter step
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
@@ -261,9 +261,7 @@ class COST:
         info.teleported = not result.rolled_back
         info.rolled_back = result.rolled_back
         info.teleport_steps = result.steps
-        if result.steps:
-            info.task_term = (result.task_terms[0], result.task_terms[-1])
-            info.sharpness_term = (result.sharpness_terms[0], result.sharpness_terms[-1])
+        info.task_terms, info.sharpness_terms = result.task_terms, result.sharpness_terms
         self.optimizer.zero_grad(set_to_none=True)
         has_direction = self.has_update or self.semantics == "paper"
         if result.rolled_back or not has_direction or not supports_htr(self.optimizer):

@@ -1,36 +1,59 @@
-"""The demo run (the README's main job): a small shared-backbone model trained on CPU with a base
-multi-task method plus COST, printing per step the conflict statistics that drive the trigger
-and, when COST teleports, what the teleport did.
+"""``cost-fast demo``, the README's main job: a base multi-task method with and without COST on a
+real data set that works offline, with a report folder of metrics and plots.
+
+Data: scikit-learn's 8x8 handwritten digits (shipped inside the package; no download), cast as
+10 one-vs-rest binary tasks ("is it a 3?"), the way CelebA is 40 binary attributes; a fixed
+80/20 train/test split; pixels standardized. Model: ``MultiTaskMLP`` (64 inputs, a narrow shared
+backbone so that tasks compete for it, one linear head per digit). Both runs start from the same
+weights and see the same batches; COST uses the whole training set as teleport data, as the
+public code does.
+
+Report folder (written at once, see ``cost_fast.report``): ``metrics.json`` and PNG plots of
+the per-task training losses, the conflict ratio per epoch (share of steps where some task's
+gradient conflicts with the mean gradient, cos(g_i, g0) < 0) with and without COST, the
+teleport events, L_t and L_g during each teleport, the test accuracy per task, and the time
+split (per-task gradients, Gram statistics, solve and step, teleport).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import time
-from typing import TextIO
+from pathlib import Path
+from typing import Any, TextIO
 
 import torch
 
 from cost_fast.aggregators.base import get_aggregator
 from cost_fast.cost import COST
-from cost_fast.grads import Mode
-from cost_fast.models import MultiTaskMLP, conflicting_binary_tasks
+from cost_fast.models import MultiTaskMLP
+from cost_fast.report import atomic_report_dir, check_writable_parent
 from cost_fast.teleport import TeleportConfig
 
+NUM_TASKS = 10
 
-@dataclasses.dataclass
-class DemoStep:
-    """Statistics of one training step (host values, for printing and tests)."""
 
-    step: int
-    epoch: int
-    mean_loss: float
-    num_dominated: int
-    num_conflicting_pairs: int
-    min_cos_mean: float
-    trigger: bool
-    teleported: bool
-    rolled_back: bool
+def _require(module: str) -> Any:
+    try:
+        return __import__(module)
+    except ImportError:
+        raise RuntimeError(f"the demo needs {module}: pip install 'cost_fast[demo]'") from None
+
+
+def digits_tasks(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_train, y_train, x_test, y_test): standardized 8x8 digits and their 10 one-vs-rest labels."""
+    _require("sklearn")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32)
+    y = torch.nn.functional.one_hot(torch.tensor(digits.target), NUM_TASKS).float()
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    x, y = x[order], y[order]
+    split = int(0.8 * len(x))
+    mean, std = x[:split].mean(0), x[:split].std(0).clamp_min(1e-3)
+    x = (x - mean) / std
+    return x[:split], y[:split], x[split:], y[split:]
 
 
 def _loss_fn(model: MultiTaskMLP, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -38,104 +61,237 @@ def _loss_fn(model: MultiTaskMLP, batch: tuple[torch.Tensor, torch.Tensor]) -> t
     return model.task_losses(x, y)
 
 
-def run_demo(
+def train(
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    test: tuple[torch.Tensor, torch.Tensor],
     *,
-    epochs: int = 4,
-    steps_per_epoch: int = 10,
-    num_tasks: int = 6,
-    batch_size: int = 64,
-    method: str = "fairgrad",
-    use_cost: bool = True,
-    mode: Mode = "loop",
-    seed: int = 0,
-    device: str = "cpu",
-    out: TextIO | None = None,
-) -> list[DemoStep]:
-    """Train ``MultiTaskMLP`` (hidden width 8) on ``conflicting_binary_tasks`` with ``method``
-    (any Gram-based aggregator name) and, unless ``use_cost=False``, COST (reference semantics,
-    at most one teleport per epoch, teleport data = 4 training batches, 2 rounds); print one line
-    per step and one per teleport to ``out``.
-    """
-    for name, value in (
-        ("epochs", epochs),
-        ("steps per epoch", steps_per_epoch),
-        ("tasks", num_tasks),
-        ("batch size", batch_size),
-    ):
-        if value < 1:
-            raise ValueError(f"{name} must be ≥ 1, got {value}")
+    epochs: int,
+    method: str,
+    semantics: str,
+    use_cost: bool,
+    hidden: int,
+    seed: int,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """One training run; returns its metrics (plain Python values)."""
     torch.manual_seed(seed)
-    in_features, steps = 16, epochs * steps_per_epoch
-    x_all, y_all = conflicting_binary_tasks(steps_per_epoch * batch_size, in_features, num_tasks, seed=seed)
-    batches = [
-        (x_all[i : i + batch_size].to(device), y_all[i : i + batch_size].to(device))
-        for i in range(0, steps_per_epoch * batch_size, batch_size)
-    ]
-    model = MultiTaskMLP(in_features, num_tasks, hidden=8).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model = MultiTaskMLP(batches[0][0].shape[1], NUM_TASKS, hidden=hidden).to(batches[0][0].device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    config = TeleportConfig.paper(lr=3e-3) if semantics == "paper" else TeleportConfig(lr=3e-3)
     cost = COST(
         model,
         model.backbone,
         get_aggregator(method),
         optimizer,
         _loss_fn,
-        batches[:4],
+        batches,
+        semantics=semantics,
         max_teleports_per_epoch=1 if use_cost else 0,
-        start_step=steps_per_epoch,  # let the first epoch settle before teleporting
-        teleport=TeleportConfig(lr=1e-2, rounds=2),
-        gradient_mode=mode,
+        start_epoch=1,
+        teleport=config,
         seed=seed,
     )
-
-    def say(line: str) -> None:
-        if out is not None:
-            print(line, file=out, flush=True)
-
-    say(
-        f"cost_fast demo: {method}{' + COST' if use_cost else ''}, K={num_tasks} tasks, "
-        f"P={sum(p.numel() for p in cost.adapter.base_parameters)} shared parameters, {epochs} epochs x "
-        f"{steps_per_epoch} steps, device={device}"
-    )
-    say(f"{'epoch':>5} {'step':>5} {'loss':>8} {'dominated':>10} {'pairs':>6} {'min cos':>8} trigger")
-    history: list[DemoStep] = []
+    losses_per_epoch, conflict_ratio, teleports = [], [], []
     seconds: dict[str, float] = {}
-    start = time.perf_counter()
     for epoch in range(epochs):
+        epoch_losses = torch.zeros(NUM_TASKS)
+        conflicted = 0
         for batch in batches:
             losses = _loss_fn(model, batch)
             info = cost.step(losses, batch)
+            epoch_losses += losses.detach().cpu()
+            conflicted += info.min_cos_mean < 0
             for key, value in info.seconds.items():
                 seconds[key] = seconds.get(key, 0.0) + value
-            record = DemoStep(
-                step=info.step,
-                epoch=epoch,
-                mean_loss=float(losses.detach().mean()),
-                num_dominated=info.num_dominated,
-                num_conflicting_pairs=info.num_conflicting_pairs,
-                min_cos_mean=info.min_cos_mean,
-                trigger=info.trigger,
-                teleported=info.teleported,
-                rolled_back=info.rolled_back,
-            )
-            history.append(record)
-            say(
-                f"{epoch:>5} {record.step:>5} {record.mean_loss:>8.4f} {record.num_dominated:>6}/{num_tasks:<3} "
-                f"{record.num_conflicting_pairs:>6} {record.min_cos_mean:>8.3f} {'yes' if record.trigger else 'no'}"
-            )
             if info.teleported or info.rolled_back:
-                (lt0, lt1), (lg0, lg1) = info.task_term, info.sharpness_term
-                verdict = "rolled back by the guard" if info.rolled_back else f"merged; HTR {info.htr}"
-                sigma = "n/a" if info.sigma is None else f"{info.sigma:+.3f}"
-                say(
-                    f"      teleport: {info.teleport_steps} adapter steps, L_t {lt0:.2e} -> {lt1:.2e}, "
-                    f"L_g {lg0:.2e} -> {lg1:.2e}, sigma {sigma}, {verdict}"
+                teleports.append(
+                    {
+                        "epoch": epoch,
+                        "step": info.step,
+                        "rolled_back": info.rolled_back,
+                        "sigma": info.sigma,
+                        "htr": info.htr,
+                        "task_terms": info.task_terms,
+                        "sharpness_terms": info.sharpness_terms,
+                    }
                 )
+            if progress is not None:
+                progress.update(1)
         cost.end_epoch()
-    total = time.perf_counter() - start
-    teleports = sum(r.teleported for r in history)
-    split = ", ".join(f"{k} {v:.2f}s" for k, v in sorted(seconds.items()))
-    say(
-        f"done in {total:.1f}s: trigger fired on {sum(r.trigger for r in history)}/{steps} steps, "
-        f"{teleports} teleports, {sum(r.rolled_back for r in history)} rolled back; time split: {split}"
-    )
-    return history
+        losses_per_epoch.append((epoch_losses / len(batches)).tolist())
+        conflict_ratio.append(conflicted / len(batches))
+    model.eval()
+    with torch.no_grad():
+        x_test, y_test = test
+        accuracy = ((model(x_test) > 0).float() == y_test).float().mean(0).tolist()
+    return {
+        "train_loss": losses_per_epoch,
+        "conflict_ratio": conflict_ratio,
+        "teleports": teleports,
+        "test_accuracy": accuracy,
+        "seconds": seconds,
+    }
+
+
+def _plots(report: dict[str, Any], folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = report["runs"]
+    colors = {"base": "tab:blue", "base+COST": "tab:red"}
+
+    fig, axes = plt.subplots(2, 5, figsize=(14, 5.5), sharex=True)
+    for task, ax in enumerate(axes.flat):
+        for name, run in runs.items():
+            ax.plot([e[task] for e in run["train_loss"]], color=colors[name], label=name)
+        ax.set_title(f"digit {task}", fontsize=9)
+    axes[0, 0].legend(fontsize=8)
+    fig.supxlabel("epoch")
+    fig.supylabel("training loss (BCE)")
+    fig.tight_layout()
+    fig.savefig(folder / "task_losses.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, run in runs.items():
+        ax.plot(run["conflict_ratio"], marker="o", color=colors[name], label=name)
+    for event in runs["base+COST"]["teleports"]:
+        ax.axvline(event["epoch"], color="tab:red", alpha=0.25, linestyle="--")
+    ax.set_xlabel("epoch (dashed: a teleport)")
+    ax.set_ylabel("share of steps with cos(g_i, g0) < 0")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "conflict_ratio.png", dpi=100)
+    plt.close(fig)
+
+    events = runs["base+COST"]["teleports"]
+    fig, (ax_t, ax_g) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, event in enumerate(events):
+        label = f"epoch {event['epoch']}" + (" (rolled back)" if event["rolled_back"] else "")
+        ax_t.plot(event["task_terms"], label=label, color=plt.cm.viridis(i / max(1, len(events) - 1)))
+        ax_g.plot(event["sharpness_terms"], label=label, color=plt.cm.viridis(i / max(1, len(events) - 1)))
+    ax_t.set_title("L_t (loss invariance) during each teleport")
+    ax_g.set_title("L_g (sharpness) during each teleport")
+    for ax in (ax_t, ax_g):
+        ax.set_xlabel("adapter step")
+    if events:
+        ax_t.legend(fontsize=7)
+    else:
+        ax_t.text(0.5, 0.5, "no teleport", ha="center", transform=ax_t.transAxes)
+    fig.tight_layout()
+    fig.savefig(folder / "teleports.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for offset, (name, run) in zip((-0.2, 0.2), runs.items()):
+        ax.bar([t + offset for t in range(NUM_TASKS)], run["test_accuracy"], width=0.4, color=colors[name], label=name)
+    ax.set_xticks(range(NUM_TASKS))
+    ax.set_xlabel("task: is it this digit?")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0.8, 1.0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "test_accuracy.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    keys = ["gradients", "gram", "solve_and_step", "teleport"]
+    left = {name: 0.0 for name in runs}
+    for key in keys:
+        for name, run in runs.items():
+            value = run["seconds"].get(key, 0.0)
+            ax.barh(
+                name, value, left=left[name], label=key if name == "base" else None, color=plt.cm.tab10(keys.index(key))
+            )
+            left[name] += value
+    ax.set_xlabel("seconds over the run")
+    ax.legend(fontsize=8, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout()
+    fig.savefig(folder / "time_split.png", dpi=100)
+    plt.close(fig)
+
+
+def run_demo(
+    out_dir: str = "demo_report",
+    *,
+    epochs: int = 10,
+    method: str = "fairgrad",
+    semantics: str = "reference",
+    hidden: int = 16,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "cpu",
+    stream: TextIO | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``method`` alone and with COST on the digits tasks; write the report folder.
+
+    ``stream``: where the progress bar and the summary go (None: silent)."""
+    for name, value in (("epochs", epochs), ("hidden", hidden), ("batch size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be ≥ 1, got {value}")
+    if semantics not in ("reference", "paper"):
+        raise ValueError(f"semantics must be 'reference' or 'paper', got {semantics!r}")
+    target = check_writable_parent(out_dir)
+    _require("matplotlib")
+    x_train, y_train, x_test, y_test = (t.to(device) for t in digits_tasks(seed))
+    batches = [(x_train[i : i + batch_size], y_train[i : i + batch_size]) for i in range(0, len(x_train), batch_size)]
+    bar = None
+    if progress and stream is not None:
+        tqdm = _require("tqdm").tqdm
+        bar = tqdm(total=2 * epochs * len(batches), desc=f"{method} and {method}+COST", unit="step", file=stream)
+    start = time.perf_counter()
+    runs = {}
+    for name, use_cost in (("base", False), ("base+COST", True)):
+        runs[name] = train(
+            batches,
+            (x_test, y_test),
+            epochs=epochs,
+            method=method,
+            semantics=semantics,
+            use_cost=use_cost,
+            hidden=hidden,
+            seed=seed,
+            progress=bar,
+        )
+    if bar is not None:
+        bar.close()
+    report = {
+        "data": "scikit-learn digits, 10 one-vs-rest tasks",
+        "method": method,
+        "semantics": semantics,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "hidden": hidden,
+        "seed": seed,
+        "device": device,
+        "train_samples": len(x_train),
+        "test_samples": len(x_test),
+        "wall_seconds": time.perf_counter() - start,
+        "runs": runs,
+    }
+    with atomic_report_dir(target) as folder:
+        (folder / "metrics.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+        _plots(report, folder)
+    if stream is not None:
+        for name, run in runs.items():
+            acc = sum(run["test_accuracy"]) / NUM_TASKS
+            kinds = [("rolled back" if e["rolled_back"] else f"HTR {e['htr']}") for e in run["teleports"]]
+            print(
+                f"{name:>10}: mean test accuracy {acc:.4f}, final train loss "
+                f"{sum(run['train_loss'][-1]) / NUM_TASKS:.4f}, conflict ratio (last epoch) "
+                f"{run['conflict_ratio'][-1]:.2f}, teleports {len(kinds)}{' (' + ', '.join(kinds) + ')' if kinds else ''}",
+                file=stream,
+            )
+        print(
+            f"report: {target}/ (metrics.json, task_losses.png, conflict_ratio.png, teleports.png, "
+            f"test_accuracy.png, time_split.png) in {report['wall_seconds']:.1f}s",
+            file=stream,
+        )
+    return report
+
+
+__all__ = ["digits_tasks", "run_demo", "train"]

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +32,7 @@ from cost_fast.kernels import gram_stats
 from cost_fast.lora import TeleportAdapter
 from cost_fast.models import CelebACNN
 from cost_fast.reference import reference_task_gradients, reference_teleport
+from cost_fast.report import atomic_report_dir, check_writable_parent
 from cost_fast.teleport import TeleportConfig, reference_ratio_weights, teleport
 
 
@@ -141,15 +140,11 @@ def run_profile(
     for name, value in (("tasks", num_tasks), ("width", width), ("batch size", batch_size), ("rows", rows)):
         if value < 1:
             raise ValueError(f"{name} must be ≥ 1, got {value}")
-    target = Path(out_dir)
-    parent = target.resolve().parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ValueError(f"cannot write the report folder {target}: {parent} is not a writable directory")
     dev = torch.device(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     sort_key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
-    try:
+    target = check_writable_parent(out_dir)
+    with atomic_report_dir(target) as staging:
         lines = [f"cost-fast profile: CelebA-shaped CNN, K={num_tasks}, width={width}, batch={batch_size}, {dev}", ""]
         for name, fn in _phases(num_tasks, width, batch_size, dev).items():
             fn()  # warm-up
@@ -167,13 +162,6 @@ def run_profile(
             if out is not None:
                 print(f"{name:>20}: {seconds * 1e3:9.1f} ms", file=out, flush=True)
         (staging / "summary.txt").write_text("\n".join(lines), encoding="utf-8")
-        staging.chmod(0o755)  # mkdtemp creates it private
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if out is not None:
         print(f"report: {target}/summary.txt and one Chrome trace per phase", file=out)
     return target

@@ -99,7 +99,7 @@ def test_teleport_once_per_epoch_with_htr() -> None:
     tele = [i for i in infos if i.teleported or i.rolled_back]
     assert len(tele) == 1 and tele[0].step == 1  # delayed start, then frequency control
     t = tele[0]
-    assert t.teleport_steps == 2 and t.task_term is not None and t.sharpness_term[1] >= 0
+    assert t.teleport_steps == 2 and len(t.task_terms) == 2 and t.sharpness_terms[1] >= 0
     assert t.sigma is not None and -1 <= t.sigma <= 1 and t.htr in ("modulated", "reset")
     assert optimizer.param_groups[0]["betas"] == (0.9, 0.999)  # restored after the next step
     cost.end_epoch()
@@ -118,7 +118,7 @@ def test_paper_semantics_trigger_teleport_and_htr() -> None:
         assert info.trigger == (info.num_dominated >= 2)  # Eq. 4 with K = 4
     tele = [i for i in infos if i.teleported or i.rolled_back]
     assert len(tele) == 1 and tele[0].sigma is not None and tele[0].htr in ("modulated", "reset")
-    assert tele[0].teleport_steps == 2 and tele[0].sharpness_term[0] > 0
+    assert tele[0].teleport_steps == 2 and tele[0].sharpness_terms[0] > 0
     with pytest.raises(ValueError, match="semantics"):
         make_cost(model, batches, semantics="paper", teleport=TeleportConfig())
 

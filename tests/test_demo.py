@@ -1,57 +1,68 @@
-"""The demo (README's main job) and the command line at small sizes."""
+"""The demo (README's main job) at a small size: the report folder, its numbers and plots, and the CLI."""
 
 from __future__ import annotations
 
-import io
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from cost_fast.cli import main
-from cost_fast.demo import run_demo
+from cost_fast.demo import NUM_TASKS, digits_tasks, run_demo
+
+PLOTS = ["task_losses.png", "conflict_ratio.png", "teleports.png", "test_accuracy.png", "time_split.png"]
 
 
-def test_demo_trains_with_cost_and_reports_teleports() -> None:
-    out = io.StringIO()
-    history = run_demo(out=out)  # the default run: 4 epochs x 10 steps, FairGrad + COST
-    assert [r.step for r in history] == list(range(40))
-    for r in history:
-        assert math.isfinite(r.mean_loss) and -1.0 <= r.min_cos_mean <= 1.0
-        assert 0 <= r.num_dominated <= 6 and 0 <= r.num_conflicting_pairs <= 15
-        assert r.trigger == (r.min_cos_mean <= 0)  # the reference trigger rule
-        assert not (r.teleported and r.step < 10)  # delayed start: not in the first epoch
-    per_epoch = [sum(r.teleported or r.rolled_back for r in history if r.epoch == e) for e in range(4)]
-    assert max(per_epoch) <= 1 and sum(per_epoch) >= 1  # frequency control, and COST did act
-    assert sum(r.mean_loss for r in history[-5:]) < sum(r.mean_loss for r in history[:5])  # it learns
-    text = out.getvalue()
-    assert "fairgrad + COST" in text and "teleport:" in text and "L_t" in text and "L_g" in text
-    assert text.rstrip().splitlines()[-1].startswith("done in")
+def test_digits_tasks_are_one_vs_rest() -> None:
+    x_train, y_train, x_test, y_test = digits_tasks()
+    assert x_train.shape[1] == 64 and y_train.shape[1] == NUM_TASKS
+    assert len(x_train) + len(x_test) == 1797
+    assert torch.equal(y_train.sum(1), torch.ones(len(y_train)))  # exactly one positive task per image
+    assert abs(x_train.mean().item()) < 1e-5  # standardized on the training split
 
 
-def test_demo_without_cost_never_teleports() -> None:
-    history = run_demo(epochs=2, use_cost=False, method="mgda")
-    assert not any(r.teleported or r.rolled_back for r in history)
+def test_demo_report(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    report = run_demo(str(out), epochs=3, stream=None)
+    assert sorted(p.name for p in out.iterdir()) == sorted(PLOTS + ["metrics.json"])
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 5000
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    for run in saved["runs"].values():
+        assert len(run["train_loss"]) == 3 and all(len(e) == NUM_TASKS for e in run["train_loss"])
+        assert all(math.isfinite(v) and v >= 0 for e in run["train_loss"] for v in e)
+        assert sum(run["train_loss"][-1]) < sum(run["train_loss"][0])  # it learns
+        assert all(0 <= r <= 1 for r in run["conflict_ratio"])
+        assert all(0.8 <= a <= 1 for a in run["test_accuracy"])  # one-vs-rest digits are easy
+        assert run["seconds"]["gradients"] > 0
+    assert saved["runs"]["base"]["teleports"] == []
+    events = saved["runs"]["base+COST"]["teleports"]
+    assert 1 <= len(events) <= 2  # at most one per epoch, none in the first
+    for e in events:
+        assert e["epoch"] >= 1 and len(e["task_terms"]) == len(e["sharpness_terms"]) > 0
+        assert e["rolled_back"] or e["htr"] in ("modulated", "reset")
 
 
-def test_demo_is_reproducible() -> None:
-    assert run_demo(epochs=2, seed=5) == run_demo(epochs=2, seed=5)
-
-
-def test_cli_demo(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--epochs", "1", "--steps-per-epoch", "3", "--tasks", "3", "--method", "mgda"]) == 0
-    assert "mgda + COST, K=3 tasks" in capsys.readouterr().out
+def test_cli_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r"
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--method", "mgda", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "mean test accuracy" in text and "report:" in text and (out / "metrics.json").exists()
 
 
 @pytest.mark.parametrize(
     "argv",
     [
         ["demo", "--epochs", "-1"],
-        ["demo", "--tasks", "0"],
-        ["demo", "--mode", "vmap"],
+        ["demo", "--epochs", "0"],
+        ["demo", "--semantics", "both"],
         ["demo", "--device", "nope"],
         ["demo", "--method", "nope"],
         ["demo", "--method", "moco"],
+        ["demo", "--out", "/nonexistent/dir/report"],
         [],
     ],
 )
