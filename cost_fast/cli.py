@@ -53,6 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default: 8)")
     prof.add_argument("--rows", type=_positive_int, default=12, help="top operations per phase (default: 12)")
     prof.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    toy = sub.add_parser(
+        "toy",
+        help="LS and LS+COST on CAGrad's two-task toy from five starting points",
+        description="Linear scalarization alone and with COST on the two-task toy of CAGrad (COST paper, "
+        "Fig. 6): trajectories over the loss landscape, final losses against the Pareto front, a table.",
+    )
+    toy.add_argument("--out", default="toy_report", help="report folder (default: toy_report)")
+    toy.add_argument("--steps", type=_positive_int, default=3000, help="Adam steps per run (default: 3000)")
+    toy.add_argument(
+        "--steps-per-epoch",
+        type=_positive_int,
+        default=100,
+        help="steps between COST epochs, i.e. at most one teleport per this many steps (default: 100)",
+    )
+    toy.add_argument(
+        "--semantics", choices=["reference", "paper"], default="reference", help="COST semantics (default: reference)"
+    )
     return parser
 
 
@@ -83,6 +100,19 @@ def main(argv: list[str] | None = None) -> int:
                 rows=args.rows,
                 device=str(device),
                 out=sys.stdout,
+            )
+        except ValueError as err:
+            parser.error(str(err))
+    if args.command == "toy":
+        from cost_fast.toy import run_toy
+
+        try:
+            run_toy(
+                args.out,
+                steps=args.steps,
+                steps_per_epoch=args.steps_per_epoch,
+                semantics=args.semantics,
+                stream=sys.stdout,
             )
         except ValueError as err:
             parser.error(str(err))

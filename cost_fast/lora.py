@@ -49,6 +49,11 @@ class TeleportAdapter:
             raise ValueError(f"rank must be an int ≥ 1, got {rank!r}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS} (OFT is not supported), got {method!r}")
+        if isinstance(backbone, ADAPTED_TYPES):
+            raise ValueError(
+                "the backbone is itself a single layer, which peft cannot adapt in place: "
+                "wrap it, e.g. nn.Sequential(layer)"
+            )
         targets = [name for name, m in backbone.named_modules() if isinstance(m, ADAPTED_TYPES)]
         if not targets:
             raise ValueError("the backbone has no Linear or Conv layer to adapt")

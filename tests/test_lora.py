@@ -78,6 +78,8 @@ def test_restore_is_bit_exact(method: str) -> None:
 def test_bad_backbones() -> None:
     with pytest.raises(ValueError, match="no Linear or Conv"):
         TeleportAdapter(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match="wrap it"):
+        TeleportAdapter(nn.Linear(3, 3))
     backbone = nn.Sequential(nn.Linear(3, 3))
     TeleportAdapter(backbone)
     with pytest.raises(ValueError, match="already holds LoRA"):

@@ -1,0 +1,60 @@
+"""The CAGrad toy: its losses against hand-computed values, the Pareto front, and a tiny report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from cost_fast.cli import main
+from cost_fast.toy import pareto_front, reaches_front, run_toy, toy_losses
+
+
+def hand_losses(x1: float, x2: float) -> tuple[float, float]:
+    c1, c2 = max(math.tanh(x2 / 2), 0), max(math.tanh(-x2 / 2), 0)
+    log1 = math.log(max(abs(0.5 * (-x1 - 7) - math.tanh(-x2)), 5e-6)) + 6
+    log2 = math.log(max(abs(0.5 * (-x1 + 3) + math.tanh(-x2) + 2), 5e-6)) + 6
+    sq1 = ((-x1 + 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+    sq2 = ((-x1 - 7) ** 2 + 0.1 * (-x2 - 8) ** 2) / 10 - 20
+    return log1 * c1 + sq1 * c2, log2 * c1 + sq2 * c2
+
+
+@pytest.mark.parametrize("point", [(-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (3.0, -4.0), (1.0, 2.0)])
+def test_toy_losses_match_the_formula(point: tuple[float, float]) -> None:
+    got = toy_losses(torch.tensor(point, dtype=torch.float64))
+    torch.testing.assert_close(got, torch.tensor(hand_losses(*point), dtype=torch.float64))
+
+
+def test_pareto_front_is_non_dominated_and_tolerance_check() -> None:
+    front = pareto_front(resolution=201)
+    assert (front[1:, 0] >= front[:-1, 0]).all() and (front[1:, 1] < front[:-1, 1]).all()
+    assert reaches_front(front[len(front) // 2], front, 1e-9)
+    assert not reaches_front(front[len(front) // 2] + 1.0, front, 0.05)  # dominated by that front point
+
+
+def test_toy_report(tmp_path: Path) -> None:
+    out = tmp_path / "toy"
+    report = run_toy(str(out), steps=30, steps_per_epoch=10)
+    assert sorted(p.name for p in out.iterdir()) == ["toy.json", "toy.png", "toy_table.md"]
+    assert (out / "toy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((out / "toy.json").read_text())
+    assert len(saved["runs"]) == 5
+    for run in saved["runs"]:
+        for name in ("LS", "LS+COST"):
+            assert len(run[name]["path"]) == 31 and all(math.isfinite(v) for v in run[name]["final_losses"])
+            assert isinstance(run[name]["reaches_front"], bool)
+    table = (out / "toy_table.md").read_text().splitlines()
+    assert len(table) == 2 + 5
+    assert report["runs"][0]["LS"]["init"] == [-8.5, 7.5]
+
+
+def test_cli_toy_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["toy", "--steps", "0"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["toy", "--out", "/nonexistent/dir/toy"])
+    assert "not a writable directory" in capsys.readouterr().err
