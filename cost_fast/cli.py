@@ -70,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument(
         "--semantics", choices=["reference", "paper"], default="reference", help="COST semantics (default: reference)"
     )
+    rep = sub.add_parser(
+        "reproduce",
+        help="the COST paper's claims beside what this engine measures (REPRODUCTION.md)",
+        description="Run the digits demo and the CAGrad toy, then write REPRODUCTION.md: each of the paper's "
+        "qualitative claims with our measurement, a verdict and the figure that shows it.",
+    )
+    rep.add_argument("--out", default="reproduction", help="report folder (default: reproduction)")
+    rep.add_argument("--quick", action="store_true", help="small runs (seconds), for a smoke test")
     return parser
 
 
@@ -101,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
                 device=str(device),
                 out=sys.stdout,
             )
+        except ValueError as err:
+            parser.error(str(err))
+    if args.command == "reproduce":
+        from cost_fast.reproduce import run_reproduction
+
+        try:
+            run_reproduction(args.out, quick=args.quick, stream=sys.stdout)
         except ValueError as err:
             parser.error(str(err))
     if args.command == "toy":

@@ -46,6 +46,7 @@ class StepInfo:
     num_dominated: int
     num_conflicting_pairs: int
     min_cos_mean: float
+    mean_norm: float  # ‖g0‖, the norm of the mean task gradient
     trigger: bool
     teleported: bool = False
     rolled_back: bool = False
@@ -190,11 +191,12 @@ class COST:
         t2 = time.perf_counter()
         times["gradients"], times["gram"] = t1 - t0, t2 - t1
         # the step's one host transfer: the trigger decision and the statistics it reports
-        dominated, pairs, min_cos, fired = torch.stack(
+        dominated, pairs, min_cos, mean_norm, fired = torch.stack(
             [
                 stats.num_dominated.double(),
                 stats.num_conflicting_pairs.double(),
                 stats.cos_mean.min().double(),
+                stats.mean_norm.double(),
                 fires.double(),
             ]
         ).tolist()
@@ -204,6 +206,7 @@ class COST:
             num_dominated=int(dominated),
             num_conflicting_pairs=int(pairs),
             min_cos_mean=min_cos,
+            mean_norm=mean_norm,
             trigger=bool(fired),
             seconds=times,
         )

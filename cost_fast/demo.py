@@ -8,7 +8,8 @@ backbone so that tasks compete for it, one linear head per digit). Both runs sta
 weights and see the same batches; COST uses the whole training set as teleport data, as the
 public code does.
 
-Report folder (written at once, see ``cost_fast.report``): ``metrics.json`` and PNG plots of
+Report folder (written at once, see ``cost_fast.report``): ``metrics.json`` (with per-step
+statistics: min cos(g_i, g0), conflicting pairs, ‖g0‖) and PNG plots of
 the per-task training losses, the conflict ratio per epoch (share of steps where some task's
 gradient conflicts with the mean gradient, cos(g_i, g0) < 0) with and without COST, the
 teleport events, L_t and L_g during each teleport, the test accuracy per task, and the time
@@ -91,7 +92,7 @@ def train(
         teleport=config,
         seed=seed,
     )
-    losses_per_epoch, conflict_ratio, teleports = [], [], []
+    losses_per_epoch, conflict_ratio, teleports, step_stats = [], [], [], []
     seconds: dict[str, float] = {}
     for epoch in range(epochs):
         epoch_losses = torch.zeros(NUM_TASKS)
@@ -101,6 +102,7 @@ def train(
             info = cost.step(losses, batch)
             epoch_losses += losses.detach().cpu()
             conflicted += info.min_cos_mean < 0
+            step_stats.append([info.step, info.min_cos_mean, info.num_conflicting_pairs, info.mean_norm])
             for key, value in info.seconds.items():
                 seconds[key] = seconds.get(key, 0.0) + value
             if info.teleported or info.rolled_back:
@@ -130,6 +132,7 @@ def train(
         "teleports": teleports,
         "test_accuracy": accuracy,
         "seconds": seconds,
+        "steps": step_stats,  # per step: [step, min cos(g_i, g0), conflicting pairs, ‖g0‖]
     }
 
 
