@@ -29,6 +29,7 @@ from cost_fast.report import atomic_report_dir, check_writable_parent
 from cost_fast.teleport import TeleportConfig
 
 INITS = [(-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0)]
+PATH_EVERY = 10  # toy.json keeps every 10th point of each trajectory (and the last); the plot uses all
 LOWER = 5e-6
 
 
@@ -218,8 +219,17 @@ def run_toy(
             f"{'yes' if ls['reaches_front'] else 'no'} | ({cost['final_losses'][0]:.3f}, {cost['final_losses'][1]:.3f}) | "
             f"{'yes' if cost['reaches_front'] else 'no'} | {len(cost['teleports'])} |"
         )
+
+    def thinned(path: list) -> list:
+        return path[::PATH_EVERY] + ([] if (len(path) - 1) % PATH_EVERY == 0 else path[-1:])
+
+    saved = {
+        **report,
+        "path_every": PATH_EVERY,
+        "runs": [{name: {**run[name], "path": thinned(run[name]["path"])} for name in run} for run in runs],
+    }
     with atomic_report_dir(target) as folder:
-        (folder / "toy.json").write_text(json.dumps(report), encoding="utf-8")
+        (folder / "toy.json").write_text(json.dumps(saved), encoding="utf-8")
         (folder / "toy_table.md").write_text("\n".join(table) + "\n", encoding="utf-8")
         _plot(report, front, str(folder / "toy.png"))
     if stream is not None:

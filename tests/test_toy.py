@@ -44,11 +44,12 @@ def test_toy_report(tmp_path: Path) -> None:
     assert len(saved["runs"]) == 5
     for run in saved["runs"]:
         for name in ("LS", "LS+COST"):
-            assert len(run[name]["path"]) == 31 and all(math.isfinite(v) for v in run[name]["final_losses"])
+            assert len(run[name]["path"]) == 4 and saved["path_every"] == 10  # steps 0, 10, 20 and the last
+            assert all(math.isfinite(v) for v in run[name]["final_losses"])
             assert isinstance(run[name]["reaches_front"], bool)
     table = (out / "toy_table.md").read_text().splitlines()
     assert len(table) == 2 + 5
-    assert report["runs"][0]["LS"]["init"] == [-8.5, 7.5]
+    assert report["runs"][0]["LS"]["init"] == [-8.5, 7.5] and len(report["runs"][0]["LS"]["path"]) == 31
 
 
 def test_cli_toy_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
