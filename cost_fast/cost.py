@@ -115,8 +115,7 @@ class COST:
         self.start_step, self.start_epoch = start_step, start_epoch
         self.max_teleports_per_epoch = max_teleports_per_epoch
         lr = optimizer.param_groups[0]["lr"]
-        default = TeleportConfig.paper(lr=lr) if semantics == "paper" else TeleportConfig(lr=lr)
-        self.teleport_config = teleport or default
+        self.teleport_config = teleport or TeleportConfig.for_semantics(semantics, lr=lr)
         if self.teleport_config.semantics != semantics:
             raise ValueError(f"teleport config has semantics {self.teleport_config.semantics!r}, COST {semantics!r}")
         self.gradient_mode: Mode = gradient_mode
@@ -223,16 +222,12 @@ class COST:
         """The base method's task weights w (ones for methods that aggregate G themselves) and,
         in the engine's ``combined`` buffer, the backbone update d (Gᵀw or the method's own)."""
         engine = self.engine
-        if isinstance(self.base, LossWeighting):
-            w = self.base.weights(losses).to(engine.grads.dtype)
-        elif self.base.kind == "gram":
-            w = self.base.weights(gram).to(engine.grads.dtype)
-        else:
-            w = torch.ones(losses.shape[0], dtype=engine.grads.dtype, device=engine.grads.device)
+        dtype = engine.grads.dtype
         if isinstance(self.base, Aggregator) and self.base.kind == "grads":
-            engine.combined.copy_(self.base.aggregate(engine.grads).to(engine.grads.dtype))
-        else:
-            engine.combine(w, write_grad=False)
+            engine.combined.copy_(self.base.aggregate(engine.grads).to(dtype))
+            return torch.ones(losses.shape[0], dtype=dtype, device=engine.grads.device)
+        w = self.base.weights(losses if isinstance(self.base, LossWeighting) else gram).to(dtype)
+        engine.combine(w, write_grad=False)
         return w
 
     def _base_update(self, losses: torch.Tensor, gram: torch.Tensor) -> None:

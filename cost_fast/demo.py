@@ -29,7 +29,6 @@ from cost_fast.aggregators.base import get_aggregator
 from cost_fast.cost import COST
 from cost_fast.models import MultiTaskMLP
 from cost_fast.report import atomic_report_dir, check_writable_parent
-from cost_fast.teleport import TeleportConfig
 
 NUM_TASKS = 10
 
@@ -78,7 +77,6 @@ def train(
     torch.manual_seed(seed)
     model = MultiTaskMLP(batches[0][0].shape[1], NUM_TASKS, hidden=hidden).to(batches[0][0].device)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    config = TeleportConfig.paper(lr=3e-3) if semantics == "paper" else TeleportConfig(lr=3e-3)
     cost = COST(
         model,
         model.backbone,
@@ -89,7 +87,6 @@ def train(
         semantics=semantics,
         max_teleports_per_epoch=1 if use_cost else 0,
         start_epoch=1,
-        teleport=config,
         seed=seed,
     )
     losses_per_epoch, conflict_ratio, teleports, step_stats = [], [], [], []

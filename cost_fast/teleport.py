@@ -81,6 +81,11 @@ class TeleportConfig:
         """The paper's settings: L_lora = L_t - 0.1 L_g (Eq. 11), δ = 1e-3·‖θ_shared‖."""
         return cls(**{"semantics": "paper", "task_weight": 1.0, "sharpness_weight": 0.1, **overrides})
 
+    @classmethod
+    def for_semantics(cls, semantics: str, **overrides: Any) -> TeleportConfig:
+        """The default settings of ``semantics`` ("reference" or "paper"), with ``overrides``."""
+        return cls.paper(**overrides) if semantics == "paper" else cls(semantics=semantics, **overrides)
+
     def __post_init__(self) -> None:
         if self.semantics not in ("reference", "paper"):
             raise ValueError(f"semantics must be 'reference' or 'paper', got {self.semantics!r}")

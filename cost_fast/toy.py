@@ -103,7 +103,7 @@ def train_toy(
     model = ToyModel(init)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     batch = (torch.ones(1, 1), None)
-    config = TeleportConfig.paper(lr=lr, rounds=20) if semantics == "paper" else TeleportConfig(lr=lr, rounds=20)
+    config = TeleportConfig.for_semantics(semantics, lr=lr, rounds=20)
     cost = COST(
         model,
         model.backbone,
