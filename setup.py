@@ -1,4 +1,5 @@
-"""Packaging: the top-level ``kernels/`` folder installs as ``cost_fast.kernels``."""
+"""Packaging: the top-level ``kernels/`` and ``bench/`` folders install as ``cost_fast.kernels`` and
+``cost_fast.bench`` (so that ``cost-fast bench`` finds its suites in any install)."""
 
 from setuptools import setup
 
@@ -9,8 +10,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["cost_fast", "cost_fast.kernels"],
-    package_dir={"cost_fast": "cost_fast", "cost_fast.kernels": "kernels"},
+    packages=["cost_fast", "cost_fast.kernels", "cost_fast.bench"],
+    package_dir={"cost_fast": "cost_fast", "cost_fast.kernels": "kernels", "cost_fast.bench": "bench"},
     # Ranges, so that a user keeps the (CUDA) torch build they already have.
     install_requires=[
         "torch>=2.4",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.stamp import bench_device, peak_bandwidth, stamp
+from cost_fast.bench.stamp import bench_device, peak_bandwidth, stamp
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json) -> None:

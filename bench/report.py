@@ -1,6 +1,6 @@
 """Tables (Markdown, to stdout) and PNG plots from the pytest-benchmark JSON files in bench/results/.
 
-Usage:  python -m bench.report [bench/results/*.json ...]
+Usage:  python -m cost_fast.bench.report [bench/results/*.json ...]
 Ratios are of medians measured side by side in the same run (same file).
 """
 
@@ -22,11 +22,11 @@ BASELINES = {
 
 
 def load(path: Path) -> tuple[dict, dict[str, dict[str, float]]]:
-    """Stamp and {group: {impl: median seconds}} of one result file."""
+    """Stamp and {group (the test name when ungrouped): {impl: median seconds}} of one result file."""
     data = json.loads(path.read_text())
     groups: dict[str, dict[str, float]] = defaultdict(dict)
     for bench in data["benchmarks"]:
-        groups[bench["group"]][bench["extra_info"]["impl"]] = bench["stats"]["median"]
+        groups[bench["group"] or bench["name"]][bench["extra_info"]["impl"]] = bench["stats"]["median"]
     return data.get("stamp", {}), groups
 
 
@@ -35,7 +35,7 @@ def table(path: Path) -> str:
     stamp, groups = load(path)
     baseline = BASELINES[path.stem.split("_")[0]]
     residuals = {
-        (b["group"], b["extra_info"]["impl"]): b["extra_info"]["residual"]
+        (b["group"] or b["name"], b["extra_info"]["impl"]): b["extra_info"]["residual"]
         for b in json.loads(path.read_text())["benchmarks"]
         if "residual" in b["extra_info"]
     }

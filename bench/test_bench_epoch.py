@@ -20,8 +20,8 @@ import copy
 import pytest
 import torch
 
-from bench.stamp import bench_device, synchronize
 from cost_fast import TaskGradients, get_aggregator, gram_stats
+from cost_fast.bench.stamp import bench_device, synchronize
 from cost_fast.cost import COST
 from cost_fast.htr import apply_htr, flat_cosine
 from cost_fast.models import CelebACNN, SegNetMTL, synthetic_nyuv2

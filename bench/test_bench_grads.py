@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.stamp import bench_device, synchronize
 from cost_fast import TaskGradients
+from cost_fast.bench.stamp import bench_device, synchronize
 from cost_fast.models import CelebACNN
 from cost_fast.reference import reference_task_gradients
 

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from bench.stamp import bench_device, synchronize
+from cost_fast.bench.stamp import bench_device, synchronize
 from cost_fast.kernels import gram_stats
 
 DEVICE = bench_device()

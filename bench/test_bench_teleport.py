@@ -3,6 +3,8 @@
 Workload: ``CelebACNN`` (40 binary tasks, 64x64 inputs); on CPU width 8, batch 8, 4 teleport
 batches, ``rounds`` = 2 (8 adapter steps of 1 + 1 + 5 forward passes each), n = 5, LoRA rank 5.
 On a GPU: width 64, batch 64. Both sides get the same model, data and noise generator seed.
+``fast`` evaluates the n perturbed samples one forward pass each (in place), ``fast_batched`` all
+n in one vmapped pass (``samples_per_pass = n``).
 
 Run:  pytest bench/test_bench_teleport.py --benchmark-json=bench/results/teleport_<device>.json
 """
@@ -10,11 +12,12 @@ Run:  pytest bench/test_bench_teleport.py --benchmark-json=bench/results/telepor
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
-from bench.stamp import bench_device, synchronize
+from cost_fast.bench.stamp import bench_device, synchronize
 from cost_fast.lora import TeleportAdapter
 from cost_fast.models import CelebACNN
 from cost_fast.reference import reference_teleport
@@ -31,7 +34,7 @@ def loss_fn(model, batch):
     return model.task_losses(x, y)
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("impl", ["reference", "fast", "fast_batched"])
 def test_teleport_speed(benchmark, impl: str) -> None:
     torch.manual_seed(0)
     model = CelebACNN(num_tasks=K, width=WIDTH).to(DEVICE)
@@ -45,12 +48,13 @@ def test_teleport_speed(benchmark, impl: str) -> None:
     ]
     current = data[0]
     ratios = reference_ratio_weights(torch.rand(K, generator=gen)).to(DEVICE)
-    if impl == "fast":
+    if impl.startswith("fast"):
         adapter = TeleportAdapter(model.backbone, rank=5)
+        config = dataclasses.replace(CONFIG, samples_per_pass=CONFIG.num_samples if impl == "fast_batched" else 1)
 
         def run() -> None:
             teleport(
-                model, adapter, loss_fn, data, current, ratios, CONFIG, generator=torch.Generator(DEVICE).manual_seed(2)
+                model, adapter, loss_fn, data, current, ratios, config, generator=torch.Generator(DEVICE).manual_seed(2)
             )
             synchronize(DEVICE)
     else:

@@ -53,6 +53,21 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default: 8)")
     prof.add_argument("--rows", type=_positive_int, default=12, help="top operations per phase (default: 12)")
     prof.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    bench = sub.add_parser(
+        "bench",
+        help="run the benchmark suites (kernels vs torch, solvers, teleport, epochs) and write JSON + plots",
+        description="Run the pytest-benchmark suites on this machine's device (CUDA if present): each kernel "
+        "against its plain torch way, the solvers against scipy/cvxpy, one teleport and one epoch, base vs COST "
+        "fast vs COST reference. Writes <suite>_<device>.json, a PNG each and summary_<device>.md; other files "
+        "in the output folder are kept.",
+    )
+    bench.add_argument("--out", default="bench_report", help="output folder (default: bench_report)")
+    bench.add_argument(
+        "--suites",
+        default="all",
+        help="comma-separated suites among gram, grads, solvers, teleport, epoch (default: all)",
+    )
+    bench.add_argument("-k", dest="keyword", default=None, help="pytest -k expression selecting benchmarks")
     toy = sub.add_parser(
         "toy",
         help="LS and LS+COST on CAGrad's two-task toy from five starting points",
@@ -111,6 +126,17 @@ def main(argv: list[str] | None = None) -> int:
             )
         except ValueError as err:
             parser.error(str(err))
+    if args.command == "bench":
+        from cost_fast.bench.runner import SUITES, run_benchmarks
+
+        suites = SUITES if args.suites == "all" else [s.strip() for s in args.suites.split(",")]
+        try:
+            run_benchmarks(args.out, suites, keyword=args.keyword, stream=sys.stdout)
+        except ValueError as err:
+            parser.error(str(err))
+        except RuntimeError as err:
+            print(f"cost-fast bench: error: {err}", file=sys.stderr)
+            return 1
     if args.command == "reproduce":
         from cost_fast.reproduce import run_reproduction
 

@@ -38,9 +38,11 @@ def flat_cosine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.T
     for x, y in zip(a, b):
         if x.shape != y.shape:
             raise ValueError(f"shape mismatch {tuple(x.shape)} vs {tuple(y.shape)}")
-    dot = torch.stack([torch.vdot(x.reshape(-1).float(), y.reshape(-1).float()) for x, y in zip(a, b)]).sum()
-    na = torch.stack(torch._foreach_norm([x.float() for x in a])).square().sum().sqrt()
-    nb = torch.stack(torch._foreach_norm([y.float() for y in b])).square().sum().sqrt()
+    # at least float32 (half-precision models), float64 kept as it is
+    dtype = torch.promote_types(torch.promote_types(a[0].dtype, b[0].dtype), torch.float32)
+    dot = torch.stack([torch.vdot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(a, b)]).sum()
+    na = torch.stack(torch._foreach_norm([x.to(dtype) for x in a])).square().sum().sqrt()
+    nb = torch.stack(torch._foreach_norm([y.to(dtype) for y in b])).square().sum().sqrt()
     denom = na * nb
     return torch.where(denom > 0, dot / denom.clamp_min(1e-30), torch.zeros_like(dot))
 

@@ -26,9 +26,13 @@ a relative radius keeps the loss differences far above float32 rounding whatever
 scale, and 0.1% keeps the probe local.
 
 What we do differently, for speed, with the same result: the adapter is injected once
-(``TeleportAdapter``), the noise is added to the parameters in place and undone by copying the
-saved values back (bit-exact; no model copies), and the perturbed losses run under
-``torch.no_grad()``. A guard evaluates the teleport data again after the merge and rolls back
+(``TeleportAdapter``), the perturbed losses run under ``torch.no_grad()`` and never copy the
+model. With ``samples_per_pass = 1`` (default) each sample's noise is added to the parameters in
+place by multi-tensor (``torch._foreach_*``) ops and undone by copying the saved values back
+(bit-exact). With ``samples_per_pass = s > 1``, s samples are evaluated in one forward pass:
+``torch.func.vmap`` over s stacked perturbed copies of the perturbed parameters (not of the
+model: s times their memory, freed after the pass), which turns s small launches of every layer
+into one batched one. A guard evaluates the teleport data again after the merge and rolls back
 (bit-exactly) if any task's mean loss rose by more than ``guard_tolerance`` relatively, or if
 anything is non-finite.
 """
@@ -36,6 +40,7 @@ anything is non-finite.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -62,7 +67,12 @@ class TeleportConfig:
         noise_norm: ν, the norm of each parameter tensor's noise (default 1e-4).
         task_weight, sharpness_weight: the objective's 10 and 0.5.
         guard_tolerance: relative rise of any task's mean loss that triggers a rollback (0.05).
+        guard: evaluate the teleport data after the merge and roll back on a rise (default
+            True; False skips that pass, as the public code, and never rolls back).
         relative_radius: paper semantics: δ / ‖θ_shared‖ (default 1e-3).
+        samples_per_pass: perturbed samples evaluated together in one vmapped forward pass
+            (default 1: one pass per sample, in place). Larger values cost that many copies of
+            the perturbed parameters; a loss that ``vmap`` cannot trace falls back to 1.
     """
 
     semantics: str = "reference"
@@ -74,7 +84,9 @@ class TeleportConfig:
     task_weight: float = 10.0
     sharpness_weight: float = 0.5
     guard_tolerance: float = 0.05
+    guard: bool = True
     relative_radius: float = 1e-3
+    samples_per_pass: int = 1
 
     @classmethod
     def paper(cls, **overrides: Any) -> TeleportConfig:
@@ -94,8 +106,10 @@ class TeleportConfig:
         for name in ("lr", "noise_norm"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        if self.rounds < 1 or self.num_samples < 1:
-            raise ValueError(f"rounds and num_samples must be ≥ 1, got {self.rounds} and {self.num_samples}")
+        for name in ("rounds", "num_samples", "samples_per_pass"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int ≥ 1, got {value!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be ≥ 1 or None, got {self.max_steps}")
         if not self.guard_tolerance >= 0:
@@ -105,14 +119,15 @@ class TeleportConfig:
 @dataclasses.dataclass
 class TeleportResult:
     """What a teleport did. ``deltas`` is Δθ aligned with the adapter's base parameters
-    (all zeros after a rollback); ``task_terms``/``sharpness_terms`` are L_t and L_g per step."""
+    (all zeros after a rollback); ``task_terms``/``sharpness_terms`` are L_t and L_g per step;
+    ``contour_before``/``contour_after`` the mean task losses over the teleport data."""
 
     deltas: list[torch.Tensor]
     steps: int
     task_terms: list[float]
     sharpness_terms: list[float]
     contour_before: torch.Tensor
-    contour_after: torch.Tensor
+    contour_after: torch.Tensor | None  # None when the guard is off
     rolled_back: bool
 
 
@@ -157,30 +172,114 @@ def loss_contour(model: nn.Module, loss_fn: LossFn, data: Iterable[Any]) -> torc
     return (total / count).float()
 
 
+def reference_noise(
+    params: list[torch.Tensor], noise_norm: float, generator: torch.Generator | None
+) -> list[torch.Tensor]:
+    """ε = [ν z_k / ‖z_k‖]_k with z_k ~ N(0, I) of each tensor's shape, drawn in parameter order
+    from ``generator`` (the public code's order); the norms and scaling are multi-tensor ops."""
+    noise = [torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device) for p in params]
+    if not noise:
+        return noise
+    scales = torch._foreach_reciprocal(torch._foreach_norm(noise))
+    torch._foreach_mul_(scales, noise_norm)
+    torch._foreach_mul_(noise, scales)
+    return noise
+
+
+def batched_losses(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    named: list[tuple[str, torch.Tensor]],
+    noise: list[list[torch.Tensor]],
+) -> torch.Tensor:
+    """(s, K) task losses at the s points θ + ε_j (``noise[j]`` aligned with ``named``) in one
+    ``vmap``-ed forward pass, without grad; the model is untouched."""
+    stacked = {
+        f"model.{name}": p.detach() + torch.stack([eps[k] for eps in noise]) for k, (name, p) in enumerate(named)
+    }
+    wrapper = _LossOf(model, loss_fn)
+
+    def losses(substitutes: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(wrapper, substitutes, (batch,), strict=False)
+
+    with torch.no_grad():
+        return torch.func.vmap(losses, randomness="different")(stacked)
+
+
+def sample_losses(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    named: list[tuple[str, torch.Tensor]],
+    draws: list[Callable[[], list[torch.Tensor]]],
+    samples_per_pass: int,
+) -> torch.Tensor:
+    """(n, K) task losses at θ + ε_j for the n noise draws ``draws[j]()`` (each a list aligned
+    with ``named``), without grad, ``samples_per_pass`` samples per forward pass.
+
+    One per pass: ε_j is added in place and the saved values copied back, so the parameters
+    end bit-exactly where they started. More: ``batched_losses``; if ``vmap`` cannot run the
+    loss (e.g. it calls ``.item()``), a warning is given and the remaining samples run one per
+    pass. Draws are made in order either way, so the noise is the same.
+    """
+    params = [p for _, p in named]
+    rows: list[torch.Tensor] = []
+    j = 0
+    while samples_per_pass > 1 and j < len(draws):
+        chunk = [draw() for draw in draws[j : j + samples_per_pass]]
+        j += len(chunk)
+        try:
+            rows.append(batched_losses(model, loss_fn, batch, named, chunk))
+        except Exception as err:  # noqa: BLE001 - any tracing failure: fall back to the plain loop
+            warnings.warn(
+                f"samples_per_pass > 1 needs a loss that torch.func.vmap can run ({type(err).__name__}: {err}); "
+                "evaluating one sample per pass",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            rows.append(torch.stack(_in_place_losses(model, loss_fn, batch, params, [lambda e=e: e for e in chunk])))
+            samples_per_pass = 1
+    if j < len(draws):
+        rows.append(torch.stack(_in_place_losses(model, loss_fn, batch, params, draws[j:])))
+    return torch.cat(rows)
+
+
+def _in_place_losses(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    params: list[torch.Tensor],
+    draws: list[Callable[[], list[torch.Tensor]]],
+) -> list[torch.Tensor]:
+    saved = [p.detach().clone() for p in params]
+    rows = []
+    with torch.no_grad():
+        for draw in draws:
+            torch._foreach_add_(params, draw())
+            try:
+                rows.append(loss_fn(model, batch).detach())
+            finally:
+                torch._foreach_copy_(params, saved)
+    return rows
+
+
 def perturbed_losses(
     model: nn.Module,
-    params: list[torch.Tensor],
+    named: list[tuple[str, torch.Tensor]],
     loss_fn: LossFn,
     batch: Any,
     num_samples: int,
     noise_norm: float,
     generator: torch.Generator | None,
+    samples_per_pass: int = 1,
 ) -> torch.Tensor:
-    """(n, K) task losses at n perturbations θ + ε_j, each parameter tensor's noise of norm ν.
-
-    The noise is added in place and the saved values are copied back after each sample, so
-    the parameters end bit-exactly where they started; nothing is differentiated.
-    """
-    saved = [p.detach().clone() for p in params]
-    rows = []
-    with torch.no_grad():
-        for _ in range(num_samples):
-            for p in params:
-                noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
-                p.add_(noise * (noise_norm / noise.norm()))
-            rows.append(loss_fn(model, batch).detach())
-            torch._foreach_copy_(params, saved)
-    return torch.stack(rows)
+    """(n, K) task losses at n perturbations θ + ε_j of the reference semantics
+    (``reference_noise``: each parameter tensor's noise of norm ν), without grad; the
+    parameters end bit-exactly where they started."""
+    params = [p for _, p in named]
+    draws = [lambda: reference_noise(params, noise_norm, generator)] * num_samples
+    return sample_losses(model, loss_fn, batch, named, draws, samples_per_pass)
 
 
 def reference_sharpness(
@@ -219,24 +318,30 @@ def paper_sharpness(
     ratios: torch.Tensor,
     seeds: list[int],
     radius: float,
+    samples_per_pass: int = 1,
 ) -> torch.Tensor:
     """L_g of the paper semantics, differentiable, with one differentiable perturbed evaluation.
 
-    All n samples are evaluated under no_grad with ε_j added in place and removed bit-exactly;
-    only the arg-max sample is then evaluated again, through ``torch.func.functional_call``
+    All n samples are evaluated under no_grad (ε_j added in place and removed bit-exactly, or
+    ``samples_per_pass`` at a time by ``sample_losses``); only the arg-max sample is then evaluated again, through ``torch.func.functional_call``
     with θ + ε_j* as out-of-place tensors, so the adapter receives the same gradient as from
     differentiating all n.
     """
     params = [p for _, p in shared]
-    saved = [p.detach().clone() for p in params]
     with torch.no_grad():
         base = loss_fn(model, batch)
-        terms = []
-        for seed in seeds:
-            sphere_perturb_(params, seed, radius)
-            terms.append(paper_sharpness_term(base, loss_fn(model, batch), ratios))
-            torch._foreach_copy_(params, saved)
-        best = int(torch.stack(terms).argmax())
+        if samples_per_pass > 1:
+            draws = [lambda seed=seed: sphere_noise(params, seed, radius) for seed in seeds]
+            perturbed = sample_losses(model, loss_fn, batch, shared, draws, samples_per_pass)
+        else:  # in place, by the Philox kernel: no noise tensor is ever materialized
+            saved = [p.detach().clone() for p in params]
+            rows = []
+            for seed in seeds:
+                sphere_perturb_(params, seed, radius)
+                rows.append(loss_fn(model, batch))
+                torch._foreach_copy_(params, saved)
+            perturbed = torch.stack(rows)
+        best = int(paper_sharpness_term(base, perturbed, ratios).argmax())
     unperturbed = loss_fn(model, batch)
     noise = sphere_noise(params, seeds[best], radius)
     perturbed = losses_at(model, loss_fn, batch, {name: p + e for (name, p), e in zip(shared, noise)})
@@ -277,7 +382,7 @@ def teleport(
     was_training = model.training
     model.eval()
     adapter_ids = {id(p) for p in adapter.adapter_parameters}
-    perturb = [p for p in model.parameters() if id(p) not in adapter_ids]
+    perturb = [(name, p) for name, p in model.named_parameters() if id(p) not in adapter_ids]
     name_of = {id(p): name for name, p in model.named_parameters()}
     shared = [(name_of[id(p)], p) for p in adapter.base_parameters]
     snapshot = adapter.snapshot()
@@ -296,10 +401,19 @@ def teleport(
                 # this step exists (autograd would reject saved tensors that were modified).
                 if config.semantics == "paper":
                     seeds = [base_seed + steps * config.num_samples + j for j in range(config.num_samples)]
-                    sharp_term = paper_sharpness(model, shared, loss_fn, current_batch, ratios, seeds, radius)
+                    sharp_term = paper_sharpness(
+                        model, shared, loss_fn, current_batch, ratios, seeds, radius, config.samples_per_pass
+                    )
                 else:
                     perturbed = perturbed_losses(
-                        model, perturb, loss_fn, current_batch, config.num_samples, config.noise_norm, generator
+                        model,
+                        perturb,
+                        loss_fn,
+                        current_batch,
+                        config.num_samples,
+                        config.noise_norm,
+                        generator,
+                        config.samples_per_pass,
                     )
                     unperturbed = loss_fn(model, current_batch)
                     sharp_term = reference_sharpness(unperturbed, perturbed, ratios.to(unperturbed), config.noise_norm)
@@ -320,9 +434,10 @@ def teleport(
                 break
         deltas = adapter.merge_and_reset()
         adapter.set_enabled(False)
-        after = loss_contour(model, loss_fn, data)
-        rose = after > contour * (1 + config.guard_tolerance) + 1e-12
-        rolled_back = bool(rose.any() or not torch.isfinite(after).all())
+        after = loss_contour(model, loss_fn, data) if config.guard else None
+        rolled_back = after is not None and bool(
+            (after > contour * (1 + config.guard_tolerance) + 1e-12).any() or not torch.isfinite(after).all()
+        )
         if rolled_back:
             adapter.restore(snapshot)
             deltas = [torch.zeros_like(d) for d in deltas]

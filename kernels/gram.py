@@ -35,7 +35,9 @@ except ImportError:  # triton is optional for the torch backend (e.g. on macOS)
 
 Backend = Literal["auto", "triton", "torch"]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# float64 (a float64 model's gradients) goes through the torch backend only, accumulated in float64.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The whole (K x K) accumulator lives in one program's registers/shared memory.
 MAX_TRITON_TASKS = 128
 # Column offsets are int32 inside the kernel; row offsets are int64.
@@ -84,7 +86,7 @@ def check_grad_matrix(G: torch.Tensor) -> None:
     if G.shape[0] == 0:
         raise ValueError("gradients have K = 0 rows: at least one task is needed")
     if G.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"gradients must be float32, float16 or bfloat16, got {G.dtype}")
+        raise TypeError(f"gradients must be float32, float16, bfloat16 or float64, got {G.dtype}")
 
 
 def stats_from_gram(gram: torch.Tensor) -> GramStats:
@@ -93,7 +95,7 @@ def stats_from_gram(gram: torch.Tensor) -> GramStats:
     Formulas are in the module docstring. No host synchronization.
     """
     K = gram.shape[0]
-    gram = gram.float()
+    gram = gram if gram.dtype == torch.float64 else gram.float()
     nonfinite = ~torch.isfinite(gram).all()
     norms = gram.diagonal().clamp_min(0).sqrt()
     dot_mean = gram.sum(dim=1) / K
@@ -121,14 +123,15 @@ TORCH_GRAM_CHUNK = 16384
 
 
 def gram_reference(G: torch.Tensor) -> torch.Tensor:
-    """``M = G Gᵀ`` in float32, accumulated per column chunk: ``M = Σ_c G[:, c] G[:, c]ᵀ``.
+    """``M = G Gᵀ`` in float32 (float64 for float64 G), accumulated per column chunk:
+    ``M = Σ_c G[:, c] G[:, c]ᵀ``.
 
     One long fp32 dot product per entry (what ``G @ G.T`` does for few rows on CPU) reaches
     ~1e-4 relative error at P = 1e6; summing chunk products (one batched matmul over a view
     of G, no copy for fp32) stays near 1e-7 and was faster on CPU in our measurements.
     """
     K, P = G.shape
-    G32 = G if G.dtype == torch.float32 else G.float()
+    G32 = G if G.dtype in (torch.float32, torch.float64) else G.float()
     n = P // TORCH_GRAM_CHUNK
     tail = G32[:, n * TORCH_GRAM_CHUNK :]
     gram = tail @ tail.T
@@ -139,7 +142,7 @@ def gram_reference(G: torch.Tensor) -> torch.Tensor:
 
 
 def gram_stats_reference(G: torch.Tensor) -> GramStats:
-    """Plain-torch ``gram_stats``: ``gram_reference`` (fp32), then ``stats_from_gram``."""
+    """Plain-torch ``gram_stats``: ``gram_reference`` (fp32, or fp64 for fp64 G), then ``stats_from_gram``."""
     check_grad_matrix(G)
     return stats_from_gram(gram_reference(G))
 
@@ -289,6 +292,10 @@ def check_triton_usable(G: torch.Tensor) -> None:
     """Raise a ``RuntimeError``/``ValueError`` if the Triton kernel cannot run on ``G``."""
     if triton is None:
         raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+    if G.dtype not in TRITON_DTYPES:
+        raise TypeError(
+            f"the Triton Gram kernel takes float32, float16 or bfloat16, got {G.dtype} (use backend='torch')"
+        )
     if G.device.type != "cuda" and not _interpreting():
         raise RuntimeError(
             f"backend='triton' on a {G.device.type} tensor needs TRITON_INTERPRET=1 set before "
@@ -374,6 +381,7 @@ def resolve_backend(G: torch.Tensor, backend: Backend) -> Literal["triton", "tor
     usable = (
         triton is not None
         and G.device.type == "cuda"
+        and G.dtype in TRITON_DTYPES
         and G.shape[0] <= MAX_TRITON_TASKS
         and G.shape[1] <= MAX_TRITON_COLUMNS
     )
@@ -384,15 +392,16 @@ def gram_stats(G: torch.Tensor, *, backend: Backend = "auto", deterministic: boo
     """Gram matrix ``M = G Gᵀ`` of K task gradients and the conflict statistics derived from it.
 
     Args:
-        G: (K, P) per-task gradients, one task per row; float32, float16 or bfloat16. Any row
-            stride is accepted without a copy (e.g. the buffer of ``cost_fast.grads``).
+        G: (K, P) per-task gradients, one task per row; float32, float16 or bfloat16 (and float64
+            on the torch backend, computed in float64). Any row stride is accepted without a copy (e.g. the buffer of ``cost_fast.grads``).
         backend: ``"triton"`` (fused kernel; on CPU tensors only under ``TRITON_INTERPRET=1``),
             ``"torch"`` (``gram_stats_reference``), or ``"auto"`` (Triton on CUDA, torch otherwise).
         deterministic: Triton only: bitwise-identical results run to run (fixed-order reduction
             instead of atomics). The torch backend is one matmul and ignores it.
 
     Returns:
-        A ``GramStats`` of device tensors, with no host synchronization. Accumulation is fp32.
+        A ``GramStats`` of device tensors, with no host synchronization. Accumulation is fp32
+        (fp64 for fp64 input).
 
     Formulas: see the module docstring; ``trigger`` is ``dominated ≥ ⌈K/2⌉`` on finite input.
     """

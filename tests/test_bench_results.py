@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.report import plot, table
+from cost_fast.bench.report import plot, table
 
 RESULTS = sorted((Path(__file__).parents[1] / "bench" / "results").glob("*.json"))
 

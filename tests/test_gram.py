@@ -210,7 +210,7 @@ def test_stats_from_gram_matches_reference() -> None:
         (torch.zeros(2, 3, 4), ValueError, "shape"),
         (torch.zeros(0, 10), ValueError, "K = 0"),
         (torch.zeros(2, 10, dtype=torch.int32), TypeError, "float32"),
-        (torch.zeros(2, 10, dtype=torch.float64), TypeError, "float32"),
+        (torch.zeros(2, 10, dtype=torch.complex64), TypeError, "float32"),
         ([[1.0, 2.0]], TypeError, "torch.Tensor"),
     ],
 )
@@ -218,6 +218,18 @@ def test_bad_input_is_named(bad, error, message: str) -> None:
     for backend in BACKENDS:
         with pytest.raises(error, match=message):
             gram_stats(bad, backend=backend)
+
+
+def test_float64_runs_in_float64_on_the_torch_backend() -> None:
+    G = make_grads(5, 40_000, torch.float64, seed=9)
+    exact = G @ G.T
+    for backend in ("auto", "torch"):
+        stats = gram_stats(G, backend=backend)
+        assert stats.gram.dtype == torch.float64 and stats.cos_mean.dtype == torch.float64
+        torch.testing.assert_close(stats.gram, exact, rtol=1e-13, atol=0)
+        torch.testing.assert_close(stats.norms, exact.diagonal().sqrt(), rtol=1e-13, atol=0)
+    with pytest.raises(TypeError, match="backend='torch'"):
+        gram_stats(G, backend="triton")
 
 
 def test_bad_backend_and_too_many_tasks() -> None:

@@ -10,7 +10,7 @@ import torch
 from cost_fast.lora import ADAPTER, TeleportAdapter
 from cost_fast.models import CelebACNN
 from cost_fast.reference import reference_teleport
-from cost_fast.teleport import TeleportConfig, reference_ratio_weights, teleport
+from cost_fast.teleport import TeleportConfig, perturbed_losses, reference_ratio_weights, teleport
 
 K = 3
 
@@ -69,11 +69,11 @@ def run_fast_and_reference(seed: int, ratios: torch.Tensor, config: TeleportConf
     return model, adapter, result, expected, current
 
 
-def test_fast_teleport_equals_reference() -> None:
+@pytest.mark.parametrize("samples_per_pass", [1, 2, 5])
+def test_fast_teleport_equals_reference(samples_per_pass: int) -> None:
     ratios = reference_ratio_weights(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
-    model, adapter, _, expected, current = run_fast_and_reference(
-        0, ratios, TeleportConfig(lr=1e-2, rounds=2, guard_tolerance=1e9)
-    )
+    config = TeleportConfig(lr=1e-2, rounds=2, guard_tolerance=1e9, samples_per_pass=samples_per_pass)
+    model, adapter, _, expected, current = run_fast_and_reference(0, ratios, config)
     # same function after the teleport, and the adapter is back to the identity, disabled
     x = current[0]
     torch.testing.assert_close(model.eval()(x), expected.eval()(x), rtol=1e-9, atol=1e-12)
@@ -125,12 +125,15 @@ def test_reference_ratio_weights() -> None:
     torch.testing.assert_close(R, torch.tensor([2 * 0.75, 2 * 0.25]))
 
 
-def test_fast_paper_teleport_equals_reference() -> None:
+@pytest.mark.parametrize("samples_per_pass", [1, 3])
+def test_fast_paper_teleport_equals_reference(samples_per_pass: int) -> None:
     """Paper semantics: differentiating only the arg-max sample gives the reference's update."""
     from cost_fast.teleport import paper_ratio_weights
 
     ratios = paper_ratio_weights(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
-    config = TeleportConfig.paper(lr=1e-2, rounds=2, guard_tolerance=1e9, relative_radius=1e-2)
+    config = TeleportConfig.paper(
+        lr=1e-2, rounds=2, guard_tolerance=1e9, relative_radius=1e-2, samples_per_pass=samples_per_pass
+    )
     _, _, result, _, _ = run_fast_and_reference(3, ratios, config)
     assert result.sharpness_terms[0] > 0
 
@@ -149,3 +152,57 @@ def test_paper_helpers() -> None:
     assert not torch.equal(sphere_noise(params, 12, 0.5)[0], a[0])
     with pytest.raises(ValueError, match="semantics"):
         TeleportConfig(semantics="both")
+
+
+def test_batched_samples_equal_one_per_pass_and_leave_the_model_untouched() -> None:
+    model, _, current, _ = problem(4)
+    named = list(model.eval().named_parameters())
+    before = [p.detach().clone() for _, p in named]
+    rows = {
+        s: perturbed_losses(model, named, loss_fn, current, 5, 1e-4, torch.Generator().manual_seed(3), s)
+        for s in (1, 2, 5, 8)
+    }
+    assert rows[1].shape == (5, K)
+    for s in (2, 5, 8):  # same noise draws, in the same order, whatever the chunking
+        torch.testing.assert_close(rows[s], rows[1], rtol=1e-12, atol=1e-14)
+    assert all(torch.equal(p, b) for (_, p), b in zip(named, before))
+    # the samples differ from each other and from the unperturbed losses, by about ν's effect
+    with torch.no_grad():
+        base = loss_fn(model, current)
+    assert (rows[1] - base).abs().max() > 0 and (rows[1][0] - rows[1][1]).abs().max() > 0
+
+
+def test_a_loss_vmap_cannot_run_falls_back_with_a_warning() -> None:
+    model, _, current, _ = problem(5)
+    named = list(model.eval().named_parameters())
+
+    def host_loss(m, batch):  # .item() inside a loss is legal, but vmap cannot trace it
+        losses = loss_fn(m, batch)
+        return losses * (1.0 + 0.0 * losses.sum().item())
+
+    plain = perturbed_losses(model, named, host_loss, current, 4, 1e-4, torch.Generator().manual_seed(3), 1)
+    with pytest.warns(RuntimeWarning, match="vmap"):
+        batched = perturbed_losses(model, named, host_loss, current, 4, 1e-4, torch.Generator().manual_seed(3), 2)
+    torch.testing.assert_close(batched, plain, rtol=0, atol=0)
+
+
+def test_guard_off_skips_the_check() -> None:
+    model, data, current, ratios = problem(1)
+    adapter = TeleportAdapter(model.backbone, rank=2)
+    before = adapter.snapshot()
+    calls = []
+
+    def counting_loss(m, batch):
+        calls.append(1)
+        return loss_fn(m, batch)
+
+    # the absurd step size the guard undoes above is kept with the guard off
+    result = teleport(
+        model, adapter, counting_loss, data, current, ratios, TeleportConfig(lr=10.0, rounds=1, guard=False)
+    )
+    assert not result.rolled_back and result.contour_after is None
+    assert any(not torch.equal(p, b) for p, b in zip(adapter.base_parameters, before))
+    # contour (2 batches) + per step (5 samples + current + teleport batch) x 2 steps: no guard pass
+    assert len(calls) == 2 + 2 * 7
+    with pytest.raises(ValueError, match="samples_per_pass"):
+        TeleportConfig(samples_per_pass=0)
