@@ -3,11 +3,13 @@
 Two workloads: CelebA-shaped (``CelebACNN``, 40 binary tasks, 64x64 inputs; CPU: width 8,
 batch 8; GPU: width 64, batch 64) and NYUv2-shaped (``SegNetMTL``, segmentation + depth +
 normals on synthetic 32x32 images; CPU: width 8, batch 8; GPU: width 32, batch 32).
-Same settings on all three: per-task gradients by ``TaskGradients``, FairGrad (α = 1) weights,
-Adam; COST with the reference semantics, at most 1 teleport per epoch, 2 rounds over 4
-teleport batches, n = 5, LoRA rank 5, 20 steps per epoch. The
-reference epoch differs only in its teleport: ``cost_fast.reference.reference_teleport``
-(deep copies, ``get_peft_model``, ``merge_and_unload``), whose weights are copied back.
+Same settings for all: FairGrad (α = 1) weights, Adam; COST with the reference semantics, at
+most 1 teleport per epoch, 2 rounds over 4 teleport batches, n = 5, LoRA rank 5, 20 steps per
+epoch. ``base`` and ``cost_fast`` run ``COST`` (``base`` with no teleport allowed);
+``cost_fast_batched`` evaluates the n perturbed samples in one vmapped pass;
+``cost_reference`` runs ``cost_fast.reference.ReferenceCOST``, the public code's structure: K
+backward passes and a copy loop per step, plain torch statistics, and the straightforward
+teleport (deep copies, ``get_peft_model``, ``merge_and_unload``).
 ``extra_info["teleports"]`` records how many teleports the timed epoch made.
 
 Run:  pytest bench/test_bench_epoch.py --benchmark-json=bench/results/epoch_<device>.json
@@ -16,17 +18,17 @@ Run:  pytest bench/test_bench_epoch.py --benchmark-json=bench/results/epoch_<dev
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
-from cost_fast import TaskGradients, get_aggregator, gram_stats
+from cost_fast import get_aggregator
 from cost_fast.bench.stamp import bench_device, synchronize
 from cost_fast.cost import COST
-from cost_fast.htr import apply_htr, flat_cosine
 from cost_fast.models import CelebACNN, SegNetMTL, synthetic_nyuv2
-from cost_fast.reference import reference_teleport
-from cost_fast.teleport import TeleportConfig, reference_ratio_weights
+from cost_fast.reference import ReferenceCOST
+from cost_fast.teleport import TeleportConfig
 
 DEVICE = bench_device()
 GPU = DEVICE.type == "cuda"
@@ -65,7 +67,7 @@ def make_workload(name: str):
     return model.to(DEVICE), [(to(x), to(y)) for x, y in data]
 
 
-def cost_epoch(model, data, max_teleports: int) -> int:
+def cost_epoch(model, data, max_teleports: int, config: TeleportConfig = CONFIG) -> int:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     cost = COST(
         model,
@@ -75,47 +77,20 @@ def cost_epoch(model, data, max_teleports: int) -> int:
         loss_fn,
         data[:4],
         max_teleports_per_epoch=max_teleports,
-        teleport=CONFIG,
+        teleport=config,
     )
     return sum(cost.step(loss_fn(model, b), b).teleported for b in data)
 
 
 def reference_epoch(model, data) -> int:
-    """The same loop, teleporting with the reference implementation."""
+    """The same epoch by ``ReferenceCOST``: K backward passes and a copy loop per step, plain
+    torch statistics, the straightforward teleport."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    engine = TaskGradients(model.backbone.parameters(), num_tasks=len(loss_fn(model, data[0])))
-    fairgrad = get_aggregator("fairgrad")
-    heads = list(model.heads.parameters())
-    teleports, updated = 0, False
-    for batch in data:
-        losses = loss_fn(model, batch)
-        stats = gram_stats(engine.compute(losses, retain_graph=True))
-        if bool(stats.cos_mean.min() <= 0) and teleports == 0:
-            before = [p.detach().clone() for p in engine.params]
-            moved = reference_teleport(
-                model, "backbone", loss_fn, data[:4], batch, reference_ratio_weights(stats.norms), CONFIG
-            )
-            with torch.no_grad():
-                for p, q in zip(model.backbone.parameters(), moved.backbone.parameters()):
-                    p.copy_(q)
-            teleports += 1
-            opt.zero_grad(set_to_none=True)
-            if updated:
-                sigma = float(
-                    flat_cosine([p.detach() - b for p, b in zip(engine.params, before)], engine.combined_views)
-                )
-                apply_htr(opt, max(-1.0, min(1.0, sigma)))
-            continue
-        opt.zero_grad(set_to_none=True)
-        w = fairgrad(stats.gram)
-        (losses @ w).backward(inputs=heads)
-        engine.combine(w)
-        opt.step()
-        updated = True
-    return teleports
+    cost = ReferenceCOST(model, "backbone", get_aggregator("fairgrad"), opt, loss_fn, data[:4], teleport=CONFIG)
+    return sum(cost.step(loss_fn(model, b), b)["teleported"] for b in data)
 
 
-@pytest.mark.parametrize("impl", ["base", "cost_fast", "cost_reference"])
+@pytest.mark.parametrize("impl", ["base", "cost_fast", "cost_fast_batched", "cost_reference"])
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 def test_epoch_time(benchmark, workload: str, impl: str) -> None:
     template, data = make_workload(workload)
@@ -128,12 +103,15 @@ def test_epoch_time(benchmark, workload: str, impl: str) -> None:
     def run(model) -> None:
         if impl == "cost_reference":
             teleports.append(reference_epoch(model, data))
+        elif impl == "cost_fast_batched":
+            batched = dataclasses.replace(CONFIG, samples_per_pass=CONFIG.num_samples)
+            teleports.append(cost_epoch(model, data, 1, batched))
         else:
             teleports.append(cost_epoch(model, data, 0 if impl == "base" else 1))
         synchronize(DEVICE)
 
     benchmark.group = f"epoch {workload} K={K} width={width} batch={batch} steps={STEPS}"
-    benchmark.pedantic(run, setup=setup, rounds=3, warmup_rounds=0)
+    benchmark.pedantic(run, setup=setup, rounds=3, warmup_rounds=1)
     benchmark.extra_info.update(
         impl=impl, workload=workload, teleports=teleports[-1], K=K, width=width, batch=batch, steps=STEPS
     )

@@ -10,18 +10,24 @@ per sharpness sample, deep-copy the wrapped model, ``merge_and_unload`` it, add 
 parameter tensor, evaluate; at the end ``merge_and_unload``. Same objective and reference
 semantics as ``cost_fast.teleport`` (see there). In paper semantics, all n perturbed evaluations
 are differentiated and the max taken over them (the fast path differentiates the arg-max only).
+
+``ReferenceCOST``: the whole COST step built from these pieces, with M = G Gᵀ, the trigger and
+σ computed in plain torch on concatenated vectors and HTR applied by hand, as the yardstick of
+``cost_fast.cost.COST``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from cost_fast.aggregators.base import Aggregator
 from cost_fast.kernels.perturb import sphere_noise
 from cost_fast.lora import ADAPTED_TYPES
 from cost_fast.teleport import (
@@ -30,7 +36,9 @@ from cost_fast.teleport import (
     loss_contour,
     losses_at,
     paper_radius_and_seed,
+    paper_ratio_weights,
     paper_sharpness_term,
+    reference_ratio_weights,
 )
 
 
@@ -129,3 +137,129 @@ def reference_teleport(
         if config.max_steps is not None and steps >= config.max_steps:
             break
     return wrapped.merge_and_unload()
+
+
+class ReferenceCOST:
+    """COST's training step written the straightforward way (the public code's structure).
+
+    Per ``step(losses, batch)``: G by ``reference_task_gradients``; M = G Gᵀ; norms, g0 and
+    cos(g_i, g0) as separate torch expressions; the trigger (reference: min_i cos ≤ 0; paper: at
+    least ⌈K/2⌉ negative cosines) read on the host; a teleport by ``reference_teleport`` whose
+    weights are copied into the model, then σ = cos(Δθ, g') on concatenated vectors (g' the
+    last update, or in paper semantics Gᵀw at the pre-teleport point) and HTR by hand: σ ≤ 0
+    drops Adam's state, otherwise the betas are (σβ1, σβ2) for the next step only; otherwise
+    the Gram-based ``base`` method's update (heads: ∇ Σ w_i L_i, backbone: Gᵀw).
+
+    Args mirror ``COST``'s; ``backbone_name`` names the shared submodule (an attribute of
+    ``model``). ``initial_lora_a`` (attribute, settable) fixes the A matrices of the next
+    teleport's adapter instead of peft's random ones, to compare a run with ``COST``'s.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        backbone_name: str,
+        base: Aggregator,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn,
+        teleport_data: Iterable[Any],
+        *,
+        semantics: Literal["reference", "paper"] = "reference",
+        start_step: int = 0,
+        max_teleports_per_epoch: int = 1,
+        rank: int = 5,
+        teleport: TeleportConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(base, Aggregator) or base.kind != "gram":
+            raise TypeError("the reference COST takes a Gram-based aggregator as its base method")
+        self.model, self.backbone_name, self.base, self.optimizer = model, backbone_name, base, optimizer
+        self.loss_fn, self.teleport_data, self.semantics = loss_fn, teleport_data, semantics
+        self.start_step, self.max_teleports_per_epoch, self.rank = start_step, max_teleports_per_epoch, rank
+        lr = optimizer.param_groups[0]["lr"]
+        self.config = teleport or TeleportConfig.for_semantics(semantics, lr=lr)
+        self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+        self.shared = list(getattr(model, backbone_name).parameters())
+        shared_ids = {id(p) for p in self.shared}
+        self.heads = [p for p in model.parameters() if id(p) not in shared_ids]
+        self.initial_lora_a: list[torch.Tensor] | None = None
+        self.step_count, self.teleports_this_epoch = 0, 0
+        self.last_update: torch.Tensor | None = None
+        self._saved_betas: list[tuple[float, float]] | None = None
+
+    def end_epoch(self) -> None:
+        """Reset the per-epoch teleport count."""
+        self.teleports_this_epoch = 0
+
+    def step(self, losses: torch.Tensor, batch: Any) -> dict[str, Any]:
+        """One step; returns {"teleported": bool, "sigma": float | None}."""
+        shared = self.shared
+        buffer = torch.zeros(
+            sum(p.numel() for p in shared), losses.shape[0], dtype=shared[0].dtype, device=shared[0].device
+        )
+        G = reference_task_gradients(self.model, shared, losses, buffer).T
+        K = G.shape[0]
+        M = G @ G.T
+        norms = M.diagonal().sqrt()
+        g0 = G.mean(dim=0)
+        cos = (G @ g0) / (norms * g0.norm())
+        if self.semantics == "reference":
+            fires = bool(cos.min() <= 0)
+        else:
+            fires = int((cos < 0).sum()) >= math.ceil(K / 2)
+        allowed = self.step_count >= self.start_step and self.teleports_this_epoch < self.max_teleports_per_epoch
+        self.step_count += 1
+        if fires and allowed:
+            return {"teleported": True, "sigma": self._teleport(G, M, norms, batch)}
+        w = self.base.weights(M)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.heads:
+            (losses @ w.to(losses)).backward(inputs=self.heads)
+        self.last_update = G.T @ w.to(G)
+        offset = 0
+        for p in shared:
+            p.grad = self.last_update[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        self.optimizer.step()
+        if self._saved_betas is not None:
+            for group, betas in zip(self.optimizer.param_groups, self._saved_betas):
+                group["betas"] = betas
+            self._saved_betas = None
+        return {"teleported": False, "sigma": None}
+
+    def _teleport(self, G: torch.Tensor, M: torch.Tensor, norms: torch.Tensor, batch: Any) -> float | None:
+        if self.semantics == "paper":
+            self.last_update = G.T @ self.base.weights(M).to(G)
+            ratios = paper_ratio_weights(norms)
+        else:
+            ratios = reference_ratio_weights(norms)
+        before = torch.cat([p.detach().reshape(-1) for p in self.shared])
+        moved = reference_teleport(
+            self.model,
+            self.backbone_name,
+            self.loss_fn,
+            self.teleport_data,
+            batch,
+            ratios,
+            self.config,
+            rank=self.rank,
+            generator=self.generator,
+            initial_lora_a=self.initial_lora_a,
+        )
+        with torch.no_grad():
+            for p, q in zip(self.shared, getattr(moved, self.backbone_name).parameters(), strict=True):
+                p.copy_(q)
+        self.teleports_this_epoch += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.last_update is None:
+            return None
+        delta = torch.cat([p.detach().reshape(-1) for p in self.shared]) - before
+        denom = float(delta.norm() * self.last_update.norm())
+        sigma = float(delta @ self.last_update) / denom if denom > 0 else 0.0
+        if sigma <= 0:
+            self.optimizer.state.clear()
+        else:
+            self._saved_betas = [tuple(group["betas"]) for group in self.optimizer.param_groups]
+            for group, (b1, b2) in zip(self.optimizer.param_groups, self._saved_betas):
+                group["betas"] = (sigma * b1, sigma * b2)
+        return sigma
