@@ -2,10 +2,11 @@
 
 Each suite is one pytest-benchmark file (``test_bench_<suite>.py``), run in a subprocess of its
 own so that a crash or an out-of-memory in one leaves the others' results intact. Results are
-named ``<suite>_<device>.json`` (device ``cpu`` or ``cuda``), each with a PNG beside it and
-Markdown tables in ``summary_<device>.md``. Everything is written to a staging folder first and
-moved into the output folder only when every selected suite has passed: files of earlier runs
-(another device, another suite) stay, files of this run are replaced whole.
+named ``<suite>_<device>.json`` (device ``cpu`` or ``cuda``), each with a PNG beside it.
+Everything is written to a staging folder first and moved into the output folder only when every
+selected suite has passed: files of earlier runs (another device, another suite) stay, files of
+this run are replaced whole. ``summary_<device>.md`` then gets the Markdown tables of every
+suite's result of that device in the folder, this run's and earlier ones.
 """
 
 from __future__ import annotations
@@ -100,12 +101,17 @@ def run_benchmarks(
             plot(result)
         if not tables:
             raise ValueError(f"-k {keyword!r} selects no benchmark in suites {', '.join(suites)}")
-        (staging / f"summary_{tag}.md").write_text("\n\n".join(tables) + "\n")
         out.mkdir(exist_ok=True)
         written = []
         for path in sorted(staging.iterdir()):
             os.replace(path, out / path.name)
             written.append(out / path.name)
+        # the summary covers every suite's result of this device in the folder, earlier runs included
+        summary = staging / "summary.md"
+        results = [out / f"{suite}_{tag}.json" for suite in SUITES if (out / f"{suite}_{tag}.json").exists()]
+        summary.write_text("\n\n".join(table(path) for path in results) + "\n")
+        os.replace(summary, out / f"summary_{tag}.md")
+        written.append(out / f"summary_{tag}.md")
         print("\n\n".join(tables), file=stream)
         print(f"wrote {len(written)} files to {out}", file=stream)
         return written

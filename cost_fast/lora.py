@@ -93,14 +93,9 @@ class TeleportAdapter:
         initializes it). Returns Δθ aligned with ``base_parameters`` (zeros for
         parameters the adapter does not touch, e.g. biases and norms)."""
         deltas = {id(layer.base_layer.weight): layer.get_delta_weight(ADAPTER) for layer in self.layers}
-        out = []
-        for p in self.base_parameters:
-            delta = deltas.get(id(p))
-            if delta is None:
-                out.append(torch.zeros_like(p))
-            else:
-                p.add_(delta.to(p.dtype))
-                out.append(delta)
+        out = [deltas[id(p)].to(p.dtype) if id(p) in deltas else torch.zeros_like(p) for p in self.base_parameters]
+        adapted = [(p, d) for p, d in zip(self.base_parameters, out) if id(p) in deltas]
+        torch._foreach_add_([p for p, _ in adapted], [d for _, d in adapted])  # one multi-tensor update
         self._reset()
         return out
 

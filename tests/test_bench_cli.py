@@ -18,10 +18,13 @@ def test_bench_writes_json_plot_and_summary_and_keeps_other_files(tmp_path: Path
     out = tmp_path / "results"
     out.mkdir()
     (out / "gram_cuda.json").write_text("{}")  # an earlier run on another device
-    assert main(["bench", "--out", str(out), "--suites", "solvers,gram", "-k", SELECTION]) == 0
     tag = runner.device_tag()
+    # an earlier result of another suite on this device: kept, and summarized with the new one
+    earlier = Path(__file__).parents[1] / "bench" / "results" / "teleport_cpu.json"
+    (out / f"teleport_{tag}.json").write_text(earlier.read_text())
+    assert main(["bench", "--out", str(out), "--suites", "solvers,gram", "-k", SELECTION]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["gram_cuda.json", f"solvers_{tag}.json", f"solvers_{tag}.png", f"summary_{tag}.md"]
+        ["gram_cuda.json", f"teleport_{tag}.json", f"solvers_{tag}.json", f"solvers_{tag}.png", f"summary_{tag}.md"]
     )
     assert (out / "gram_cuda.json").read_text() == "{}"
     data = json.loads((out / f"solvers_{tag}.json").read_text())
@@ -31,6 +34,7 @@ def test_bench_writes_json_plot_and_summary_and_keeps_other_files(tmp_path: Path
     assert (out / f"solvers_{tag}.png").read_bytes()[:8] == PNG
     summary = (out / f"summary_{tag}.md").read_text()
     assert "speed-up vs reference" in summary and "fairgrad alpha=2.0 K=3" in summary
+    assert summary.index("### solvers") < summary.index("### teleport")  # suites in their usual order
     printed = capsys.readouterr().out
     assert "selects nothing in suite gram" in printed and f"wrote 3 files to {out}" in printed
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # staging folder removed
