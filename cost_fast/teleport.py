@@ -252,6 +252,7 @@ def _in_place_losses(
     params: list[torch.Tensor],
     draws: list[Callable[[], list[torch.Tensor]]],
 ) -> list[torch.Tensor]:
+    """The (K,) losses at θ + draw() for each draw, one pass each, θ restored bit-exactly."""
     saved = [p.detach().clone() for p in params]
     rows = []
     with torch.no_grad():
@@ -322,9 +323,10 @@ def paper_sharpness(
 ) -> torch.Tensor:
     """L_g of the paper semantics, differentiable, with one differentiable perturbed evaluation.
 
-    All n samples are evaluated under no_grad (ε_j added in place and removed bit-exactly, or
-    ``samples_per_pass`` at a time by ``sample_losses``); only the arg-max sample is then evaluated again, through ``torch.func.functional_call``
-    with θ + ε_j* as out-of-place tensors, so the adapter receives the same gradient as from
+    All n samples are evaluated under no_grad (ε_j added in place by the Philox kernel and
+    removed bit-exactly, or ``samples_per_pass`` at a time by ``sample_losses``); only the
+    arg-max sample is then evaluated again, through ``torch.func.functional_call`` with
+    θ + ε_j* as out-of-place tensors, so the adapter receives the same gradient as from
     differentiating all n.
     """
     params = [p for _, p in shared]
