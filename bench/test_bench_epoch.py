@@ -28,7 +28,7 @@ import torch
 from cost_fast import TaskGradients, get_aggregator, gram_stats
 from cost_fast.bench.stamp import bench_device, synchronize
 from cost_fast.cost import COST
-from cost_fast.models import CelebACNN, SegNetMTL, synthetic_nyuv2
+from cost_fast.models import CelebACNN, SegNetMTL, batch_task_losses, synthetic_nyuv2
 from cost_fast.reference import ReferenceCOST
 from cost_fast.teleport import TeleportConfig
 
@@ -40,11 +40,6 @@ WORKLOADS = {  # name: (K, width, batch)
     "nyuv2": (3, 32 if GPU else 8, 32 if GPU else 8),
 }
 CONFIG = TeleportConfig(lr=1e-3, rounds=2)
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return model.task_losses(x, y)
 
 
 def make_workload(name: str):
@@ -73,12 +68,12 @@ def pretrain_until_conflict(model, data, max_steps: int = 600) -> int:
     """Train with FairGrad until COST's reference trigger (min_i cos(g_i, g0) ≤ 0) first holds;
     returns the number of steps. The synthetic NYUv2 tasks agree at initialization (no
     teleport would happen in a timed epoch); conflicts appear a few hundred steps in."""
-    engine = TaskGradients(model.backbone.parameters(), num_tasks=len(loss_fn(model, data[0])))
+    engine = TaskGradients(model.backbone.parameters(), num_tasks=len(batch_task_losses(model, data[0])))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     fairgrad = get_aggregator("fairgrad")
     heads = list(model.heads.parameters())
     for step in range(max_steps):
-        losses = loss_fn(model, data[step % len(data)])
+        losses = batch_task_losses(model, data[step % len(data)])
         stats = gram_stats(engine.compute(losses, retain_graph=True))
         if bool(stats.cos_mean.min() <= 0):
             return step
@@ -97,20 +92,22 @@ def cost_epoch(model, data, max_teleports: int, config: TeleportConfig = CONFIG)
         model.backbone,
         get_aggregator("fairgrad"),
         opt,
-        loss_fn,
+        batch_task_losses,
         data[:4],
         max_teleports_per_epoch=max_teleports,
         teleport=config,
     )
-    return sum(cost.step(loss_fn(model, b), b).teleported for b in data)
+    return sum(cost.step(batch_task_losses(model, b), b).teleported for b in data)
 
 
 def reference_epoch(model, data) -> int:
     """The same epoch by ``ReferenceCOST``: K backward passes and a copy loop per step, plain
     torch statistics, the straightforward teleport."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    cost = ReferenceCOST(model, "backbone", get_aggregator("fairgrad"), opt, loss_fn, data[:4], teleport=CONFIG)
-    return sum(cost.step(loss_fn(model, b), b)["teleported"] for b in data)
+    cost = ReferenceCOST(
+        model, "backbone", get_aggregator("fairgrad"), opt, batch_task_losses, data[:4], teleport=CONFIG
+    )
+    return sum(cost.step(batch_task_losses(model, b), b)["teleported"] for b in data)
 
 
 @pytest.mark.parametrize("impl", ["base", "cost_fast", "cost_fast_batched", "cost_reference"])

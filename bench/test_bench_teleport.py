@@ -19,7 +19,7 @@ import torch
 
 from cost_fast.bench.stamp import bench_device, synchronize
 from cost_fast.lora import TeleportAdapter
-from cost_fast.models import CelebACNN
+from cost_fast.models import CelebACNN, batch_task_losses
 from cost_fast.reference import reference_teleport
 from cost_fast.teleport import TeleportConfig, reference_ratio_weights, teleport
 
@@ -27,11 +27,6 @@ DEVICE = bench_device()
 K = 40
 WIDTH, BATCH = (64, 64) if DEVICE.type == "cuda" else (8, 8)
 CONFIG = TeleportConfig(lr=1e-3, rounds=2, guard_tolerance=1e9)
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return model.task_losses(x, y)
 
 
 @pytest.mark.parametrize("impl", ["reference", "fast", "fast_batched"])
@@ -54,7 +49,14 @@ def test_teleport_speed(benchmark, impl: str) -> None:
 
         def run() -> None:
             teleport(
-                model, adapter, loss_fn, data, current, ratios, config, generator=torch.Generator(DEVICE).manual_seed(2)
+                model,
+                adapter,
+                batch_task_losses,
+                data,
+                current,
+                ratios,
+                config,
+                generator=torch.Generator(DEVICE).manual_seed(2),
             )
             synchronize(DEVICE)
     else:
@@ -64,7 +66,7 @@ def test_teleport_speed(benchmark, impl: str) -> None:
             reference_teleport(
                 original,
                 "backbone",
-                loss_fn,
+                batch_task_losses,
                 data,
                 current,
                 ratios,

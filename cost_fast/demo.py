@@ -27,7 +27,7 @@ import torch
 
 from cost_fast.aggregators.base import get_aggregator
 from cost_fast.cost import COST
-from cost_fast.models import MultiTaskMLP
+from cost_fast.models import MultiTaskMLP, batch_task_losses
 from cost_fast.report import atomic_report_dir, check_writable_parent
 
 NUM_TASKS = 10
@@ -56,11 +56,6 @@ def digits_tasks(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return x[:split], y[:split], x[split:], y[split:]
 
 
-def _loss_fn(model: MultiTaskMLP, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return model.task_losses(x, y)
-
-
 def train(
     batches: list[tuple[torch.Tensor, torch.Tensor]],
     test: tuple[torch.Tensor, torch.Tensor],
@@ -82,7 +77,7 @@ def train(
         model.backbone,
         get_aggregator(method),
         optimizer,
-        _loss_fn,
+        batch_task_losses,
         batches,
         semantics=semantics,
         max_teleports_per_epoch=1 if use_cost else 0,
@@ -95,7 +90,7 @@ def train(
         epoch_losses = torch.zeros(NUM_TASKS)
         conflicted = 0
         for batch in batches:
-            losses = _loss_fn(model, batch)
+            losses = batch_task_losses(model, batch)
             info = cost.step(losses, batch)
             epoch_losses += losses.detach().cpu()
             conflicted += info.min_cos_mean < 0

@@ -6,9 +6,18 @@ Each model has ``backbone`` (the shared parameters θ), ``heads`` (one module pe
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+
+def batch_task_losses(model: nn.Module, batch: tuple[torch.Tensor, Any]) -> torch.Tensor:
+    """The ``loss_fn(model, batch)`` of COST for these models: ``model.task_losses(x, y)`` for a
+    batch (x, y); shape (K,)."""
+    x, y = batch
+    return model.task_losses(x, y)
 
 
 def binary_task_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -30,15 +30,10 @@ from cost_fast.aggregators.base import get_aggregator
 from cost_fast.grads import TaskGradients
 from cost_fast.kernels import gram_stats
 from cost_fast.lora import TeleportAdapter
-from cost_fast.models import CelebACNN
+from cost_fast.models import CelebACNN, batch_task_losses
 from cost_fast.reference import reference_task_gradients, reference_teleport
 from cost_fast.report import atomic_report_dir, check_writable_parent
 from cost_fast.teleport import TeleportConfig, reference_ratio_weights, teleport
-
-
-def _loss_fn(model: CelebACNN, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    x, y = batch
-    return model.task_losses(x, y)
 
 
 def _phases(num_tasks: int, width: int, batch_size: int, device: torch.device) -> dict[str, Callable[[], None]]:
@@ -67,7 +62,7 @@ def _phases(num_tasks: int, width: int, batch_size: int, device: torch.device) -
 
     def step_fast() -> None:
         fast_opt.zero_grad(set_to_none=True)
-        losses = _loss_fn(fast_model, data[0])
+        losses = batch_task_losses(fast_model, data[0])
         stats = gram_stats(engine.compute(losses, retain_graph=True))
         w = fairgrad(stats.gram)
         (losses @ w).backward(inputs=list(fast_model.heads.parameters()))
@@ -76,7 +71,7 @@ def _phases(num_tasks: int, width: int, batch_size: int, device: torch.device) -
         fast_opt.step()
 
     def step_reference() -> None:
-        losses = _loss_fn(reference_model, data[0])
+        losses = batch_task_losses(reference_model, data[0])
         G = reference_task_gradients(reference_model, ref_shared, losses, ref_buffer)
         M = G.T @ G
         norms = G.norm(dim=0)
@@ -98,7 +93,7 @@ def _phases(num_tasks: int, width: int, batch_size: int, device: torch.device) -
         teleport(
             teleport_model,
             adapter,
-            _loss_fn,
+            batch_task_losses,
             data,
             data[0],
             ratios,
@@ -110,7 +105,7 @@ def _phases(num_tasks: int, width: int, batch_size: int, device: torch.device) -
         reference_teleport(
             reference_model,
             "backbone",
-            _loss_fn,
+            batch_task_losses,
             data,
             data[0],
             ratios,

@@ -10,15 +10,10 @@ import torch
 
 from cost_fast import TaskGradients, get_aggregator, gram_stats
 from cost_fast.cost import COST
-from cost_fast.models import MultiTaskMLP
+from cost_fast.models import MultiTaskMLP, batch_task_losses
 from cost_fast.teleport import TeleportConfig
 
 K = 4
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return model.task_losses(x, y)
 
 
 def setup(seed: int = 0):
@@ -61,7 +56,7 @@ def make_cost(model, batches, base="fairgrad", **kwargs):
         model.backbone,
         get_aggregator(base) if isinstance(base, str) else base,
         optimizer,
-        loss_fn,
+        batch_task_losses,
         batches[:2],
         teleport=config,
         **kwargs,
@@ -77,10 +72,10 @@ def test_base_steps_equal_a_plain_mtl_step() -> None:
     opt = torch.optim.Adam(plain.parameters(), lr=1e-2)
     fairgrad = get_aggregator("fairgrad")
     for batch in batches:
-        info = cost.step(loss_fn(model, batch), batch)
+        info = cost.step(batch_task_losses(model, batch), batch)
         assert not info.teleported and "solve_and_step" in info.seconds
         opt.zero_grad(set_to_none=True)
-        losses = loss_fn(plain, batch)
+        losses = batch_task_losses(plain, batch)
         w = fairgrad(gram_stats(engine.compute(losses, retain_graph=True)).gram)
         (losses @ w).backward(inputs=list(plain.heads.parameters()))
         engine.combine(w)
@@ -94,7 +89,7 @@ def test_base_steps_equal_a_plain_mtl_step() -> None:
 def test_teleport_once_per_epoch_with_htr() -> None:
     model, batches = tug_setup(1)
     cost, optimizer = make_cost(model, batches, start_step=1)
-    infos = [cost.step(loss_fn(model, b), b) for b in batches * 2]
+    infos = [cost.step(batch_task_losses(model, b), b) for b in batches * 2]
     assert all(i.trigger for i in infos[1:])  # once trained a little, some task opposes the mean
     tele = [i for i in infos if i.teleported or i.rolled_back]
     assert len(tele) == 1 and tele[0].step == 1  # delayed start, then frequency control
@@ -103,7 +98,7 @@ def test_teleport_once_per_epoch_with_htr() -> None:
     assert t.sigma is not None and -1 <= t.sigma <= 1 and t.htr in ("modulated", "reset")
     assert optimizer.param_groups[0]["betas"] == (0.9, 0.999)  # restored after the next step
     cost.end_epoch()
-    info = cost.step(loss_fn(model, batches[0]), batches[0])
+    info = cost.step(batch_task_losses(model, batches[0]), batches[0])
     assert info.teleported or info.rolled_back  # a new epoch allows a new teleport
     for p in model.parameters():
         assert torch.isfinite(p).all()
@@ -113,7 +108,7 @@ def test_paper_semantics_trigger_teleport_and_htr() -> None:
     model, batches = tug_setup(2)
     config = TeleportConfig.paper(lr=1e-2, rounds=1, guard_tolerance=1e9)
     cost, optimizer = make_cost(model, batches, semantics="paper", start_step=1, teleport=config)
-    infos = [cost.step(loss_fn(model, b), b) for b in batches]
+    infos = [cost.step(batch_task_losses(model, b), b) for b in batches]
     for info in infos:
         assert info.trigger == (info.num_dominated >= 2)  # Eq. 4 with K = 4
     tele = [i for i in infos if i.teleported or i.rolled_back]
@@ -131,7 +126,7 @@ def test_every_kind_of_base_method_trains(base: str) -> None:
     trained = cost.adapter.base_parameters + list(model.heads.parameters())
     before = [p.detach().clone() for p in trained]
     for b in batches:
-        cost.step(loss_fn(model, b), b)
+        cost.step(batch_task_losses(model, b), b)
     assert all(not torch.equal(p, q) for p, q in zip(trained, before))
 
 
@@ -139,11 +134,11 @@ def test_bad_arguments() -> None:
     model, batches = setup()
     opt = torch.optim.Adam(model.parameters())
     with pytest.raises(TypeError, match="Aggregator or a LossWeighting"):
-        COST(model, model.backbone, "fairgrad", opt, loss_fn, batches)
+        COST(model, model.backbone, "fairgrad", opt, batch_task_losses, batches)
     with pytest.raises(ValueError, match="semantics"):
-        COST(model, model.backbone, get_aggregator("mean"), opt, loss_fn, batches, semantics="sometimes")
+        COST(model, model.backbone, get_aggregator("mean"), opt, batch_task_losses, batches, semantics="sometimes")
     with pytest.raises(ValueError, match="submodule"):
-        COST(model, torch.nn.Linear(2, 2), get_aggregator("mean"), opt, loss_fn, batches)
+        COST(model, torch.nn.Linear(2, 2), get_aggregator("mean"), opt, batch_task_losses, batches)
     with pytest.raises(TypeError, match="callable"):
         COST(model, model.backbone, get_aggregator("mean"), opt, None, batches)
 
@@ -163,7 +158,7 @@ def test_resume_continues_like_an_uninterrupted_run() -> None:
                 cost.load_state_dict(saved[2])
             if i == 4:
                 cost.end_epoch()
-            infos.append(cost.step(loss_fn(model, b), b))
+            infos.append(cost.step(batch_task_losses(model, b), b))
         return [p.detach().clone() for p in cost.adapter.base_parameters], infos
 
     straight, straight_infos = run(None)
@@ -178,12 +173,12 @@ def test_losses_must_be_a_vector() -> None:
     model, batches = setup()
     cost, _ = make_cost(model, batches)
     with pytest.raises(ValueError, match="1-D tensor"):
-        cost.step(loss_fn(model, batches[0]).sum(), batches[0])
+        cost.step(batch_task_losses(model, batches[0]).sum(), batches[0])
 
 
 def test_loha_adapter_teleports() -> None:
     model, batches = tug_setup(5)
     cost, _ = make_cost(model, batches, start_step=1, adapter="loha")
-    infos = [cost.step(loss_fn(model, b), b) for b in batches]
+    infos = [cost.step(batch_task_losses(model, b), b) for b in batches]
     tele = [i for i in infos if i.teleported or i.rolled_back]
     assert len(tele) == 1 and cost.adapter.method == "loha" and tele[0].teleport_steps == 2

@@ -17,6 +17,7 @@ import torch
 from cost_fast import get_aggregator
 from cost_fast.cost import COST
 from cost_fast.lora import ADAPTER
+from cost_fast.models import batch_task_losses
 from cost_fast.reference import ReferenceCOST
 from cost_fast.teleport import TeleportConfig
 
@@ -36,10 +37,6 @@ class Tug(torch.nn.Module):
         h = self.backbone(x)
         out = torch.cat([head(h) for head in self.heads], dim=1)
         return ((out - targets) ** 2).mean(dim=0) + (h.sum(dim=1, keepdim=True) - targets).square().mean(dim=0)
-
-
-def loss_fn(model, batch):
-    return model.task_losses(*batch)
 
 
 def problem(seed: int):
@@ -79,7 +76,7 @@ def test_cost_steps_match_the_plain_loop(semantics: str, seed: int, htr: str) ->
         model.backbone,
         get_aggregator("fairgrad"),
         optimizer,
-        loss_fn,
+        batch_task_losses,
         batches[:2],
         semantics=semantics,
         start_step=1,
@@ -91,7 +88,7 @@ def test_cost_steps_match_the_plain_loop(semantics: str, seed: int, htr: str) ->
         "backbone",
         get_aggregator("fairgrad"),
         plain_opt,
-        loss_fn,
+        batch_task_losses,
         batches[:2],
         semantics=semantics,
         start_step=1,
@@ -100,8 +97,8 @@ def test_cost_steps_match_the_plain_loop(semantics: str, seed: int, htr: str) ->
     plain.initial_lora_a = [layer.lora_A[ADAPTER].weight.detach().clone() for layer in cost.adapter.layers]
     teleports = 0
     for step, batch in enumerate(batches):
-        info = cost.step(loss_fn(model, batch), batch)
-        expected = plain.step(loss_fn(plain_model, batch), batch)
+        info = cost.step(batch_task_losses(model, batch), batch)
+        expected = plain.step(batch_task_losses(plain_model, batch), batch)
         assert info.teleported == expected["teleported"]
         if info.teleported:
             teleports += 1

@@ -8,16 +8,11 @@ import pytest
 import torch
 
 from cost_fast.lora import ADAPTER, TeleportAdapter
-from cost_fast.models import CelebACNN
+from cost_fast.models import CelebACNN, batch_task_losses
 from cost_fast.reference import reference_teleport
 from cost_fast.teleport import TeleportConfig, perturbed_losses, reference_ratio_weights, teleport
 
 K = 3
-
-
-def loss_fn(model, batch):
-    x, y = batch
-    return model.task_losses(x, y)
 
 
 def problem(seed: int = 0):
@@ -43,12 +38,12 @@ def run_fast_and_reference(seed: int, ratios: torch.Tensor, config: TeleportConf
     adapter = TeleportAdapter(model.backbone, rank=2)
     initial_a = [layer.lora_A[ADAPTER].weight.detach().clone() for layer in adapter.layers]
     result = teleport(
-        model, adapter, loss_fn, data, current, ratios, config, generator=torch.Generator().manual_seed(7)
+        model, adapter, batch_task_losses, data, current, ratios, config, generator=torch.Generator().manual_seed(7)
     )
     expected = reference_teleport(
         reference_input,
         "backbone",
-        loss_fn,
+        batch_task_losses,
         data,
         current,
         ratios,
@@ -88,7 +83,7 @@ def test_guard_rolls_back_bit_exactly() -> None:
     adapter = TeleportAdapter(model.backbone, rank=2)
     before = adapter.snapshot()
     # an absurd step size: the teleport wrecks the losses and the guard must undo it
-    result = teleport(model, adapter, loss_fn, data, current, ratios, TeleportConfig(lr=10.0, rounds=1))
+    result = teleport(model, adapter, batch_task_losses, data, current, ratios, TeleportConfig(lr=10.0, rounds=1))
     assert result.rolled_back
     assert all(torch.equal(p, b) for p, b in zip(adapter.base_parameters, before))
     assert all(float(d.abs().sum()) == 0 for d in result.deltas)
@@ -102,7 +97,7 @@ def test_step_budget_progress_and_bad_data() -> None:
     result = teleport(
         model,
         adapter,
-        loss_fn,
+        batch_task_losses,
         data,
         current,
         ratios,
@@ -113,9 +108,9 @@ def test_step_budget_progress_and_bad_data() -> None:
     assert len(result.task_terms) == 3 and all(float(lg) >= 0 for _, _, lg in seen)
     assert result.sharpness_terms == [float(lg) for _, _, lg in seen]
     with pytest.raises(ValueError, match="re-iterable"):
-        teleport(model, adapter, loss_fn, iter(data), current, ratios)
+        teleport(model, adapter, batch_task_losses, iter(data), current, ratios)
     with pytest.raises(ValueError, match="no batch"):
-        teleport(model, adapter, loss_fn, [], current, ratios)
+        teleport(model, adapter, batch_task_losses, [], current, ratios)
     with pytest.raises(ValueError, match="rounds"):
         TeleportConfig(rounds=0)
 
@@ -159,7 +154,7 @@ def test_batched_samples_equal_one_per_pass_and_leave_the_model_untouched() -> N
     named = list(model.eval().named_parameters())
     before = [p.detach().clone() for _, p in named]
     rows = {
-        s: perturbed_losses(model, named, loss_fn, current, 5, 1e-4, torch.Generator().manual_seed(3), s)
+        s: perturbed_losses(model, named, batch_task_losses, current, 5, 1e-4, torch.Generator().manual_seed(3), s)
         for s in (1, 2, 5, 8)
     }
     assert rows[1].shape == (5, K)
@@ -168,7 +163,7 @@ def test_batched_samples_equal_one_per_pass_and_leave_the_model_untouched() -> N
     assert all(torch.equal(p, b) for (_, p), b in zip(named, before))
     # the samples differ from each other and from the unperturbed losses, by about ν's effect
     with torch.no_grad():
-        base = loss_fn(model, current)
+        base = batch_task_losses(model, current)
     assert (rows[1] - base).abs().max() > 0 and (rows[1][0] - rows[1][1]).abs().max() > 0
 
 
@@ -177,7 +172,7 @@ def test_a_loss_vmap_cannot_run_falls_back_with_a_warning() -> None:
     named = list(model.eval().named_parameters())
 
     def host_loss(m, batch):  # .item() inside a loss is legal, but vmap cannot trace it
-        losses = loss_fn(m, batch)
+        losses = batch_task_losses(m, batch)
         return losses * (1.0 + 0.0 * losses.sum().item())
 
     plain = perturbed_losses(model, named, host_loss, current, 4, 1e-4, torch.Generator().manual_seed(3), 1)
@@ -194,7 +189,7 @@ def test_guard_off_skips_the_check() -> None:
 
     def counting_loss(m, batch):
         calls.append(1)
-        return loss_fn(m, batch)
+        return batch_task_losses(m, batch)
 
     # the absurd step size the guard undoes above is kept with the guard off
     result = teleport(
