@@ -238,31 +238,35 @@ def sample_losses(
                 RuntimeWarning,
                 stacklevel=3,
             )
-            rows.append(torch.stack(_in_place_losses(model, loss_fn, batch, params, [lambda e=e: e for e in chunk])))
+            adds = [lambda e=e: torch._foreach_add_(params, e) for e in chunk]
+            rows.append(in_place_losses(model, loss_fn, batch, params, adds))
             samples_per_pass = 1
     if j < len(draws):
-        rows.append(torch.stack(_in_place_losses(model, loss_fn, batch, params, draws[j:])))
+        adds = [lambda draw=draw: torch._foreach_add_(params, draw()) for draw in draws[j:]]
+        rows.append(in_place_losses(model, loss_fn, batch, params, adds))
     return torch.cat(rows)
 
 
-def _in_place_losses(
+def in_place_losses(
     model: nn.Module,
     loss_fn: LossFn,
     batch: Any,
     params: list[torch.Tensor],
-    draws: list[Callable[[], list[torch.Tensor]]],
-) -> list[torch.Tensor]:
-    """The (K,) losses at θ + draw() for each draw, one pass each, θ restored bit-exactly."""
+    perturbations: list[Callable[[], Any]],
+) -> torch.Tensor:
+    """(n, K) task losses, one forward pass per perturbation, without grad: each callable
+    perturbs ``params`` in place (e.g. adds its noise), the losses are evaluated, and the saved
+    values are copied back, so the parameters end bit-exactly where they started (also on error)."""
     saved = [p.detach().clone() for p in params]
     rows = []
     with torch.no_grad():
-        for draw in draws:
-            torch._foreach_add_(params, draw())
+        for perturb in perturbations:
             try:
+                perturb()
                 rows.append(loss_fn(model, batch).detach())
             finally:
                 torch._foreach_copy_(params, saved)
-    return rows
+    return torch.stack(rows)
 
 
 def perturbed_losses(
@@ -336,13 +340,8 @@ def paper_sharpness(
             draws = [lambda seed=seed: sphere_noise(params, seed, radius) for seed in seeds]
             perturbed = sample_losses(model, loss_fn, batch, shared, draws, samples_per_pass)
         else:  # in place, by the Philox kernel: no noise tensor is ever materialized
-            saved = [p.detach().clone() for p in params]
-            rows = []
-            for seed in seeds:
-                sphere_perturb_(params, seed, radius)
-                rows.append(loss_fn(model, batch))
-                torch._foreach_copy_(params, saved)
-            perturbed = torch.stack(rows)
+            perturbs = [lambda seed=seed: sphere_perturb_(params, seed, radius) for seed in seeds]
+            perturbed = in_place_losses(model, loss_fn, batch, params, perturbs)
         best = int(paper_sharpness_term(base, perturbed, ratios).argmax())
     unperturbed = loss_fn(model, batch)
     noise = sphere_noise(params, seeds[best], radius)
