@@ -131,12 +131,12 @@ def gram_reference(G: torch.Tensor) -> torch.Tensor:
     of G, no copy for fp32) stays near 1e-7 and was faster on CPU in our measurements.
     """
     K, P = G.shape
-    G32 = G if G.dtype in (torch.float32, torch.float64) else G.float()
+    G_acc = G if G.dtype in (torch.float32, torch.float64) else G.float()  # the accumulation dtype
     n = P // TORCH_GRAM_CHUNK
-    tail = G32[:, n * TORCH_GRAM_CHUNK :]
+    tail = G_acc[:, n * TORCH_GRAM_CHUNK :]
     gram = tail @ tail.T
     if n:
-        chunks = G32[:, : n * TORCH_GRAM_CHUNK].unflatten(1, (n, TORCH_GRAM_CHUNK)).transpose(0, 1)
+        chunks = G_acc[:, : n * TORCH_GRAM_CHUNK].unflatten(1, (n, TORCH_GRAM_CHUNK)).transpose(0, 1)
         gram = gram + torch.bmm(chunks, chunks.transpose(1, 2)).sum(dim=0)
     return gram
 
