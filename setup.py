@@ -1,7 +1,24 @@
-"""Packaging: the top-level ``kernels/`` and ``bench/`` folders install as ``cost_fast.kernels`` and
-``cost_fast.bench`` (so that ``cost-fast bench`` finds its suites in any install)."""
+"""Packaging. ``cost_fast`` and its subpackages are found, not listed, so a new subpackage can
+never be left out of the wheel. The top-level ``kernels/`` and ``bench/`` folders install as
+``cost_fast.kernels`` and ``cost_fast.bench`` (so that ``cost-fast bench`` finds its suites in
+any install)."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
+
+# Folders outside cost_fast/ that install inside it: {installed name: source folder}.
+MAPPED = {"cost_fast.kernels": "kernels", "cost_fast.bench": "bench"}
+
+
+def mapped_packages() -> list[str]:
+    """Every package under each mapped folder, named as installed."""
+    found = []
+    for name, folder in MAPPED.items():
+        found.append(name)
+        found += [f"{name}.{sub}" for sub in find_packages(where=folder)]
+    return found
+
+
+PACKAGES = find_packages(include=["cost_fast", "cost_fast.*"]) + mapped_packages()
 
 setup(
     name="cost_fast",
@@ -10,8 +27,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["cost_fast", "cost_fast.kernels", "cost_fast.bench"],
-    package_dir={"cost_fast": "cost_fast", "cost_fast.kernels": "kernels", "cost_fast.bench": "bench"},
+    packages=PACKAGES,
+    package_dir={"cost_fast": "cost_fast", **MAPPED},
     # Ranges, so that a user keeps the (CUDA) torch build they already have.
     install_requires=[
         "torch>=2.4",

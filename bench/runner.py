@@ -5,7 +5,9 @@ own so that a crash or an out-of-memory in one leaves the others' results intact
 named ``<suite>_<device>.json`` (device ``cpu`` or ``cuda``), each with a PNG beside it.
 Everything is written to a staging folder first and moved into the output folder only when every
 selected suite has passed: files of earlier runs (another device, another suite) stay, files of
-this run are replaced whole. ``summary_<device>.md`` then gets the Markdown tables of every
+this run are replaced whole. The output folder must be new, empty or one that ``cost-fast bench``
+wrote before (it carries ``cost_fast.report.MARKER``): a folder of the user's is never written
+into. pytest-benchmark's own storage goes to the staging folder, not the current one. ``summary_<device>.md`` then gets the Markdown tables of every
 suite's result of that device in the folder, this run's and earlier ones.
 """
 
@@ -23,7 +25,7 @@ from typing import TextIO
 
 import torch
 
-from cost_fast.report import check_writable_parent
+from cost_fast.report import MARKER, MARKER_TEXT, check_report_target
 
 HERE = Path(__file__).parent
 SUITES = ("gram", "grads", "solvers", "teleport", "epoch")
@@ -63,9 +65,7 @@ def run_benchmarks(
         raise ValueError(f"suites must be distinct names among {', '.join(SUITES)}; got {', '.join(suites) or 'none'}")
     if importlib.util.find_spec("pytest_benchmark") is None:
         raise ValueError("the benchmarks need pytest-benchmark: pip install 'cost_fast[dev]'")
-    out = check_writable_parent(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a folder")
+    out = check_report_target(out)
     from cost_fast.bench.report import plot, table
 
     tag = device_tag()
@@ -83,6 +83,7 @@ def run_benchmarks(
                 "-p",
                 "no:cacheprovider",
                 f"--benchmark-json={result}",
+                f"--benchmark-storage=file://{staging / 'storage'}",
                 "--benchmark-columns=median,iqr,rounds",
             ] + (["-k", keyword] if keyword else [])
             print(f"== suite {suite} ({tag})", file=stream, flush=True)
@@ -101,7 +102,9 @@ def run_benchmarks(
             plot(result)
         if not tables:
             raise ValueError(f"-k {keyword!r} selects no benchmark in suites {', '.join(suites)}")
+        shutil.rmtree(staging / "storage", ignore_errors=True)
         out.mkdir(exist_ok=True)
+        (out / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
         written = []
         for path in sorted(staging.iterdir()):
             os.replace(path, out / path.name)

@@ -1,13 +1,13 @@
-"""Epoch time: base FairGrad, FairGrad + COST (fast engine), FairGrad + COST (reference teleport).
+"""Epoch time: base FairGrad, FairGrad + COST (fast engine), FairGrad + COST (the yardstick).
 
 Two workloads: CelebA-shaped (``CelebACNN``, 40 binary tasks, 64x64 inputs; CPU: width 8,
 batch 8; GPU: width 64, batch 64) and NYUv2-shaped (``SegNetMTL``, segmentation + depth +
 normals on synthetic 32x32 images; CPU: width 8, batch 8; GPU: width 32, batch 32).
-Same settings for all: FairGrad (α = 1) weights, Adam; COST with the reference semantics, at
+Same settings for all: FairGrad (α = 1) weights, Adam; COST with the public code's semantics, at
 most 1 teleport per epoch, 2 rounds over 4 teleport batches, n = 5, LoRA rank 5, 20 steps per
 epoch. ``base`` and ``cost_fast`` run ``COST`` (``base`` with no teleport allowed);
 ``cost_fast_batched`` evaluates the n perturbed samples in one vmapped pass;
-``cost_reference`` runs ``cost_fast.reference.ReferenceCOST``, the public code's structure: K
+``cost_reference`` runs ``cost_fast.yardstick.YardstickCOST``, the public code's structure: K
 backward passes and a copy loop per step, plain torch statistics, and the straightforward
 teleport (deep copies, ``get_peft_model``, ``merge_and_unload``).
 The NYUv2-shaped model is first trained with FairGrad until its tasks conflict
@@ -29,8 +29,9 @@ from cost_fast import TaskGradients, get_aggregator, gram_stats
 from cost_fast.bench.stamp import bench_device, synchronize
 from cost_fast.cost import COST
 from cost_fast.models import CelebACNN, SegNetMTL, batch_task_losses, synthetic_nyuv2
-from cost_fast.reference import ReferenceCOST
+from cost_fast.semantics import PublicSemantics
 from cost_fast.teleport import TeleportConfig
+from cost_fast.yardstick import YardstickCOST
 
 DEVICE = bench_device()
 GPU = DEVICE.type == "cuda"
@@ -65,7 +66,7 @@ def make_workload(name: str):
 
 
 def pretrain_until_conflict(model, data, max_steps: int = 600) -> int:
-    """Train with FairGrad until COST's reference trigger (min_i cos(g_i, g0) ≤ 0) first holds;
+    """Train with FairGrad until COST's public-semantics trigger (min_i cos(g_i, g0) ≤ 0) first holds;
     returns the number of steps. The synthetic NYUv2 tasks agree at initialization (no
     teleport would happen in a timed epoch); conflicts appear a few hundred steps in."""
     engine = TaskGradients(model.backbone.parameters(), num_tasks=len(batch_task_losses(model, data[0])))
@@ -92,20 +93,28 @@ def cost_epoch(model, data, max_teleports: int, config: TeleportConfig = CONFIG)
         model.backbone,
         get_aggregator("fairgrad"),
         opt,
-        batch_task_losses,
-        data[:4],
+        loss_fn=batch_task_losses,
+        teleport_data=data[:4],
         max_teleports_per_epoch=max_teleports,
+        steps_per_epoch=STEPS,
         teleport=config,
     )
     return sum(cost.step(batch_task_losses(model, b), b).teleported for b in data)
 
 
 def reference_epoch(model, data) -> int:
-    """The same epoch by ``ReferenceCOST``: K backward passes and a copy loop per step, plain
+    """The same epoch by ``YardstickCOST``: K backward passes and a copy loop per step, plain
     torch statistics, the straightforward teleport."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    cost = ReferenceCOST(
-        model, "backbone", get_aggregator("fairgrad"), opt, batch_task_losses, data[:4], teleport=CONFIG
+    cost = YardstickCOST(
+        model,
+        "backbone",
+        get_aggregator("fairgrad"),
+        opt,
+        loss_fn=batch_task_losses,
+        teleport_data=data[:4],
+        semantics=PublicSemantics(),
+        teleport=CONFIG,
     )
     return sum(cost.step(batch_task_losses(model, b), b)["teleported"] for b in data)
 

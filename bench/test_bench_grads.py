@@ -19,7 +19,7 @@ import torch
 from cost_fast import TaskGradients
 from cost_fast.bench.stamp import bench_device, synchronize
 from cost_fast.models import CelebACNN
-from cost_fast.reference import reference_task_gradients
+from cost_fast.yardstick import yardstick_task_gradients
 
 DEVICE = bench_device()
 K = 40
@@ -39,7 +39,7 @@ def test_per_task_gradients_speed(benchmark, impl: str) -> None:
         buffer = torch.empty(sum(grad_dims), K, device=DEVICE)
 
         def step() -> None:
-            reference_task_gradients(model, shared, model.task_losses(x, y), buffer)
+            yardstick_task_gradients(model, shared, model.task_losses(x, y), buffer)
     else:
         engine = TaskGradients(shared, num_tasks=K, mode=impl.removeprefix("engine_"))
 

@@ -1,4 +1,4 @@
-"""One COST teleport (reference semantics), fast engine vs the straightforward reference.
+"""One COST teleport (public semantics), fast engine vs the straightforward yardstick.
 
 Workload: ``CelebACNN`` (40 binary tasks, 64x64 inputs); on CPU width 8, batch 8, 4 teleport
 batches, ``rounds`` = 2 (8 adapter steps of 1 + 1 + 5 forward passes each), n = 5, LoRA rank 5.
@@ -20,8 +20,9 @@ import torch
 from cost_fast.bench.stamp import bench_device, synchronize
 from cost_fast.lora import TeleportAdapter
 from cost_fast.models import CelebACNN, batch_task_losses
-from cost_fast.reference import reference_teleport
-from cost_fast.teleport import TeleportConfig, reference_ratio_weights, teleport
+from cost_fast.semantics import PublicSemantics
+from cost_fast.teleport import TeleportConfig, teleport
+from cost_fast.yardstick import yardstick_teleport
 
 DEVICE = bench_device()
 K = 40
@@ -42,7 +43,9 @@ def test_teleport_speed(benchmark, impl: str) -> None:
         for _ in range(4)
     ]
     current = data[0]
-    ratios = reference_ratio_weights(torch.rand(K, generator=gen)).to(DEVICE)
+    semantics = PublicSemantics()
+    norms = torch.rand(K, generator=gen).to(DEVICE)
+    ratios = semantics.ratio_weights(norms)
     if impl.startswith("fast"):
         adapter = TeleportAdapter(model.backbone, rank=5)
         config = dataclasses.replace(CONFIG, samples_per_pass=CONFIG.num_samples if impl == "fast_batched" else 1)
@@ -55,6 +58,7 @@ def test_teleport_speed(benchmark, impl: str) -> None:
                 data,
                 current,
                 ratios,
+                semantics,
                 config,
                 generator=torch.Generator(DEVICE).manual_seed(2),
             )
@@ -63,14 +67,16 @@ def test_teleport_speed(benchmark, impl: str) -> None:
         original = copy.deepcopy(model)
 
         def run() -> None:
-            reference_teleport(
+            yardstick_teleport(
                 original,
                 "backbone",
                 batch_task_losses,
                 data,
                 current,
-                ratios,
+                norms,
+                semantics,
                 CONFIG,
+                lr=CONFIG.lr,
                 rank=5,
                 generator=torch.Generator(DEVICE).manual_seed(2),
             )

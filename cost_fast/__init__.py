@@ -1,9 +1,26 @@
 """cost_fast: a fast engine for gradient-based multi-task learning and COST teleportation."""
 
 from cost_fast.aggregators import get_aggregator, list_aggregators
+from cost_fast.cost import COST, StepInfo
 from cost_fast.grads import TaskGradients
 from cost_fast.kernels import GramStats, gram_stats
+from cost_fast.semantics import PaperSemantics, PublicSemantics, Semantics, get_semantics
+from cost_fast.teleport import TeleportConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["GramStats", "TaskGradients", "__version__", "get_aggregator", "gram_stats", "list_aggregators"]
+__all__ = [
+    "COST",
+    "GramStats",
+    "PaperSemantics",
+    "PublicSemantics",
+    "Semantics",
+    "StepInfo",
+    "TaskGradients",
+    "TeleportConfig",
+    "__version__",
+    "get_aggregator",
+    "get_semantics",
+    "gram_stats",
+    "list_aggregators",
+]

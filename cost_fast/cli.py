@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 
 import torch
 
@@ -34,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_positive_int, default=10, help="epochs (default: 10)")
     demo.add_argument("--method", default="fairgrad", help="base method, a Gram-based aggregator (default: fairgrad)")
     demo.add_argument(
-        "--semantics", choices=["reference", "paper"], default="reference", help="COST semantics (default: reference)"
+        "--semantics",
+        choices=["public", "paper"],
+        default="public",
+        help="COST semantics (default: public, the public code's)",
     )
     demo.add_argument("--hidden", type=_positive_int, default=16, help="shared backbone width (default: 16)")
     demo.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default: 64)")
@@ -43,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     prof = sub.add_parser(
         "profile",
-        help="torch.profiler breakdown of a step and a teleport, fast engine vs reference",
+        help="torch.profiler breakdown of a step and a teleport, fast engine vs the yardstick",
         description="Profile one ordinary step and one teleport on a CelebA-shaped workload, fast engine "
-        "against the reference; writes summary.txt and a Chrome trace per phase.",
+        "against the yardstick; writes summary.txt and a Chrome trace per phase.",
     )
     prof.add_argument("--out", default="profile_report", help="report folder (default: profile_report)")
     prof.add_argument("--tasks", type=_positive_int, default=40, help="number of tasks K (default: 40)")
@@ -58,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the benchmark suites (kernels vs torch, solvers, teleport, epochs) and write JSON + plots",
         description="Run the pytest-benchmark suites on this machine's device (CUDA if present): each kernel "
         "against its plain torch way, the solvers against scipy/cvxpy, one teleport and one epoch, base vs COST "
-        "fast vs COST reference. Writes <suite>_<device>.json, a PNG each and summary_<device>.md; other files "
+        "fast vs COST yardstick. Writes <suite>_<device>.json, a PNG each and summary_<device>.md; other files "
         "in the output folder are kept.",
     )
     bench.add_argument("--out", default="bench_report", help="output folder (default: bench_report)")
@@ -83,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps between COST epochs, i.e. at most one teleport per this many steps (default: 100)",
     )
     toy.add_argument(
-        "--semantics", choices=["reference", "paper"], default="reference", help="COST semantics (default: reference)"
+        "--semantics",
+        choices=["public", "paper"],
+        default="public",
+        help="COST semantics (default: public, the public code's)",
     )
     rep = sub.add_parser(
         "reproduce",
@@ -101,15 +109,26 @@ def _device(parser: argparse.ArgumentParser, text: str) -> torch.device:
         device = torch.device(text)
     except RuntimeError as err:
         parser.error(f"--device: {err}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: {text!r} is not a CPU or CUDA device")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA devices")
     return device
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # An exception rather than death, so that staging folders are removed on the way out.
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cost-fast``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():  # signals can only be set there
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if args.command == "profile":
         from cost_fast.profile import run_profile
 

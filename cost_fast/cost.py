@@ -1,25 +1,31 @@
-"""``COST``: a drop-in multi-task step with COST's teleport (reference semantics).
+"""``COST``: a drop-in multi-task step with COST's teleport.
 
-Per ``step(losses, batch)``:
+Per ``step(losses, batch)`` (or ``backward(losses, batch)``, which leaves ``optimizer.step()``
+to the caller):
 
 1. per-task gradients of the shared backbone (``TaskGradients``) and their Gram statistics
    (``gram_stats``), on the device;
-2. the trigger: ``semantics="reference"`` (the public code, default) ``min_i cos(g_i, g0) ≤ 0``;
-   ``semantics="paper"``: ≥ ⌈K/2⌉ tasks with cos(g_i, g0) < 0 (Eq. 4); only from ``start_step``
-   / ``start_epoch`` on and at most ``max_teleports_per_epoch`` times per epoch (one host read);
-3. if it fires: ``teleport`` (see ``cost_fast.teleport`` for both semantics: LoRA adapter trained
-   on L_t and L_g, merged, guarded), then HTR on Adam/AdamW with σ = cos(Δθ, g'), g' the last
-   combined update (reference) or the combined gradient at the pre-teleport point (paper, Eq.
-   12); σ ≤ 0 gives a fresh Adam state. That step updates no parameter, as in the public code;
-4. otherwise the base method's update: Gram-based methods give w from M, loss weightings w from
-   the losses, gradient-based ones (GradDrop, MoCo) the backbone update itself; the heads get
-   the gradient of Σ w_i L_i, the backbone Gᵀw; then ``optimizer.step()``.
+2. non-finite losses or task gradients: the step changes nothing (``nonfinite="skip"``, the
+   default, reported in ``StepInfo.skipped``) or raises ``FloatingPointError``
+   (``nonfinite="raise"``);
+3. the semantics' trigger (``cost_fast.semantics``), only from ``start_step`` / ``start_epoch``
+   on and at most ``max_teleports_per_epoch`` times per epoch (one host read);
+4. if it fires: ``teleport`` (LoRA adapter trained on L_t and L_g, merged, guarded), then HTR
+   on Adam/AdamW with σ = cos(Δθ, g') (``cost_fast.htr``); σ ≤ 0 gives a fresh Adam state.
+   That step updates no parameter, as the public NYUv2 trainer;
+5. otherwise the base method's update: Gram-based methods give w from M, loss weightings w from
+   the losses, gradient-based ones (GradDrop, MoCo) the backbone update itself; the heads (and a
+   loss weighting's learned parameters) get the gradient of the weighted total, the backbone Gᵀw;
+   non-finite results there also change nothing. After the optimizer step a loss weighting
+   learns (``LossWeighting.after_step``), as in its own training loop.
 
-Call ``end_epoch()`` after each epoch (it resets the per-epoch teleport count).
+Epochs: with ``steps_per_epoch`` (default: the length of the teleport data, when it has one)
+COST counts them itself; otherwise call ``end_epoch()`` after each.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Iterable
@@ -29,17 +35,25 @@ import torch
 from torch import nn
 
 from cost_fast.aggregators.base import Aggregator
-from cost_fast.grads import Mode, TaskGradients
-from cost_fast.htr import apply_htr, flat_cosine, supports_htr
-from cost_fast.kernels import gram_stats
+from cost_fast.grads import Mode, TaskGradients, check_task_losses
+from cost_fast.htr import HistoryReuse, flat_cosine, supports_htr
+from cost_fast.kernels import GramStats, gram_stats
 from cost_fast.lora import TeleportAdapter
-from cost_fast.teleport import LossFn, TeleportConfig, paper_ratio_weights, reference_ratio_weights, teleport
+from cost_fast.perturbed import LossFn
+from cost_fast.semantics import Semantics, get_semantics
+from cost_fast.teleport import TeleportConfig, teleport
 from cost_fast.weighting.base import LossWeighting
+
+NONFINITE = "non-finite losses or task gradients"
+NONFINITE_UPDATE = "non-finite weights, update or head gradients"
 
 
 @dataclasses.dataclass
 class StepInfo:
-    """What one ``COST.step`` saw and did (host values)."""
+    """What one ``COST.step`` saw and did (host values).
+
+    ``skipped`` says why a step changed nothing (non-finite values), else None. A teleport that
+    the guard rolled back has ``rolled_back`` True and its ``rollback_reason``."""
 
     step: int
     epoch: int
@@ -48,8 +62,10 @@ class StepInfo:
     min_cos_mean: float
     mean_norm: float  # ‖g0‖, the norm of the mean task gradient
     trigger: bool
+    skipped: str | None = None
     teleported: bool = False
     rolled_back: bool = False
+    rollback_reason: str | None = None
     sigma: float | None = None
     htr: str | None = None
     teleport_steps: int = 0
@@ -57,27 +73,37 @@ class StepInfo:
     sharpness_terms: list[float] = dataclasses.field(default_factory=list)  # L_g per adapter step
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)
 
+    @property
+    def attempted_teleport(self) -> bool:
+        """A teleport ran (merged or rolled back)."""
+        return self.teleported or self.rolled_back
+
 
 class COST:
     """Multi-task training step with COST teleportation (see the module docstring).
 
     Args:
         model: the whole multi-task model.
-        shared: its shared backbone (a submodule of ``model``); the LoRA adapter is injected
-            into it once, here.
+        shared: its shared backbone (a submodule of ``model``). Its trainable Linear/Conv layers
+            get the teleport adapter, attached only during a teleport: ``model.state_dict()``
+            keeps the plain model's keys. Frozen layers are never changed.
         base: the base method: an ``Aggregator`` (``get_aggregator("fairgrad")``, ...) or a
-            ``LossWeighting``.
-        optimizer: over ``model.parameters()``; Adam/AdamW get HTR, others none.
+            ``LossWeighting`` (whose learned parameters must be in ``optimizer``).
+        optimizer: over the model's parameters; Adam/AdamW get HTR, others none.
         loss_fn: ``loss_fn(model, batch) -> Tensor[K]``, used by the teleport.
         teleport_data: re-iterable batches for the teleport (the public code: the training loader).
-        semantics: ``"reference"`` (default) or ``"paper"``: trigger rule, R weights, default
-            teleport settings and the g' of HTR.
+        semantics: ``"public"`` (the public code, default), ``"paper"``, or a ``Semantics``.
+        teleport: ``TeleportConfig`` (default ``TeleportConfig()``; its lr defaults to the
+            optimizer's first group's).
         start_step, start_epoch: no teleport before these (delayed start).
-        max_teleports_per_epoch: frequency control (default 1).
+        max_teleports_per_epoch: frequency control (default 1; 0 disables teleports).
+        steps_per_epoch: steps per epoch, counted by COST (default: ``len(teleport_data)``
+            when it has a length; None without one: call ``end_epoch()``).
         rank: adapter rank (default 5). adapter: ``"lora"`` (default) or ``"loha"``.
-        teleport: ``TeleportConfig`` (default: the semantics' settings at the lr of the
-            optimizer's first group). gradient_mode: ``TaskGradients`` mode.
-        seed: seed of the teleport's noise generator.
+        gradient_mode: ``TaskGradients`` mode.
+        nonfinite: ``"skip"`` (default) or ``"raise"`` on non-finite losses or gradients.
+        seed: seed of COST's own generator (adapter factors, teleport noise); torch's global
+            generator is never drawn from.
     """
 
     def __init__(
@@ -86,69 +112,115 @@ class COST:
         shared: nn.Module,
         base: Aggregator | LossWeighting,
         optimizer: torch.optim.Optimizer,
+        *,
         loss_fn: LossFn,
         teleport_data: Iterable[Any],
-        *,
-        semantics: Literal["reference", "paper"] = "reference",
+        semantics: str | Semantics = "public",
+        teleport: TeleportConfig | None = None,
         start_step: int = 0,
         start_epoch: int = 0,
         max_teleports_per_epoch: int = 1,
+        steps_per_epoch: int | None = None,
         rank: int = 5,
         adapter: str = "lora",
-        teleport: TeleportConfig | None = None,
         gradient_mode: Mode = "loop",
+        nonfinite: Literal["skip", "raise"] = "skip",
         seed: int = 0,
     ) -> None:
-        if not isinstance(base, Aggregator | LossWeighting):
-            raise TypeError(f"base must be an Aggregator or a LossWeighting, got {type(base).__name__}")
-        if semantics not in ("reference", "paper"):
-            raise ValueError(f"semantics must be 'reference' or 'paper', got {semantics!r}")
-        if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> Tensor[K]")
-        if min(start_step, start_epoch) < 0 or max_teleports_per_epoch < 0:
-            raise ValueError("start_step, start_epoch and max_teleports_per_epoch must be ≥ 0")
+        if not isinstance(model, nn.Module) or not isinstance(shared, nn.Module):
+            raise TypeError("model and shared must be torch.nn.Modules")
         if not any(m is shared for m in model.modules()):
             raise ValueError("shared must be a submodule of model")
+        if not isinstance(base, Aggregator | LossWeighting):
+            raise TypeError(f"base must be an Aggregator or a LossWeighting, got {type(base).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> Tensor[K]")
+        if iter(teleport_data) is teleport_data:
+            raise ValueError("teleport_data must be re-iterable (a DataLoader or a list), not a one-shot iterator")
+        for name, value in (
+            ("start_step", start_step),
+            ("start_epoch", start_epoch),
+            ("max_teleports_per_epoch", max_teleports_per_epoch),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int ≥ 0, got {value!r}")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        if teleport is not None and not isinstance(teleport, TeleportConfig):
+            raise TypeError(f"teleport must be a TeleportConfig, got {type(teleport).__name__}")
+        if steps_per_epoch is None and hasattr(teleport_data, "__len__"):
+            steps_per_epoch = len(teleport_data)
+        if steps_per_epoch is not None and (
+            isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
+        ):
+            raise ValueError(f"steps_per_epoch must be an int ≥ 1 or None, got {steps_per_epoch!r}")
+        shared_params = [p for p in shared.parameters() if p.requires_grad]
+        if not shared_params:
+            raise ValueError("every parameter of the shared backbone is frozen: COST has nothing to train or teleport")
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if isinstance(base, LossWeighting):
+            trainable += [p for p in base.parameters() if p.requires_grad]
+        missing = [p for p in trainable if id(p) not in in_optimizer]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} trainable parameters of the model or the base method are not in the optimizer "
+                "(a learned loss weighting's parameters must be added: optimizer over "
+                "[*model.parameters(), *base.parameters()])"
+            )
         self.model, self.shared, self.base, self.optimizer = model, shared, base, optimizer
         self.loss_fn, self.teleport_data = loss_fn, teleport_data
-        self.semantics = semantics
+        self.semantics = get_semantics(semantics)
+        self.teleport_config = teleport if teleport is not None else TeleportConfig()
         self.start_step, self.start_epoch = start_step, start_epoch
         self.max_teleports_per_epoch = max_teleports_per_epoch
-        lr = optimizer.param_groups[0]["lr"]
-        self.teleport_config = teleport or TeleportConfig.for_semantics(semantics, lr=lr)
-        if self.teleport_config.semantics != semantics:
-            raise ValueError(f"teleport config has semantics {self.teleport_config.semantics!r}, COST {semantics!r}")
+        self.steps_per_epoch = steps_per_epoch
         self.gradient_mode: Mode = gradient_mode
-        shared_params = [p for p in shared.parameters() if p.requires_grad]
+        self.nonfinite = nonfinite
+        self.generator = torch.Generator(device=shared_params[0].device).manual_seed(seed)
+        self.adapter = TeleportAdapter(shared, rank=rank, method=adapter, generator=self.generator)
         shared_ids = {id(p) for p in shared.parameters()}
-        self.adapter = TeleportAdapter(shared, rank=rank, method=adapter)
-        adapter_ids = {id(p) for p in self.adapter.adapter_parameters}
-        self.task_params = [p for p in model.parameters() if id(p) not in shared_ids | adapter_ids and p.requires_grad]
+        self.task_params = [p for p in model.parameters() if id(p) not in shared_ids and p.requires_grad]
+        self.learned_weighting_params = (
+            [p for p in base.parameters() if p.requires_grad] if isinstance(base, LossWeighting) else []
+        )
         self._shared_params = shared_params
+        self.htr = HistoryReuse(optimizer) if supports_htr(optimizer) else None
         self.engine: TaskGradients | None = None
         self._last_update: torch.Tensor | None = None
-        self.generator = torch.Generator(device=shared_params[0].device).manual_seed(seed)
+        self._pending_learning: tuple[torch.Tensor, torch.Tensor, Any] | None = None
+        self._base_epoch_due = False  # the base method's end_epoch() waits for its last learning
+        optimizer.register_step_post_hook(self._learn_after_step)
         self.step_count = 0
         self.epoch = 0
         self.teleports_this_epoch = 0
         self.has_update = False
 
+    # -- state ---------------------------------------------------------------------------------
+
     def state_dict(self) -> dict[str, Any]:
-        """Counters, noise generator, the base method's state and the last update (HTR's g'),
-        so that a resumed run continues as an uninterrupted one. The model's and the
-        optimizer's own state dicts are saved by the caller, as usual."""
+        """Counters, COST's generator, the base method's state, the last update (HTR's g') and a
+        pending HTR, so that with the model's and optimizer's state dicts a resumed run
+        continues bit-exactly as an uninterrupted one. Tensors and plain values only
+        (``torch.load(weights_only=True)`` reads it)."""
         return {
+            "semantics": self.semantics.name,
             "step_count": self.step_count,
             "epoch": self.epoch,
             "teleports_this_epoch": self.teleports_this_epoch,
             "has_update": self.has_update,
             "generator": self.generator.get_state(),
-            "base": self.base.state_dict(),
+            "base": copy.deepcopy(self.base.state_dict()),
             "last_update": None if self.engine is None else self.engine.combined.clone(),
+            "htr": None if self.htr is None else self.htr.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned (the engine is rebuilt at the next step)."""
+        if state["semantics"] != self.semantics.name:
+            raise ValueError(f"the state is of semantics {state['semantics']!r}, this COST {self.semantics.name!r}")
         self.step_count = state["step_count"]
         self.epoch = state["epoch"]
         self.teleports_this_epoch = state["teleports_this_epoch"]
@@ -156,11 +228,34 @@ class COST:
         self.generator.set_state(state["generator"])
         self.base.load_state_dict(state["base"])
         self._last_update = state["last_update"]
+        if self.engine is not None and self._last_update is not None:
+            self.engine.combined.copy_(self._last_update)
+        if self.htr is not None and state["htr"] is not None:
+            self.htr.load_state_dict(state["htr"])
+
+    # -- epochs --------------------------------------------------------------------------------
 
     def end_epoch(self) -> None:
-        """Start a new epoch for the frequency control and ``start_epoch``."""
+        """Start a new epoch (frequency control, ``start_epoch``, the base method's epoch).
+        Only for teleport data without a length: otherwise COST counts epochs itself."""
+        if self.steps_per_epoch is not None:
+            raise RuntimeError(
+                f"COST counts epochs itself ({self.steps_per_epoch} steps each, from steps_per_epoch or "
+                "len(teleport_data)): do not call end_epoch()"
+            )
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
         self.epoch += 1
         self.teleports_this_epoch = 0
+        self._base_epoch_due = True
+        if self._pending_learning is None:  # else after the weighting learned from the last step
+            self._close_base_epoch()
+
+    def _close_base_epoch(self) -> None:
+        self._base_epoch_due = False
+        if isinstance(self.base, LossWeighting):
+            self.base.end_epoch()
 
     def _allowed(self) -> bool:
         return (
@@ -169,34 +264,59 @@ class COST:
             and self.teleports_this_epoch < self.max_teleports_per_epoch
         )
 
+    # -- the step ------------------------------------------------------------------------------
+
     def step(self, losses: torch.Tensor, batch: Any) -> StepInfo:
-        """One training step from the K task losses of ``batch`` (with their graph)."""
-        times: dict[str, float] = {}
-        t0 = time.perf_counter()
+        """One training step from the K task losses of ``batch`` (with their graph):
+        ``backward`` and then, when it left gradients, ``optimizer.step()``."""
+        info = self.backward(losses, batch)
+        if info.skipped is None and not info.attempted_teleport:
+            t0 = time.perf_counter()
+            self.optimizer.step()
+            info.seconds["optimizer_step"] = time.perf_counter() - t0
+        return info
+
+    def backward(self, losses: torch.Tensor, batch: Any) -> StepInfo:
+        """Everything of ``step`` but ``optimizer.step()``: writes the gradients of a base
+        update into ``.grad`` (or teleports, leaving no gradient), for the caller to step, clip
+        or scale (AMP ``GradScaler``). A pending HTR applies to that optimizer step."""
+        if not isinstance(losses, torch.Tensor) or losses.ndim != 1 or losses.shape[0] < 1:
+            got = f"shape {tuple(losses.shape)}" if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise ValueError(f"losses must be a non-empty 1-D tensor of the K task losses, got {got}")
+        check_task_losses(losses, losses.shape[0] if self.engine is None else self.engine.num_tasks)
         if self.engine is None:
-            if not isinstance(losses, torch.Tensor) or losses.ndim != 1 or losses.shape[0] < 1:
-                raise ValueError("losses must be a non-empty 1-D tensor of the K task losses")
             self.engine = TaskGradients(self._shared_params, num_tasks=losses.shape[0], mode=self.gradient_mode)
             if self._last_update is not None:
                 self.engine.combined.copy_(self._last_update)
+        if self._base_epoch_due:  # the optimizer step the weighting waited for never came
+            self._close_base_epoch()
+        self._pending_learning = None
+        info = self._backward(losses, batch)  # raises before counting the step (nonfinite="raise")
+        self.step_count += 1
+        if self.steps_per_epoch is not None and self.step_count % self.steps_per_epoch == 0:
+            self._new_epoch()
+        return info
+
+    def _backward(self, losses: torch.Tensor, batch: Any) -> StepInfo:
+        times: dict[str, float] = {}
         engine = self.engine
+        t0 = time.perf_counter()
         engine.compute(losses, retain_graph=True)
         t1 = time.perf_counter()
         stats = gram_stats(engine.grads)
-        if self.semantics == "paper":
-            fires = stats.trigger
-        else:
-            fires = (stats.cos_mean.min() <= 0) & ~stats.nonfinite
+        finite = torch.isfinite(losses).all() & ~stats.nonfinite
+        fires = self.semantics.fires(stats) & finite
         t2 = time.perf_counter()
         times["gradients"], times["gram"] = t1 - t0, t2 - t1
-        # the step's one host transfer: the trigger decision and the statistics it reports
-        dominated, pairs, min_cos, mean_norm, fired = torch.stack(
+        # the host read of the decision and the statistics it reports
+        dominated, pairs, min_cos, mean_norm, fired, ok = torch.stack(
             [
                 stats.num_dominated.double(),
                 stats.num_conflicting_pairs.double(),
                 stats.cos_mean.min().double(),
                 stats.mean_norm.double(),
                 fires.double(),
+                finite.double(),
             ]
         ).tolist()
         info = StepInfo(
@@ -209,42 +329,94 @@ class COST:
             trigger=bool(fired),
             seconds=times,
         )
+        if not ok:
+            return self._skip(info, NONFINITE)
         if info.trigger and self._allowed():
             self._teleport(losses, stats, batch, info)
             times["teleport"] = time.perf_counter() - t2
-        else:
-            self._base_update(losses, stats.gram)
-            times["solve_and_step"] = time.perf_counter() - t2
-        self.step_count += 1
+            return info
+        if not self._base_update(losses, stats):
+            return self._skip(info, NONFINITE_UPDATE)
+        times["solve"] = time.perf_counter() - t2
+        if isinstance(self.base, LossWeighting):
+            self._pending_learning = (losses.detach(), stats.norms, batch)
         return info
 
-    def _direction(self, losses: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-        """The base method's task weights w (ones for methods that aggregate G themselves) and,
-        in the engine's ``combined`` buffer, the backbone update d (Gᵀw or the method's own)."""
+    def _skip(self, info: StepInfo, reason: str) -> StepInfo:
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.learned_weighting_params:
+            p.grad = None
+        if self.nonfinite == "raise":
+            raise FloatingPointError(f"step {info.step}: {reason}; nothing was changed")
+        info.skipped = reason
+        return info
+
+    def _direction(self, losses: torch.Tensor, gram: torch.Tensor) -> torch.Tensor | None:
+        """The base method's update into the engine's ``combined`` buffer (Gᵀw, or a gradient
+        method's own d); returns the total whose gradient the heads get: Σ w_i L_i for Gram
+        methods, the weighting's total for a loss weighting (so its learned parameters get
+        theirs too), None for gradient methods (the heads get ∇ Σ L_i)."""
         engine = self.engine
         dtype = engine.grads.dtype
-        if isinstance(self.base, Aggregator) and self.base.kind == "grads":
+        if isinstance(self.base, LossWeighting):
+            total = self.base(losses)
+            (w,) = torch.autograd.grad(total, losses, retain_graph=True)
+            engine.combine(w.to(dtype), write_grad=False)
+            return total
+        if self.base.kind == "grads":
             engine.combined.copy_(self.base.aggregate(engine.grads).to(dtype))
-            return torch.ones(losses.shape[0], dtype=dtype, device=engine.grads.device)
-        w = self.base.weights(losses if isinstance(self.base, LossWeighting) else gram).to(dtype)
+            return None
+        w = self.base.weights(gram).to(dtype)
         engine.combine(w, write_grad=False)
-        return w
+        return losses @ w.to(losses)
 
-    def _base_update(self, losses: torch.Tensor, gram: torch.Tensor) -> None:
+    def _base_update(self, losses: torch.Tensor, stats: GramStats) -> bool:
+        """Write the base update into ``.grad``; False, with the base method's state as it was,
+        if the weights, the update or the heads' gradients are not finite."""
         self.optimizer.zero_grad(set_to_none=True)
-        w = self._direction(losses, gram)
-        if self.task_params:
-            (losses @ w.to(losses)).backward(inputs=self.task_params)
-        self.engine.write_update(self.engine.combined)
-        self.optimizer.step()
-        self.has_update = True
-
-    def _teleport(self, losses: torch.Tensor, stats, batch: Any, info: StepInfo) -> None:
-        if self.semantics == "paper":
-            self._direction(losses, stats.gram)  # g': the combined gradient before the teleport
-            ratios = paper_ratio_weights(stats.norms)
+        inputs = self.task_params + self.learned_weighting_params
+        if isinstance(self.base, Aggregator) and self.base.kind == "grads":
+            # The heads' gradient (of Σ L_i) does not depend on the method, so it is checked
+            # first, and the method's state (MoCo's: K x P) advances only on a step that is taken.
+            if inputs:
+                losses.sum().backward(inputs=inputs)
+            if not _all_finite([p.grad for p in inputs if p.grad is not None]):
+                return False
+            self.engine.combined.copy_(self.base.aggregate(self.engine.grads).to(self.engine.grads.dtype))
         else:
-            ratios = reference_ratio_weights(stats.norms)  # g' stays the last step's update
+            saved = copy.deepcopy(self.base.state_dict())  # small: K-sized buffers, generators
+            total = self._direction(losses, stats.gram)
+            if inputs:
+                total.backward(inputs=inputs)
+            if not _all_finite([self.engine.combined] + [p.grad for p in inputs if p.grad is not None]):
+                self.base.load_state_dict(saved)
+                return False
+        self.engine.write_update(self.engine.combined)
+        self.has_update = True
+        return True
+
+    def _learn_after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """After the optimizer step of a base update: the loss weighting learns from it."""
+        if self._pending_learning is None:
+            return
+        losses, norms, batch = self._pending_learning
+        self._pending_learning = None
+
+        def losses_after() -> torch.Tensor:
+            with torch.no_grad():
+                return self.loss_fn(self.model, batch)
+
+        self.base.after_step(losses, grad_norms=norms, losses_after=losses_after)
+        if self._base_epoch_due:
+            self._close_base_epoch()
+
+    def _teleport(self, losses: torch.Tensor, stats: GramStats, batch: Any, info: StepInfo) -> None:
+        if self.semantics.htr_direction == "pre_teleport_gradient":
+            # g' (Eq. 12) without advancing the base method's state: it did not take a step
+            saved = copy.deepcopy(self.base.state_dict())
+            self._direction(losses.detach().requires_grad_(), stats.gram)
+            self.base.load_state_dict(saved)
+        ratios = self.semantics.ratio_weights(stats.norms)
         result = teleport(
             self.model,
             self.adapter,
@@ -252,20 +424,30 @@ class COST:
             self.teleport_data,
             batch,
             ratios,
+            self.semantics,
             self.teleport_config,
+            lr=self.optimizer.param_groups[0]["lr"],
             generator=self.generator,
         )
         self.teleports_this_epoch += 1
         info.teleported = not result.rolled_back
         info.rolled_back = result.rolled_back
+        info.rollback_reason = result.rollback_reason
         info.teleport_steps = result.steps
         info.task_terms, info.sharpness_terms = result.task_terms, result.sharpness_terms
         self.optimizer.zero_grad(set_to_none=True)
-        has_direction = self.has_update or self.semantics == "paper"
-        if result.rolled_back or not has_direction or not supports_htr(self.optimizer):
+        has_direction = self.has_update or self.semantics.htr_direction == "pre_teleport_gradient"
+        if result.rolled_back or not has_direction or self.htr is None:
             return
         delta_of = {id(p): d for p, d in zip(self.adapter.base_parameters, result.deltas)}
         deltas = [delta_of[id(p)] for p in self.engine.params]
         sigma = float(flat_cosine(deltas, self.engine.combined_views))
         info.sigma = sigma
-        info.htr = apply_htr(self.optimizer, max(-1.0, min(1.0, sigma)))
+        info.htr = self.htr.arm(max(-1.0, min(1.0, sigma)))
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True if no tensor holds a NaN or ±inf (one multi-tensor norm, one host read)."""
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())

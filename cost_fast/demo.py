@@ -12,8 +12,10 @@ Report folder (written at once, see ``cost_fast.report``): ``metrics.json`` (wit
 statistics: min cos(g_i, g0), conflicting pairs, ‖g0‖) and PNG plots of
 the per-task training losses, the conflict ratio per epoch (share of steps where some task's
 gradient conflicts with the mean gradient, cos(g_i, g0) < 0) with and without COST, the
-teleport events, L_t and L_g during each teleport, the test accuracy per task, and the time
-split (per-task gradients, Gram statistics, solve and step, teleport).
+teleport events, L_t and L_g during each attempted teleport (merged or rolled back, with the
+reason), the test accuracy per task (axis from the data), and the time split of the one run
+(per-task gradients, Gram statistics, solve, optimizer step, teleport; labelled as one noisy
+wall-clock run, not a benchmark). What each plot shows is computed by ``plot_specs``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import torch
 from cost_fast.aggregators.base import get_aggregator
 from cost_fast.cost import COST
 from cost_fast.models import MultiTaskMLP, batch_task_losses
-from cost_fast.report import atomic_report_dir, check_writable_parent
+from cost_fast.report import atomic_report_dir, check_report_target
+from cost_fast.semantics import get_semantics
 
 NUM_TASKS = 10
 
@@ -77,8 +80,8 @@ def train(
         model.backbone,
         get_aggregator(method),
         optimizer,
-        batch_task_losses,
-        batches,
+        loss_fn=batch_task_losses,
+        teleport_data=batches,
         semantics=semantics,
         max_teleports_per_epoch=1 if use_cost else 0,
         start_epoch=1,
@@ -97,12 +100,13 @@ def train(
             step_stats.append([info.step, info.min_cos_mean, info.num_conflicting_pairs, info.mean_norm])
             for key, value in info.seconds.items():
                 seconds[key] = seconds.get(key, 0.0) + value
-            if info.teleported or info.rolled_back:
+            if info.attempted_teleport:
                 teleports.append(
                     {
                         "epoch": epoch,
                         "step": info.step,
                         "rolled_back": info.rolled_back,
+                        "rollback_reason": info.rollback_reason,
                         "sigma": info.sigma,
                         "htr": info.htr,
                         "task_terms": info.task_terms,
@@ -111,7 +115,6 @@ def train(
                 )
             if progress is not None:
                 progress.update(1)
-        cost.end_epoch()
         losses_per_epoch.append((epoch_losses / len(batches)).tolist())
         conflict_ratio.append(conflicted / len(batches))
     model.eval()
@@ -128,82 +131,133 @@ def train(
     }
 
 
-def _plots(report: dict[str, Any], folder: Path) -> None:
+def plot_specs(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What each PNG of the report shows, from the metrics alone (tested; ``_draw`` only draws
+    it): per file, a title, axis labels, axis limits taken from the data, and the series."""
+    runs = report["runs"]
+    epochs = report["epochs"]
+    accuracies = [a for run in runs.values() for a in run["test_accuracy"]]
+    low, high = min(accuracies), max(accuracies)
+    margin = max(0.02, 0.1 * (high - low))
+    events = runs["base+COST"]["teleports"]
+    seconds = {name: run["seconds"] for name, run in runs.items()}
+    return {
+        "task_losses.png": {
+            "title": "training loss per task",
+            "xlabel": "epoch",
+            "ylabel": "training loss (BCE)",
+            "marker": "o" if epochs == 1 else None,  # one epoch is a point, not a line
+            "series": {name: run["train_loss"] for name, run in runs.items()},
+        },
+        "conflict_ratio.png": {
+            "title": "conflict ratio per epoch",
+            "xlabel": "epoch (dashed: an attempted teleport)",
+            "ylabel": "share of steps with cos(g_i, g0) < 0",
+            "ylim": (-0.02, 1.02),  # a share
+            "series": {name: run["conflict_ratio"] for name, run in runs.items()},
+            "events": [e["epoch"] for e in events],
+        },
+        "teleports.png": {
+            "title": "L_t and L_g during each attempted teleport",
+            "xlabel": "adapter step",
+            "ylabel": ("L_t (loss invariance)", "L_g (sharpness)"),
+            "series": {
+                f"epoch {e['epoch']}" + (f" (rolled back: {e['rollback_reason']})" if e["rolled_back"] else ""): (
+                    e["task_terms"],
+                    e["sharpness_terms"],
+                )
+                for e in events
+            },
+        },
+        "test_accuracy.png": {
+            "title": "test accuracy per task",
+            "xlabel": "task: is it this digit?",
+            "ylabel": "test accuracy",
+            "ylim": (max(0.0, low - margin), min(1.0, high + margin)),
+            "series": {name: run["test_accuracy"] for name, run in runs.items()},
+        },
+        "time_split.png": {
+            "title": "where the time went: one run each, wall clock (noisy; not a benchmark)",
+            "xlabel": "seconds over the run",
+            "ylabel": "",
+            "series": seconds,
+            "keys": ["gradients", "gram", "solve", "optimizer_step", "teleport"],
+        },
+    }
+
+
+def _draw(specs: dict[str, dict[str, Any]], folder: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = report["runs"]
     colors = {"base": "tab:blue", "base+COST": "tab:red"}
 
+    spec = specs["task_losses.png"]
     fig, axes = plt.subplots(2, 5, figsize=(14, 5.5), sharex=True)
     for task, ax in enumerate(axes.flat):
-        for name, run in runs.items():
-            ax.plot([e[task] for e in run["train_loss"]], color=colors[name], label=name)
+        for name, losses in spec["series"].items():
+            ax.plot([e[task] for e in losses], color=colors[name], label=name, marker=spec["marker"])
         ax.set_title(f"digit {task}", fontsize=9)
-    axes[0, 0].legend(fontsize=8)
-    fig.supxlabel("epoch")
-    fig.supylabel("training loss (BCE)")
-    fig.tight_layout()
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper right", fontsize=8)
+    fig.suptitle(spec["title"])
+    fig.supxlabel(spec["xlabel"])
+    fig.supylabel(spec["ylabel"])
+    fig.tight_layout(rect=(0, 0, 0.93, 1))
     fig.savefig(folder / "task_losses.png", dpi=100)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, run in runs.items():
-        ax.plot(run["conflict_ratio"], marker="o", color=colors[name], label=name)
-    for event in runs["base+COST"]["teleports"]:
-        ax.axvline(event["epoch"], color="tab:red", alpha=0.25, linestyle="--")
-    ax.set_xlabel("epoch (dashed: a teleport)")
-    ax.set_ylabel("share of steps with cos(g_i, g0) < 0")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend()
+    spec = specs["conflict_ratio.png"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, ratio in spec["series"].items():
+        ax.plot(ratio, marker="o", color=colors[name], label=name)
+    for epoch in spec["events"]:
+        ax.axvline(epoch, color="tab:red", alpha=0.25, linestyle="--")
+    ax.set(title=spec["title"], xlabel=spec["xlabel"], ylabel=spec["ylabel"], ylim=spec["ylim"])
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(folder / "conflict_ratio.png", dpi=100)
     plt.close(fig)
 
-    events = runs["base+COST"]["teleports"]
-    fig, (ax_t, ax_g) = plt.subplots(1, 2, figsize=(10, 4))
-    for i, event in enumerate(events):
-        label = f"epoch {event['epoch']}" + (" (rolled back)" if event["rolled_back"] else "")
-        ax_t.plot(event["task_terms"], label=label, color=plt.cm.viridis(i / max(1, len(events) - 1)))
-        ax_g.plot(event["sharpness_terms"], label=label, color=plt.cm.viridis(i / max(1, len(events) - 1)))
-    ax_t.set_title("L_t (loss invariance) during each teleport")
-    ax_g.set_title("L_g (sharpness) during each teleport")
-    for ax in (ax_t, ax_g):
-        ax.set_xlabel("adapter step")
-    if events:
-        ax_t.legend(fontsize=7)
+    spec = specs["teleports.png"]
+    fig, (ax_t, ax_g) = plt.subplots(1, 2, figsize=(12, 4))
+    for i, (label, (task_terms, sharp_terms)) in enumerate(spec["series"].items()):
+        color = plt.cm.viridis(i / max(1, len(spec["series"]) - 1))
+        ax_t.plot(task_terms, label=label, color=color, marker="o" if len(task_terms) == 1 else None)
+        ax_g.plot(sharp_terms, label=label, color=color, marker="o" if len(sharp_terms) == 1 else None)
+    for ax, ylabel in zip((ax_t, ax_g), spec["ylabel"]):
+        ax.set(xlabel=spec["xlabel"], ylabel=ylabel)
+    fig.suptitle(spec["title"])
+    if spec["series"]:
+        ax_g.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     else:
         ax_t.text(0.5, 0.5, "no teleport", ha="center", transform=ax_t.transAxes)
     fig.tight_layout()
     fig.savefig(folder / "teleports.png", dpi=100)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for offset, (name, run) in zip((-0.2, 0.2), runs.items()):
-        ax.bar([t + offset for t in range(NUM_TASKS)], run["test_accuracy"], width=0.4, color=colors[name], label=name)
+    spec = specs["test_accuracy.png"]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for offset, (name, accuracy) in zip((-0.2, 0.2), spec["series"].items()):
+        ax.bar([t + offset for t in range(NUM_TASKS)], accuracy, width=0.4, color=colors[name], label=name)
     ax.set_xticks(range(NUM_TASKS))
-    ax.set_xlabel("task: is it this digit?")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0.8, 1.0)
-    ax.legend()
+    ax.set(title=spec["title"], xlabel=spec["xlabel"], ylabel=spec["ylabel"], ylim=spec["ylim"])
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(folder / "test_accuracy.png", dpi=100)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    keys = ["gradients", "gram", "solve_and_step", "teleport"]
-    left = {name: 0.0 for name in runs}
-    for key in keys:
-        for name, run in runs.items():
-            value = run["seconds"].get(key, 0.0)
-            ax.barh(
-                name, value, left=left[name], label=key if name == "base" else None, color=plt.cm.tab10(keys.index(key))
-            )
+    spec = specs["time_split.png"]
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    left = {name: 0.0 for name in spec["series"]}
+    for k, key in enumerate(spec["keys"]):
+        for name, seconds in spec["series"].items():
+            value = seconds.get(key, 0.0)
+            ax.barh(name, value, left=left[name], label=key if name == "base" else None, color=plt.cm.tab10(k))
             left[name] += value
-    ax.set_xlabel("seconds over the run")
-    ax.legend(fontsize=8, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+    ax.set(title=spec["title"], xlabel=spec["xlabel"])
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(folder / "time_split.png", dpi=100)
     plt.close(fig)
@@ -214,7 +268,7 @@ def run_demo(
     *,
     epochs: int = 10,
     method: str = "fairgrad",
-    semantics: str = "reference",
+    semantics: str = "public",
     hidden: int = 16,
     batch_size: int = 64,
     seed: int = 0,
@@ -228,9 +282,8 @@ def run_demo(
     for name, value in (("epochs", epochs), ("hidden", hidden), ("batch size", batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be ≥ 1, got {value}")
-    if semantics not in ("reference", "paper"):
-        raise ValueError(f"semantics must be 'reference' or 'paper', got {semantics!r}")
-    target = check_writable_parent(out_dir)
+    get_semantics(semantics)  # a clear error for an unknown name, before any work
+    target = check_report_target(out_dir)
     _require("matplotlib")
     x_train, y_train, x_test, y_test = (t.to(device) for t in digits_tasks(seed))
     batches = [(x_train[i : i + batch_size], y_train[i : i + batch_size]) for i in range(0, len(x_train), batch_size)]
@@ -270,7 +323,7 @@ def run_demo(
     }
     with atomic_report_dir(target) as folder:
         (folder / "metrics.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-        _plots(report, folder)
+        _draw(plot_specs(report), folder)
     if stream is not None:
         for name, run in runs.items():
             acc = sum(run["test_accuracy"]) / NUM_TASKS
@@ -289,4 +342,4 @@ def run_demo(
     return report
 
 
-__all__ = ["digits_tasks", "run_demo", "train"]
+__all__ = ["digits_tasks", "plot_specs", "run_demo", "train"]

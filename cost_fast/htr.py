@@ -8,16 +8,21 @@ in proportion to how well the teleport agrees with the last update direction g':
     v_t = σβ2 v_(t-1) + (1 - σβ2) g_t²
 
 for the one step after the teleport, then σ = 1 again. Eq. 13 is exactly Adam's moment update
-with betas (σβ1, σβ2), so HTR is applied by setting those betas for one ``optimizer.step()``
-(restored by a step post-hook): the optimizer's own fused multi-tensor step does the update,
-and the step's bias correction uses the same betas, as in the public COST code. With σ ≤ 0
-the public code starts a brand-new Adam (state cleared), which ``apply_htr`` does too.
+with betas (σβ1, σβ2), so HTR sets those betas for the next ``optimizer.step()`` that updates
+anything, and restores them right after it: the optimizer's own fused multi-tensor step does the
+update, and its bias correction uses the same betas, as in the public COST code. With σ ≤ 0 the
+public code starts a brand-new Adam (state cleared), which ``HistoryReuse`` does too.
+
+The betas are changed only inside that step (a step pre-hook sets them, a post-hook restores
+them), so ``optimizer.state_dict()`` never holds modulated betas; the pending σ is in
+``HistoryReuse.state_dict()``, which a resumed run loads to apply it at its first step.
 SGD and other optimizers without ``betas`` are not supported (HTR is then off).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -47,38 +52,70 @@ def flat_cosine(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.T
     return torch.where(denom > 0, dot / denom.clamp_min(1e-30), torch.zeros_like(dot))
 
 
-def apply_htr(optimizer: torch.optim.Optimizer, sigma: float | torch.Tensor) -> str:
-    """Arm HTR on ``optimizer`` for its next step; returns what was done.
+class HistoryReuse:
+    """HTR on one Adam/AdamW optimizer.
 
-    σ ≤ 0: the optimizer state is cleared (a fresh Adam), ``"reset"``. Otherwise every param
-    group's betas become (σβ1, σβ2) for exactly one ``step()`` and are then restored,
-    ``"modulated"``. Arming twice before a step keeps the original betas for the restore.
+    ``arm(σ)`` after a teleport: σ ≤ 0 clears the optimizer state at once (``"reset"``);
+    σ > 0 makes the next ``optimizer.step()`` that has any gradient run with betas
+    (σβ1, σβ2) (``"modulated"``), whoever calls it (``COST.step``, or the user after
+    ``COST.backward``, e.g. through an AMP ``GradScaler``). A step without gradients, or one a
+    ``GradScaler`` skips, leaves HTR pending.
+
+    Args:
+        optimizer: an ``torch.optim.Adam`` or ``AdamW``.
     """
-    if not supports_htr(optimizer):
-        raise TypeError(f"HTR needs Adam or AdamW, got {type(optimizer).__name__}")
-    sigma = float(sigma)
-    if not sigma == sigma or not -1.0 - 1e-6 <= sigma <= 1.0 + 1e-6:
-        raise ValueError(f"sigma is a cosine in [-1, 1], got {sigma}")
-    if sigma <= 0:
-        optimizer.state.clear()
-        _restore_betas(optimizer)
-        return "reset"
-    sigma = min(sigma, 1.0)
-    saved = getattr(optimizer, "_htr_saved_betas", None)
-    if saved is None:
-        saved = [tuple(group["betas"]) for group in optimizer.param_groups]
-        optimizer._htr_saved_betas = saved
-        optimizer._htr_hook = optimizer.register_step_post_hook(lambda opt, args, kwargs: _restore_betas(opt))
-    for group, (b1, b2) in zip(optimizer.param_groups, saved):
-        group["betas"] = (sigma * b1, sigma * b2)
-    return "modulated"
 
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        if not supports_htr(optimizer):
+            raise TypeError(f"HTR needs Adam or AdamW, got {type(optimizer).__name__}")
+        self.optimizer = optimizer
+        self.pending_sigma: float | None = None
+        self._saved_betas: list[tuple[float, float]] | None = None
+        self._hooks = [
+            optimizer.register_step_pre_hook(self._before_step),
+            optimizer.register_step_post_hook(self._after_step),
+        ]
 
-def _restore_betas(optimizer: torch.optim.Optimizer) -> None:
-    saved = getattr(optimizer, "_htr_saved_betas", None)
-    if saved is None:
-        return
-    for group, betas in zip(optimizer.param_groups, saved):
-        group["betas"] = betas
-    optimizer._htr_hook.remove()
-    del optimizer._htr_saved_betas, optimizer._htr_hook
+    def arm(self, sigma: float | torch.Tensor) -> str:
+        """Apply HTR for σ (a cosine in [-1, 1]); returns ``"reset"`` or ``"modulated"``."""
+        sigma = float(sigma)
+        if not sigma == sigma or not -1.0 - 1e-6 <= sigma <= 1.0 + 1e-6:
+            raise ValueError(f"sigma is a cosine in [-1, 1], got {sigma}")
+        if sigma <= 0:
+            self.optimizer.state.clear()
+            self.pending_sigma = None
+            return "reset"
+        self.pending_sigma = min(sigma, 1.0)
+        return "modulated"
+
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.pending_sigma is None:
+            return
+        if not any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+            return  # this step updates nothing: keep HTR for the next one
+        self._saved_betas = [tuple(group["betas"]) for group in optimizer.param_groups]
+        for group, (b1, b2) in zip(optimizer.param_groups, self._saved_betas):
+            group["betas"] = (self.pending_sigma * b1, self.pending_sigma * b2)
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._saved_betas is None:
+            return
+        for group, betas in zip(optimizer.param_groups, self._saved_betas):
+            group["betas"] = betas
+        self._saved_betas = None
+        self.pending_sigma = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"pending_sigma": σ of an HTR not yet applied, or None}."""
+        return {"pending_sigma": self.pending_sigma}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned."""
+        sigma = state["pending_sigma"]
+        self.pending_sigma = None if sigma is None else float(sigma)
+
+    def remove(self) -> None:
+        """Detach from the optimizer (its hooks are removed; pending HTR is dropped)."""
+        for hook in self._hooks:
+            hook.remove()
+        self.pending_sigma = None

@@ -1,13 +1,13 @@
-"""``cost-fast profile``: where the time of a COST run goes, fast engine against the reference.
+"""``cost-fast profile``: where the time of a COST run goes, fast engine against the yardstick.
 
 Four phases on a CelebA-shaped workload (``CelebACNN``, synthetic 64x64 images), each run once
 to warm up and once under ``torch.profiler``:
 
 - ``step_fast``: per-task gradients by ``TaskGradients`` + ``gram_stats`` + FairGrad + Adam step;
-- ``step_reference``: the same step with ``reference_task_gradients`` (K backward calls and a
+- ``step_yardstick``: the same step with ``yardstick_task_gradients`` (K backward calls and a
   copy loop) and the Gram matrix and statistics the plain way;
-- ``teleport_fast``: one ``teleport`` (reference semantics);
-- ``teleport_reference``: the same teleport by ``reference_teleport``.
+- ``teleport_fast``: one ``teleport`` (public semantics);
+- ``teleport_yardstick``: the same teleport by ``yardstick_teleport``.
 
 Writes, into the output folder, a Chrome trace per phase (``<phase>.trace.json``, open in
 chrome://tracing or Perfetto) and ``summary.txt`` with each phase's wall time and top operations.
@@ -31,9 +31,10 @@ from cost_fast.grads import TaskGradients
 from cost_fast.kernels import gram_stats
 from cost_fast.lora import TeleportAdapter
 from cost_fast.models import CelebACNN, batch_task_losses
-from cost_fast.reference import reference_task_gradients, reference_teleport
-from cost_fast.report import atomic_report_dir, check_writable_parent
-from cost_fast.teleport import TeleportConfig, reference_ratio_weights, teleport
+from cost_fast.report import atomic_report_dir, check_report_target
+from cost_fast.semantics import PublicSemantics
+from cost_fast.teleport import TeleportConfig, teleport
+from cost_fast.yardstick import yardstick_task_gradients, yardstick_teleport
 
 
 def _phases(num_tasks: int, width: int, batch_size: int, device: torch.device) -> dict[str, Callable[[], None]]:
@@ -50,15 +51,17 @@ def _phases(num_tasks: int, width: int, batch_size: int, device: torch.device) -
     fairgrad = get_aggregator("fairgrad")
 
     fast_model = CelebACNN(num_tasks, width).to(device)
-    reference_model = copy.deepcopy(fast_model)
+    yardstick_model = copy.deepcopy(fast_model)
     teleport_model = copy.deepcopy(fast_model)
     fast_opt = torch.optim.Adam(fast_model.parameters(), lr=1e-3)
-    ref_opt = torch.optim.Adam(reference_model.parameters(), lr=1e-3)
+    yardstick_opt = torch.optim.Adam(yardstick_model.parameters(), lr=1e-3)
     engine = TaskGradients(fast_model.backbone.parameters(), num_tasks)
-    ref_shared = list(reference_model.backbone.parameters())
-    ref_buffer = torch.empty(sum(p.numel() for p in ref_shared), num_tasks, device=device)
+    yardstick_shared = list(yardstick_model.backbone.parameters())
+    yardstick_buffer = torch.empty(sum(p.numel() for p in yardstick_shared), num_tasks, device=device)
     adapter = TeleportAdapter(teleport_model.backbone, rank=5)
-    ratios = reference_ratio_weights(torch.rand(num_tasks, generator=gen)).to(device)
+    semantics = PublicSemantics()
+    norms = torch.rand(num_tasks, generator=gen).to(device)
+    ratios = semantics.ratio_weights(norms)
 
     def step_fast() -> None:
         fast_opt.zero_grad(set_to_none=True)
@@ -70,24 +73,24 @@ def _phases(num_tasks: int, width: int, batch_size: int, device: torch.device) -
         bool(stats.trigger)
         fast_opt.step()
 
-    def step_reference() -> None:
-        losses = batch_task_losses(reference_model, data[0])
-        G = reference_task_gradients(reference_model, ref_shared, losses, ref_buffer)
+    def step_yardstick() -> None:
+        losses = batch_task_losses(yardstick_model, data[0])
+        G = yardstick_task_gradients(yardstick_model, yardstick_shared, losses, yardstick_buffer)
         M = G.T @ G
         norms = G.norm(dim=0)
         g0 = G.mean(dim=1)
         cos = (G.T @ g0) / (norms * g0.norm())
         _ = [(norms[i].item(), cos[i].item()) for i in range(num_tasks)]
         w = fairgrad(M)
-        ref_opt.zero_grad(set_to_none=True)
-        (losses @ w).backward(inputs=list(reference_model.heads.parameters()))
+        yardstick_opt.zero_grad(set_to_none=True)
+        (losses @ w).backward(inputs=list(yardstick_model.heads.parameters()))
         with torch.no_grad():
             d = G @ w
             offset = 0
-            for p in ref_shared:
+            for p in yardstick_shared:
                 p.grad = d[offset : offset + p.numel()].view_as(p).clone()
                 offset += p.numel()
-        ref_opt.step()
+        yardstick_opt.step()
 
     def teleport_fast() -> None:
         teleport(
@@ -97,27 +100,30 @@ def _phases(num_tasks: int, width: int, batch_size: int, device: torch.device) -
             data,
             data[0],
             ratios,
+            semantics,
             config,
             generator=torch.Generator(device).manual_seed(1),
         )
 
-    def teleport_reference() -> None:
-        reference_teleport(
-            reference_model,
+    def teleport_yardstick() -> None:
+        yardstick_teleport(
+            yardstick_model,
             "backbone",
             batch_task_losses,
             data,
             data[0],
-            ratios,
+            norms,
+            semantics,
             config,
+            lr=1e-3,
             generator=torch.Generator(device).manual_seed(1),
         )
 
     return {
         "step_fast": step_fast,
-        "step_reference": step_reference,
+        "step_yardstick": step_yardstick,
         "teleport_fast": teleport_fast,
-        "teleport_reference": teleport_reference,
+        "teleport_yardstick": teleport_yardstick,
     }
 
 
@@ -135,10 +141,14 @@ def run_profile(
     for name, value in (("tasks", num_tasks), ("width", width), ("batch size", batch_size), ("rows", rows)):
         if value < 1:
             raise ValueError(f"{name} must be ≥ 1, got {value}")
+    if batch_size < 2:
+        raise ValueError(f"batch size must be ≥ 2 (the CNN's BatchNorm layers need two samples), got {batch_size}")
     dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a CPU or CUDA device, got {device!r}")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     sort_key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    target = check_writable_parent(out_dir)
+    target = check_report_target(out_dir)
     with atomic_report_dir(target) as staging:
         lines = [f"cost-fast profile: CelebA-shaped CNN, K={num_tasks}, width={width}, batch={batch_size}, {dev}", ""]
         for name, fn in _phases(num_tasks, width, batch_size, dev).items():

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from cost_fast.demo import run_demo
-from cost_fast.report import atomic_report_dir, check_writable_parent
+from cost_fast.report import atomic_report_dir, check_report_target
 from cost_fast.toy import run_toy
 
 WINDOW = 3  # steps before/after a teleport compared for the "right after" claim
@@ -134,7 +134,7 @@ def run_reproduction(
     out_dir: str = "reproduction", *, quick: bool = False, stream: TextIO | None = None
 ) -> list[dict[str, str]]:
     """Run both experiments into ``out_dir`` (``demo/``, ``toy/``) and write REPRODUCTION.md there."""
-    target = check_writable_parent(out_dir)
+    target = check_report_target(out_dir)
     with atomic_report_dir(target) as folder:
         demo = run_demo(str(folder / "demo"), epochs=2 if quick else 10, stream=None, progress=False)
         toy = run_toy(str(folder / "toy"), steps=30 if quick else 3000, steps_per_epoch=10 if quick else 100)

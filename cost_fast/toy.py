@@ -25,7 +25,7 @@ from torch import nn
 
 from cost_fast.aggregators.base import get_aggregator
 from cost_fast.cost import COST
-from cost_fast.report import atomic_report_dir, check_writable_parent
+from cost_fast.report import atomic_report_dir, check_report_target
 from cost_fast.teleport import TeleportConfig
 
 INITS = [(-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0)]
@@ -95,7 +95,7 @@ def train_toy(
     steps: int,
     lr: float,
     steps_per_epoch: int,
-    semantics: str = "reference",
+    semantics: str = "public",
     seed: int = 0,
 ) -> dict[str, Any]:
     """One LS (mean of the two losses) or LS + COST run with Adam; returns the trajectory."""
@@ -103,17 +103,17 @@ def train_toy(
     model = ToyModel(init)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     batch = (torch.ones(1, 1), None)
-    config = TeleportConfig.for_semantics(semantics, lr=lr, rounds=20)
     cost = COST(
         model,
         model.backbone,
         get_aggregator("mean"),
         optimizer,
-        _loss_fn,
-        [batch],
+        loss_fn=_loss_fn,
+        teleport_data=[batch],
         semantics=semantics,
         max_teleports_per_epoch=1 if use_cost else 0,
-        teleport=config,
+        steps_per_epoch=steps_per_epoch,
+        teleport=TeleportConfig(lr=lr, rounds=20),
         seed=seed,
     )
     path, teleports = [model.theta.tolist()], []
@@ -122,8 +122,6 @@ def train_toy(
         if info.teleported:
             teleports.append({"step": step, "point": model.theta.tolist()})
         path.append(model.theta.tolist())
-        if (step + 1) % steps_per_epoch == 0:
-            cost.end_epoch()
     final = toy_losses(torch.tensor(path[-1], dtype=torch.float64))
     return {"init": list(init), "path": path, "teleports": teleports, "final_losses": final.tolist()}
 
@@ -172,13 +170,13 @@ def run_toy(
     lr: float = 0.01,
     steps_per_epoch: int = 100,
     tolerance: float = 0.05,
-    semantics: str = "reference",
+    semantics: str = "public",
     stream: TextIO | None = None,
 ) -> dict[str, Any]:
     """LS and LS + COST from the five starting points; writes toy.json, toy_table.md, toy.png."""
     if steps < 1 or steps_per_epoch < 1 or not lr > 0 or not tolerance > 0:
         raise ValueError("steps and steps_per_epoch must be ≥ 1, lr and tolerance > 0")
-    target = check_writable_parent(out_dir)
+    target = check_report_target(out_dir)
     start = time.perf_counter()
     front = pareto_front()
     runs = []

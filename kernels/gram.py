@@ -14,7 +14,7 @@ statistic here is a function of the Gram matrix ``M = G Gᵀ`` alone:
 
 So one pass over G that produces M is enough; the statistics are an O(K²) epilogue. The Triton
 path reads every element of G exactly once (fp32 accumulation) and computes the epilogue in a
-second, single-program kernel, so nothing crosses to the host. ``gram_stats_reference`` is the
+second, single-program kernel, so nothing crosses to the host. ``gram_stats_torch`` is the
 same math in plain torch.
 """
 
@@ -122,7 +122,7 @@ def stats_from_gram(gram: torch.Tensor) -> GramStats:
 TORCH_GRAM_CHUNK = 16384
 
 
-def gram_reference(G: torch.Tensor) -> torch.Tensor:
+def gram_torch(G: torch.Tensor) -> torch.Tensor:
     """``M = G Gᵀ`` in float32 (float64 for float64 G), accumulated per column chunk:
     ``M = Σ_c G[:, c] G[:, c]ᵀ``.
 
@@ -141,10 +141,10 @@ def gram_reference(G: torch.Tensor) -> torch.Tensor:
     return gram
 
 
-def gram_stats_reference(G: torch.Tensor) -> GramStats:
-    """Plain-torch ``gram_stats``: ``gram_reference`` (fp32, or fp64 for fp64 G), then ``stats_from_gram``."""
+def gram_stats_torch(G: torch.Tensor) -> GramStats:
+    """Plain-torch ``gram_stats``: ``gram_torch`` (fp32, or fp64 for fp64 G), then ``stats_from_gram``."""
     check_grad_matrix(G)
-    return stats_from_gram(gram_reference(G))
+    return stats_from_gram(gram_torch(G))
 
 
 def triton_available() -> bool:
@@ -395,7 +395,7 @@ def gram_stats(G: torch.Tensor, *, backend: Backend = "auto", deterministic: boo
         G: (K, P) per-task gradients, one task per row; float32, float16 or bfloat16 (and float64
             on the torch backend, computed in float64). Any row stride is accepted without a copy (e.g. the buffer of ``cost_fast.grads``).
         backend: ``"triton"`` (fused kernel; on CPU tensors only under ``TRITON_INTERPRET=1``),
-            ``"torch"`` (``gram_stats_reference``), or ``"auto"`` (Triton on CUDA, torch otherwise).
+            ``"torch"`` (``gram_stats_torch``), or ``"auto"`` (Triton on CUDA, torch otherwise).
         deterministic: Triton only: bitwise-identical results run to run (fixed-order reduction
             instead of atomics). The torch backend is one matmul and ignores it.
 
@@ -408,4 +408,4 @@ def gram_stats(G: torch.Tensor, *, backend: Backend = "auto", deterministic: boo
     check_grad_matrix(G)
     if resolve_backend(G, backend) == "triton":
         return gram_stats_triton(G, deterministic=deterministic)
-    return gram_stats_reference(G)
+    return gram_stats_torch(G)

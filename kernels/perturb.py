@@ -6,7 +6,7 @@
 Triton backend: z at global element index i (tensors in order, as if concatenated) is
 ``tl.randn(seed, i)`` (Philox), so the same (seed, tensors) always give the same ε and no P-sized
 noise buffer is ever allocated: one kernel pass sums z² (partial sums per program, added in a
-fixed order), a second regenerates z and adds δ z/‖z‖ in fp32. Torch backend (the reference of
+fixed order), a second regenerates z and adds δ z/‖z‖ in fp32. Torch backend (the plain-torch version of
 the same math): z from a ``torch.Generator`` seeded with ``seed``, tensor by tensor. The two
 backends draw different random streams; each is reproducible.
 """
@@ -64,11 +64,13 @@ def _use_triton(tensors: list[torch.Tensor], backend: Backend) -> bool:
     return False
 
 
-def sphere_noise_reference(tensors: list[torch.Tensor], seed: int, radius: float) -> list[torch.Tensor]:
+def sphere_noise_torch(tensors: list[torch.Tensor], seed: int, radius: float) -> list[torch.Tensor]:
     """ε = δ z/‖z‖ with z drawn tensor by tensor from ``torch.Generator().manual_seed(seed)``."""
     gen = torch.Generator(device=tensors[0].device).manual_seed(seed)
     noise = [torch.randn(t.shape, generator=gen, dtype=t.dtype, device=t.device) for t in tensors]
-    norm = torch.stack(torch._foreach_norm(noise)).float().square().sum().sqrt()
+    # at least float32 (half-precision tensors), float64 kept as it is
+    norm = torch.stack(torch._foreach_norm(noise)).to(torch.promote_types(noise[0].dtype, torch.float32))
+    norm = norm.square().sum().sqrt()
     return torch._foreach_mul(noise, radius / norm)
 
 
@@ -119,7 +121,7 @@ def sphere_perturb_(tensors: list[torch.Tensor], seed: int, radius: float, *, ba
     if _use_triton(tensors, backend):
         _triton_perturb_(tensors, seed, radius)
     else:
-        torch._foreach_add_(tensors, sphere_noise_reference(tensors, seed, radius))
+        torch._foreach_add_(tensors, sphere_noise_torch(tensors, seed, radius))
 
 
 @torch.no_grad()
@@ -132,4 +134,4 @@ def sphere_noise(
         noise = [torch.zeros_like(t, memory_format=torch.contiguous_format) for t in tensors]
         _triton_perturb_(noise, seed, radius)
         return noise
-    return sphere_noise_reference(tensors, seed, radius)
+    return sphere_noise_torch(tensors, seed, radius)

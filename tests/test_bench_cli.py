@@ -9,14 +9,17 @@ import pytest
 
 from cost_fast.bench import runner
 from cost_fast.cli import main
+from cost_fast.report import MARKER
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SELECTION = "fairgrad_solve and 3-2.0"  # two solver benchmarks, about a second
 
 
-def test_bench_writes_json_plot_and_summary_and_keeps_other_files(tmp_path: Path, capsys) -> None:
+def test_bench_writes_json_plot_and_summary_and_keeps_other_files(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "results"
     out.mkdir()
+    (out / MARKER).write_text("an earlier cost-fast bench output")
     (out / "gram_cuda.json").write_text("{}")  # an earlier run on another device
     tag = runner.device_tag()
     # an earlier result of another suite on this device: kept, and summarized with the new one
@@ -24,7 +27,14 @@ def test_bench_writes_json_plot_and_summary_and_keeps_other_files(tmp_path: Path
     (out / f"teleport_{tag}.json").write_text(earlier.read_text())
     assert main(["bench", "--out", str(out), "--suites", "solvers,gram", "-k", SELECTION]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["gram_cuda.json", f"teleport_{tag}.json", f"solvers_{tag}.json", f"solvers_{tag}.png", f"summary_{tag}.md"]
+        [
+            MARKER,
+            "gram_cuda.json",
+            f"teleport_{tag}.json",
+            f"solvers_{tag}.json",
+            f"solvers_{tag}.png",
+            f"summary_{tag}.md",
+        ]
     )
     assert (out / "gram_cuda.json").read_text() == "{}"
     data = json.loads((out / f"solvers_{tag}.json").read_text())
@@ -37,7 +47,19 @@ def test_bench_writes_json_plot_and_summary_and_keeps_other_files(tmp_path: Path
     assert summary.index("### solvers") < summary.index("### teleport")  # suites in their usual order
     printed = capsys.readouterr().out
     assert "selects nothing in suite gram" in printed and f"wrote 3 files to {out}" in printed
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # staging folder removed
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging, no .benchmarks/
+
+
+def test_a_folder_of_the_users_is_never_written_into(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "solvers_cpu.json").write_text("my own file")
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--out", str(out), "--suites", "solvers", "-k", SELECTION])
+    assert exc.value.code == 2 and "never overwritten" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["solvers_cpu.json"] and (
+        out / "solvers_cpu.json"
+    ).read_text() == "my own file"
 
 
 @pytest.mark.parametrize(
@@ -60,7 +82,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path: Path, capsys, args: list[s
 def test_unwritable_output_folder_exits_2(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--out", str(tmp_path / "missing" / "results"), "--suites", "solvers"])
-    assert exc.value.code == 2 and "not a writable directory" in capsys.readouterr().err
+    assert exc.value.code == 2 and "cannot write the report folder" in capsys.readouterr().err
 
 
 def test_a_failing_suite_leaves_the_output_folder_as_it_was(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -73,8 +95,9 @@ def test_a_failing_suite_leaves_the_output_folder_as_it_was(tmp_path: Path, monk
     monkeypatch.setattr(runner, "HERE", suites)
     out = tmp_path / "results"
     out.mkdir()
+    (out / MARKER).write_text("an earlier cost-fast bench output")
     (out / "keep.txt").write_text("earlier")
     assert main(["bench", "--out", str(out), "--suites", "gram,grads"]) == 1
     assert "benchmark suite grads failed" in capsys.readouterr().err
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]  # gram's finished result was not moved in
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "keep.txt"])  # gram's result not moved in
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

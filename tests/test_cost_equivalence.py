@@ -1,7 +1,8 @@
-"""Whole COST steps, fast engine against ``ReferenceCOST`` (the straightforward loop).
+"""Whole COST steps, fast engine against ``YardstickCOST`` (the straightforward loop, written from
+the equations).
 
-``ReferenceCOST`` computes per-task gradients with K backward passes, M = G Gᵀ and the trigger in
-plain torch, teleports with ``reference_teleport`` (deep copies, ``get_peft_model``,
+``YardstickCOST`` computes per-task gradients with K backward passes, M = G Gᵀ and the trigger in
+plain torch, teleports with ``yardstick_teleport`` (deep copies, ``get_peft_model``,
 ``merge_and_unload``), computes σ on concatenated vectors and applies HTR by hand (σ ≤ 0: Adam's
 state dropped; else betas (0.9σ, 0.999σ) for one step). In float64, both must agree on every
 decision, and on the parameters and Adam's moments after every step, in both semantics.
@@ -14,12 +15,9 @@ import copy
 import pytest
 import torch
 
-from cost_fast import get_aggregator
-from cost_fast.cost import COST
-from cost_fast.lora import ADAPTER
+from cost_fast import COST, PaperSemantics, PublicSemantics, TeleportConfig, get_aggregator
 from cost_fast.models import batch_task_losses
-from cost_fast.reference import ReferenceCOST
-from cost_fast.teleport import TeleportConfig
+from cost_fast.yardstick import YardstickCOST
 
 K = 4
 
@@ -49,8 +47,7 @@ def problem(seed: int):
 
 
 def assert_same_state(fast_model, fast_opt, plain_model, plain_opt) -> None:
-    ours = [(name, p) for name, p in fast_model.named_parameters() if "lora_" not in name]
-    for (name, a), b in zip(ours, plain_model.parameters(), strict=True):
+    for (name, a), b in zip(fast_model.named_parameters(), plain_model.parameters(), strict=True):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-9, atol=1e-12, msg=name)
         sa, sb = fast_opt.state.get(a, {}), plain_opt.state.get(b, {})
         assert sa.keys() == sb.keys(), name
@@ -61,13 +58,12 @@ def assert_same_state(fast_model, fast_opt, plain_model, plain_opt) -> None:
 
 
 @pytest.mark.parametrize(
-    ("semantics", "seed", "htr"), [("reference", 4, "reset"), ("reference", 15, "modulated"), ("paper", 4, "reset")]
+    ("semantics", "seed", "htr"), [("public", 4, "reset"), ("public", 15, "modulated"), ("paper", 4, "reset")]
 )
-def test_cost_steps_match_the_plain_loop(semantics: str, seed: int, htr: str) -> None:
+def test_cost_steps_match_the_yardstick(semantics: str, seed: int, htr: str) -> None:
     lr = 1e-2
-    config = TeleportConfig.for_semantics(semantics, lr=lr, rounds=2, guard=False)
-    if semantics == "paper":
-        config.relative_radius = 1e-2
+    config = TeleportConfig(rounds=2, guard=False)
+    semantics = PaperSemantics(relative_radius=1e-2) if semantics == "paper" else PublicSemantics()
     model, batches = problem(seed)
     plain_model = copy.deepcopy(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -76,25 +72,25 @@ def test_cost_steps_match_the_plain_loop(semantics: str, seed: int, htr: str) ->
         model.backbone,
         get_aggregator("fairgrad"),
         optimizer,
-        batch_task_losses,
-        batches[:2],
+        loss_fn=batch_task_losses,
+        teleport_data=batches[:2],
         semantics=semantics,
         start_step=1,
+        steps_per_epoch=100,
         teleport=config,
     )
     plain_opt = torch.optim.Adam(plain_model.parameters(), lr=lr)
-    plain = ReferenceCOST(
+    plain = YardstickCOST(
         plain_model,
         "backbone",
         get_aggregator("fairgrad"),
         plain_opt,
-        batch_task_losses,
-        batches[:2],
+        loss_fn=batch_task_losses,
+        teleport_data=batches[:2],
         semantics=semantics,
         start_step=1,
         teleport=config,
     )
-    plain.initial_lora_a = [layer.lora_A[ADAPTER].weight.detach().clone() for layer in cost.adapter.layers]
     teleports = 0
     for step, batch in enumerate(batches):
         info = cost.step(batch_task_losses(model, batch), batch)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cost_fast.cli import main
-from cost_fast.demo import NUM_TASKS, digits_tasks, run_demo
+from cost_fast.demo import NUM_TASKS, digits_tasks, plot_specs, run_demo
+from cost_fast.report import MARKER
 
 PLOTS = ["task_losses.png", "conflict_ratio.png", "teleports.png", "test_accuracy.png", "time_split.png"]
 
@@ -26,7 +27,7 @@ def test_digits_tasks_are_one_vs_rest() -> None:
 def test_demo_report(tmp_path: Path) -> None:
     out = tmp_path / "report"
     report = run_demo(str(out), epochs=3, stream=None)
-    assert sorted(p.name for p in out.iterdir()) == sorted(PLOTS + ["metrics.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(PLOTS + ["metrics.json", MARKER])
     for name in PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / name).stat().st_size > 5000
     saved = json.loads((out / "metrics.json").read_text())
@@ -44,6 +45,36 @@ def test_demo_report(tmp_path: Path) -> None:
     for e in events:
         assert e["epoch"] >= 1 and len(e["task_terms"]) == len(e["sharpness_terms"]) > 0
         assert e["rolled_back"] or e["htr"] in ("modulated", "reset")
+
+
+def fake_report(epochs: int, accuracy: list[float], events: list[dict]) -> dict:
+    run = {
+        "train_loss": [[0.5] * NUM_TASKS] * epochs,
+        "conflict_ratio": [0.5] * epochs,
+        "test_accuracy": accuracy,
+        "seconds": {"gradients": 1.0, "teleport": 2.0},
+        "teleports": [],
+    }
+    return {"epochs": epochs, "runs": {"base": run, "base+COST": {**run, "teleports": events}}}
+
+
+def test_plots_say_what_they_show() -> None:
+    event = {
+        "epoch": 0,
+        "rolled_back": True,
+        "rollback_reason": "loss rose",
+        "task_terms": [1.0],
+        "sharpness_terms": [2.0],
+    }
+    specs = plot_specs(fake_report(1, [0.51, 0.55, 0.6, 0.62, 0.64, 0.66, 0.67, 0.68, 0.69, 0.6], [event]))
+    low, high = specs["test_accuracy.png"]["ylim"]
+    assert low < 0.51 and high > 0.69 and high <= 1.0  # every bar visible
+    assert specs["task_losses.png"]["marker"] == "o"  # one epoch: points, not an empty line
+    assert "one run" in specs["time_split.png"]["title"]  # not presented as a benchmark
+    assert list(specs["teleports.png"]["series"]) == ["epoch 0 (rolled back: loss rose)"]
+    for spec in specs.values():
+        assert spec["title"] and spec["xlabel"]
+    assert plot_specs(fake_report(3, [0.9] * NUM_TASKS, []))["task_losses.png"]["marker"] is None
 
 
 def test_cli_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

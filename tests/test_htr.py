@@ -1,11 +1,14 @@
-"""HTR: Adam's moments after the armed step follow COST Eq. 13; betas come back; σ ≤ 0 resets."""
+"""HTR: Adam's moments after the armed step follow COST Eq. 13; betas come back; σ ≤ 0 resets;
+the pending σ lives in HTR's state dict, never in the optimizer's."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 
-from cost_fast.htr import apply_htr, flat_cosine, supports_htr
+from cost_fast.htr import HistoryReuse, flat_cosine, supports_htr
 
 
 def adam_with_history(cls=torch.optim.Adam, steps: int = 3, **kwargs):
@@ -25,7 +28,8 @@ def test_armed_step_follows_eq_13_then_betas_return(cls, sigma: float) -> None:
     params, opt = adam_with_history(cls)
     before = [(opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone()) for p in params]
     grads = [torch.randn_like(p) for p in params]
-    assert apply_htr(opt, sigma) == "modulated"
+    assert HistoryReuse(opt).arm(sigma) == "modulated"
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999)  # changed only inside the step
     for p, g in zip(params, grads):
         p.grad = g.clone()
     opt.step()
@@ -42,21 +46,38 @@ def test_armed_step_follows_eq_13_then_betas_return(cls, sigma: float) -> None:
     torch.testing.assert_close(opt.state[params[0]]["exp_avg"], 0.9 * m_prev + 0.1 * g)
 
 
-def test_arming_twice_restores_the_original_betas() -> None:
+def test_pending_htr_waits_for_a_step_with_gradients_and_survives_a_state_dict() -> None:
     params, opt = adam_with_history()
-    apply_htr(opt, 0.5)
-    apply_htr(opt, 0.5)
-    assert opt.param_groups[0]["betas"] == (0.45, 0.4995)
+    htr = HistoryReuse(opt)
+    htr.arm(0.5)
+    htr.arm(0.5)  # arming twice is still one modulated step
+    saved_opt, saved_htr = copy.deepcopy(opt.state_dict()), htr.state_dict()
+    assert saved_opt["param_groups"][0]["betas"] == (0.9, 0.999) and saved_htr == {"pending_sigma": 0.5}
     for p in params:
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    assert opt.param_groups[0]["betas"] == (0.9, 0.999)
+        p.grad = None
+    opt.step()  # nothing to update (e.g. right after a teleport): HTR stays pending
+    assert htr.pending_sigma == 0.5
+    # a fresh optimizer and HTR loaded from the two state dicts apply the same modulated step
+    fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    fresh_opt = torch.optim.Adam(fresh, lr=1e-2)
+    fresh_opt.load_state_dict(saved_opt)
+    fresh_htr = HistoryReuse(fresh_opt)
+    fresh_htr.load_state_dict(saved_htr)
+    grads = [torch.randn_like(p) for p in params]
+    for o, ps in ((opt, params), (fresh_opt, fresh)):
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        o.step()
+        assert o.param_groups[0]["betas"] == (0.9, 0.999)
+    for a, b in zip(params, fresh):
+        assert torch.equal(opt.state[a]["exp_avg"], fresh_opt.state[b]["exp_avg"])
+    assert htr.pending_sigma is None and fresh_htr.pending_sigma is None
 
 
 @pytest.mark.parametrize("sigma", [0.0, -0.4, -1.0])
 def test_non_positive_sigma_starts_a_fresh_adam(sigma: float) -> None:
     params, opt = adam_with_history()
-    assert apply_htr(opt, sigma) == "reset"
+    assert HistoryReuse(opt).arm(sigma) == "reset"
     assert len(opt.state) == 0
     g = [torch.randn_like(p) for p in params]
     for p, gi in zip(params, g):
@@ -72,11 +93,12 @@ def test_bad_optimizer_and_sigma() -> None:
     sgd = torch.optim.SGD(p, lr=0.1)
     assert not supports_htr(sgd)
     with pytest.raises(TypeError, match="Adam or AdamW"):
-        apply_htr(sgd, 0.5)
+        HistoryReuse(sgd)
     _, opt = adam_with_history()
+    htr = HistoryReuse(opt)
     for bad in (1.5, float("nan"), -2.0):
         with pytest.raises(ValueError, match="cosine"):
-            apply_htr(opt, bad)
+            htr.arm(bad)
 
 
 def test_flat_cosine() -> None:

@@ -35,5 +35,5 @@ def test_readme_cost_example_runs() -> None:
     namespace = {"torch": torch, "model": model, "epochs": 2, "train_batches": [(x[:64], y[:64]), (x[64:], y[64:])]}
     exec(compile(example, "README.md", "exec"), namespace)
     cost = namespace["cost"]
-    assert cost.step_count == 4 and cost.epoch == 2
+    assert cost.step_count == 4 and cost.epoch == 2  # epochs counted by COST (len(train_batches) steps)
     assert all(torch.isfinite(p).all() for p in model.parameters())

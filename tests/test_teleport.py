@@ -1,16 +1,32 @@
-"""The fast teleport against the straightforward reference; the guard; the step budget."""
+"""The fast teleport against the yardstick (written from the equations); the guard for losses of any
+sign; the step budget; batched perturbed evaluation."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
-from cost_fast.lora import ADAPTER, TeleportAdapter
+from cost_fast.lora import TeleportAdapter
 from cost_fast.models import CelebACNN, batch_task_losses
-from cost_fast.reference import reference_teleport
-from cost_fast.teleport import TeleportConfig, perturbed_losses, reference_ratio_weights, teleport
+from cost_fast.semantics import PaperSemantics, PublicSemantics, get_semantics
+from cost_fast.teleport import TeleportConfig, guard_verdict, teleport
+from cost_fast.yardstick import yardstick_teleport
+
+PUBLIC = PublicSemantics()
+NORMS = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+
+
+def perturbed_losses(model, named, loss_fn, batch, n, generator, samples_per_pass):
+    """(n, K) losses at the public semantics' noise (ν = 1e-4), as the fast path draws it."""
+    from cost_fast.perturbed import sample_losses
+
+    params = [p for _, p in named]
+    draws = [lambda: PUBLIC.noise(params, generator)] * n
+    return sample_losses(model, loss_fn, batch, named, draws, samples_per_pass)
+
 
 K = 3
 
@@ -27,35 +43,38 @@ def problem(seed: int = 0):
         torch.randn(4, 3, 16, 16, generator=gen, dtype=torch.float64),
         torch.randint(0, 2, (4, K), generator=gen),
     )
-    ratios = reference_ratio_weights(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
+    ratios = PUBLIC.ratio_weights(NORMS)
     return model, data, current, ratios
 
 
-def run_fast_and_reference(seed: int, ratios: torch.Tensor, config: TeleportConfig):
-    """The same teleport by the fast engine (on the model, in place) and by the reference (on a copy)."""
+def run_fast_and_yardstick(seed: int, semantics, config: TeleportConfig):
+    """The same teleport by the fast engine (on the model, in place) and by the yardstick (on a
+    copy), both drawing the adapter's factors and the noise from generators seeded alike."""
     model, data, current, _ = problem(seed)
-    reference_input = copy.deepcopy(model)
-    adapter = TeleportAdapter(model.backbone, rank=2)
-    initial_a = [layer.lora_A[ADAPTER].weight.detach().clone() for layer in adapter.layers]
+    yardstick_input = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(7)
+    adapter = TeleportAdapter(model.backbone, rank=2, generator=generator)
+    ratios = semantics.ratio_weights(NORMS)
     result = teleport(
-        model, adapter, batch_task_losses, data, current, ratios, config, generator=torch.Generator().manual_seed(7)
+        model, adapter, batch_task_losses, data, current, ratios, semantics, config, lr=1e-2, generator=generator
     )
-    expected = reference_teleport(
-        reference_input,
+    expected = yardstick_teleport(
+        yardstick_input,
         "backbone",
         batch_task_losses,
         data,
         current,
-        ratios,
+        NORMS,
+        semantics,
         config,
+        lr=1e-2,
         rank=2,
         generator=torch.Generator().manual_seed(7),
-        initial_lora_a=initial_a,
     )
-    assert result.steps == 4 and not result.rolled_back
+    assert result.steps == 4 and not result.rolled_back and expected is not None
     moved = 0.0
     for ours, theirs, before, delta in zip(
-        adapter.base_parameters, expected.backbone.parameters(), reference_input.backbone.parameters(), result.deltas
+        adapter.base_parameters, expected.backbone.parameters(), yardstick_input.backbone.parameters(), result.deltas
     ):
         torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(ours.detach(), before.detach() + delta, rtol=1e-12, atol=1e-14)
@@ -65,17 +84,13 @@ def run_fast_and_reference(seed: int, ratios: torch.Tensor, config: TeleportConf
 
 
 @pytest.mark.parametrize("samples_per_pass", [1, 2, 5])
-def test_fast_teleport_equals_reference(samples_per_pass: int) -> None:
-    ratios = reference_ratio_weights(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
-    config = TeleportConfig(lr=1e-2, rounds=2, guard_tolerance=1e9, samples_per_pass=samples_per_pass)
-    model, adapter, _, expected, current = run_fast_and_reference(0, ratios, config)
-    # same function after the teleport, and the adapter is back to the identity, disabled
+def test_fast_teleport_equals_the_yardstick(samples_per_pass: int) -> None:
+    config = TeleportConfig(rounds=2, guard_tolerance=1e9, samples_per_pass=samples_per_pass)
+    model, adapter, _, expected, current = run_fast_and_yardstick(0, PUBLIC, config)
+    # same function after the teleport, and the adapter is detached again
     x = current[0]
     torch.testing.assert_close(model.eval()(x), expected.eval()(x), rtol=1e-9, atol=1e-12)
-    assert not adapter.enabled and all(
-        torch.equal(layer.lora_B[ADAPTER].weight, torch.zeros_like(layer.lora_B[ADAPTER].weight))
-        for layer in adapter.layers
-    )
+    assert not adapter.is_attached and not any("lora" in k for k in model.state_dict())
 
 
 def test_guard_rolls_back_bit_exactly() -> None:
@@ -83,9 +98,10 @@ def test_guard_rolls_back_bit_exactly() -> None:
     adapter = TeleportAdapter(model.backbone, rank=2)
     before = adapter.snapshot()
     # an absurd step size: the teleport wrecks the losses and the guard must undo it
-    result = teleport(model, adapter, batch_task_losses, data, current, ratios, TeleportConfig(lr=10.0, rounds=1))
-    assert result.rolled_back
-    assert all(torch.equal(p, b) for p, b in zip(adapter.base_parameters, before))
+    config = TeleportConfig(lr=10.0, rounds=1)
+    result = teleport(model, adapter, batch_task_losses, data, current, ratios, PUBLIC, config)
+    assert result.rolled_back and result.rollback_reason == "loss rose"
+    assert all(torch.equal(p, b) for p, b in zip(adapter.adapted_weights, before))
     assert all(float(d.abs().sum()) == 0 for d in result.deltas)
     assert model.training  # mode restored
 
@@ -101,43 +117,43 @@ def test_step_budget_progress_and_bad_data() -> None:
         data,
         current,
         ratios,
-        TeleportConfig(rounds=5, max_steps=3, guard_tolerance=1e9),
+        PUBLIC,
+        TeleportConfig(lr=1e-3, rounds=5, max_steps=3, guard_tolerance=1e9),
         progress=lambda step, lt, lg: seen.append((step, lt, lg)),
     )
     assert result.steps == 3 and [s for s, _, _ in seen] == [1, 2, 3]
     assert len(result.task_terms) == 3 and all(float(lg) >= 0 for _, _, lg in seen)
     assert result.sharpness_terms == [float(lg) for _, _, lg in seen]
+    config = TeleportConfig(lr=1e-3)
     with pytest.raises(ValueError, match="re-iterable"):
-        teleport(model, adapter, batch_task_losses, iter(data), current, ratios)
+        teleport(model, adapter, batch_task_losses, iter(data), current, ratios, PUBLIC, config)
     with pytest.raises(ValueError, match="no batch"):
-        teleport(model, adapter, batch_task_losses, [], current, ratios)
+        teleport(model, adapter, batch_task_losses, [], current, ratios, PUBLIC, config)
+    with pytest.raises(ValueError, match="learning rate"):
+        teleport(model, adapter, batch_task_losses, data, current, ratios, PUBLIC, TeleportConfig())
     with pytest.raises(ValueError, match="rounds"):
         TeleportConfig(rounds=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.rounds = 3
 
 
-def test_reference_ratio_weights() -> None:
-    R = reference_ratio_weights(torch.tensor([1.0, 3.0]))
+def test_public_ratio_weights() -> None:
+    R = PUBLIC.ratio_weights(torch.tensor([1.0, 3.0]))
     torch.testing.assert_close(R, torch.tensor([2 * 0.75, 2 * 0.25]))
 
 
 @pytest.mark.parametrize("samples_per_pass", [1, 3])
-def test_fast_paper_teleport_equals_reference(samples_per_pass: int) -> None:
-    """Paper semantics: differentiating only the arg-max sample gives the reference's update."""
-    from cost_fast.teleport import paper_ratio_weights
-
-    ratios = paper_ratio_weights(torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64))
-    config = TeleportConfig.paper(
-        lr=1e-2, rounds=2, guard_tolerance=1e9, relative_radius=1e-2, samples_per_pass=samples_per_pass
-    )
-    _, _, result, _, _ = run_fast_and_reference(3, ratios, config)
+def test_fast_paper_teleport_equals_the_yardstick(samples_per_pass: int) -> None:
+    """Paper semantics: differentiating only the arg-max sample gives the yardstick's update."""
+    config = TeleportConfig(rounds=2, guard_tolerance=1e9, samples_per_pass=samples_per_pass)
+    _, _, result, _, _ = run_fast_and_yardstick(3, PaperSemantics(relative_radius=1e-2), config)
     assert result.sharpness_terms[0] > 0
 
 
-def test_paper_helpers() -> None:
+def test_semantics_objects() -> None:
     from cost_fast.kernels.perturb import sphere_noise
-    from cost_fast.teleport import paper_ratio_weights
 
-    R = paper_ratio_weights(torch.tensor([1.0, 3.0]))
+    R = PaperSemantics().ratio_weights(torch.tensor([1.0, 3.0]))
     torch.testing.assert_close(R, 2 * torch.softmax(torch.tensor([4.0, 4.0 / 3.0]), 0))
     params = [torch.randn(3, 4), torch.randn(5)]
     a, b = sphere_noise(params, 11, 0.5), sphere_noise(params, 11, 0.5)
@@ -145,8 +161,46 @@ def test_paper_helpers() -> None:
     norm = torch.cat([x.reshape(-1) for x in a]).norm()
     torch.testing.assert_close(norm, torch.tensor(0.5))
     assert not torch.equal(sphere_noise(params, 12, 0.5)[0], a[0])
-    with pytest.raises(ValueError, match="semantics"):
-        TeleportConfig(semantics="both")
+    assert get_semantics("public") == PUBLIC and (PUBLIC.task_weight, PUBLIC.sharpness_weight) == (10.0, 0.5)
+    paper = get_semantics("paper")
+    assert (paper.task_weight, paper.sharpness_weight) == (1.0, 0.1)  # Eq. 11
+    with pytest.raises(ValueError, match="now called 'public'"):
+        get_semantics("reference")
+    with pytest.raises(ValueError, match="semantics must be one of"):
+        get_semantics("both")
+    with pytest.raises(ValueError, match="noise_norm"):
+        PublicSemantics(noise_norm=0.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        paper.task_weight = 10.0
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "verdict"),
+    [
+        ([1.0, 2.0], [1.04, 2.0], None),  # +4% < 5%
+        ([1.0, 2.0], [1.06, 2.0], "loss rose"),
+        ([-8.0, 2.0], [-8.0, 2.0], None),  # a no-op teleport at a negative loss is kept
+        ([-8.0, 2.0], [-7.7, 2.0], None),  # rose by 0.3 < 5% of |-8|
+        ([-8.0, 2.0], [-7.5, 2.0], "loss rose"),  # rose by 0.5 > 0.4
+        ([-8.0, 2.0], [-9.0, 2.0], None),  # fell
+        ([0.0, 2.0], [0.0, 2.0], None),
+        ([0.0, 2.0], [1e-3, 2.0], "loss rose"),
+        ([1.0, 2.0], [float("nan"), 2.0], "non-finite"),
+    ],
+)
+def test_guard_is_relative_to_the_size_of_the_contour(before, after, verdict) -> None:
+    assert guard_verdict(torch.tensor(before), torch.tensor(after), 0.05) == verdict
+
+
+def test_a_no_op_teleport_at_negative_losses_is_never_rolled_back() -> None:
+    model, data, current, ratios = problem(6)
+
+    def negative(m, batch):
+        return batch_task_losses(m, batch) - 10.0
+
+    adapter = TeleportAdapter(model.backbone, rank=2)
+    result = teleport(model, adapter, negative, data, current, ratios, PUBLIC, TeleportConfig(lr=1e-30, rounds=1))
+    assert bool((result.contour_before < 0).all()) and not result.rolled_back
 
 
 def test_batched_samples_equal_one_per_pass_and_leave_the_model_untouched() -> None:
@@ -154,7 +208,7 @@ def test_batched_samples_equal_one_per_pass_and_leave_the_model_untouched() -> N
     named = list(model.eval().named_parameters())
     before = [p.detach().clone() for _, p in named]
     rows = {
-        s: perturbed_losses(model, named, batch_task_losses, current, 5, 1e-4, torch.Generator().manual_seed(3), s)
+        s: perturbed_losses(model, named, batch_task_losses, current, 5, torch.Generator().manual_seed(3), s)
         for s in (1, 2, 5, 8)
     }
     assert rows[1].shape == (5, K)
@@ -175,9 +229,9 @@ def test_a_loss_vmap_cannot_run_falls_back_with_a_warning() -> None:
         losses = batch_task_losses(m, batch)
         return losses * (1.0 + 0.0 * losses.sum().item())
 
-    plain = perturbed_losses(model, named, host_loss, current, 4, 1e-4, torch.Generator().manual_seed(3), 1)
+    plain = perturbed_losses(model, named, host_loss, current, 4, torch.Generator().manual_seed(3), 1)
     with pytest.warns(RuntimeWarning, match="vmap"):
-        batched = perturbed_losses(model, named, host_loss, current, 4, 1e-4, torch.Generator().manual_seed(3), 2)
+        batched = perturbed_losses(model, named, host_loss, current, 4, torch.Generator().manual_seed(3), 2)
     torch.testing.assert_close(batched, plain, rtol=0, atol=0)
 
 
@@ -192,11 +246,10 @@ def test_guard_off_skips_the_check() -> None:
         return batch_task_losses(m, batch)
 
     # the absurd step size the guard undoes above is kept with the guard off
-    result = teleport(
-        model, adapter, counting_loss, data, current, ratios, TeleportConfig(lr=10.0, rounds=1, guard=False)
-    )
+    config = TeleportConfig(lr=10.0, rounds=1, guard=False)
+    result = teleport(model, adapter, counting_loss, data, current, ratios, PUBLIC, config)
     assert not result.rolled_back and result.contour_after is None
-    assert any(not torch.equal(p, b) for p, b in zip(adapter.base_parameters, before))
+    assert any(not torch.equal(p, b) for p, b in zip(adapter.adapted_weights, before))
     # contour (2 batches) + per step (5 samples + current + teleport batch) x 2 steps: no guard pass
     assert len(calls) == 2 + 2 * 7
     with pytest.raises(ValueError, match="samples_per_pass"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cost_fast.cli import main
+from cost_fast.report import MARKER
 from cost_fast.toy import pareto_front, reaches_front, run_toy, toy_losses
 
 
@@ -38,7 +39,7 @@ def test_pareto_front_is_non_dominated_and_tolerance_check() -> None:
 def test_toy_report(tmp_path: Path) -> None:
     out = tmp_path / "toy"
     report = run_toy(str(out), steps=30, steps_per_epoch=10)
-    assert sorted(p.name for p in out.iterdir()) == ["toy.json", "toy.png", "toy_table.md"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "toy.json", "toy.png", "toy_table.md"]
     assert (out / "toy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "toy.json").read_text())
     assert len(saved["runs"]) == 5
@@ -58,4 +59,4 @@ def test_cli_toy_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
         main(["toy", "--out", "/nonexistent/dir/toy"])
-    assert "not a writable directory" in capsys.readouterr().err
+    assert "cannot write the report folder" in capsys.readouterr().err

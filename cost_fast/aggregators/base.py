@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from cost_fast.kernels.gram import check_grad_matrix, gram_reference
+from cost_fast.kernels.gram import check_grad_matrix, gram_torch
 
 REGISTRY: dict[str, type] = {}
 
@@ -73,7 +73,7 @@ class Aggregator:
     def aggregate(self, G: torch.Tensor) -> torch.Tensor:
         """The update d = Gᵀ w for the (K, P) gradient matrix G, in float32."""
         check_grad_matrix(G)
-        w = self.weights(gram_reference(G)).float()
+        w = self.weights(gram_torch(G)).float()
         G32 = G if G.dtype == torch.float32 else G.float()
         return G32.T @ w
 

@@ -4,11 +4,17 @@ A ``LossWeighting`` is an ``nn.Module``: ``forward(losses)`` returns the scalar 
 (differentiable, so learned weightings such as UW get gradients for their parameters), and
 ``weights(losses)`` the effective task weights w_i = ∂total/∂L_i, which can drive
 ``TaskGradients.combine`` (d = Gᵀw). Methods that learn from what happened after a step
-expose ``update(...)``; its arguments are method-specific and documented per class.
-Everything a method learns is a buffer or parameter, so ``state_dict()`` holds it.
+expose ``update(...)``; its arguments are method-specific and documented per class, and
+``after_step(...)`` calls it with what any training loop has at hand (COST calls it after every
+optimizer step it weighted), as ``end_epoch()`` closes an epoch. Learned parameters (UW,
+IMTL-L) learn through the optimizer: add ``method.parameters()`` to it. Everything a method
+learns is a buffer or parameter, so ``state_dict()`` holds it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -26,6 +32,8 @@ class LossWeighting(nn.Module):
     name = ""
     kind = "loss"
     needs_positive_losses = False
+    # What ``after_step`` passes to ``update``, in order: "losses", "grad_norms", "losses_after".
+    update_arguments: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
@@ -60,3 +68,18 @@ class LossWeighting(nn.Module):
 
     def update(self, *args, **kwargs) -> None:
         """Learn from the step just taken (no-op unless the method says otherwise)."""
+
+    def after_step(
+        self, losses: torch.Tensor, *, grad_norms: torch.Tensor, losses_after: Callable[[], torch.Tensor]
+    ) -> None:
+        """Learn from the optimizer step this method just weighted: ``losses`` are the step's
+        task losses, ``grad_norms`` the norms ‖∇_θ L_i‖ of their gradients on the shared
+        parameters, ``losses_after()`` the same batch's losses at the new parameters (computed
+        only when called). Calls ``update`` with the ``update_arguments`` the method names
+        (nothing for methods without any)."""
+        available = {"losses": lambda: losses, "grad_norms": lambda: grad_norms, "losses_after": losses_after}
+        if self.update_arguments:
+            self.update(*(available[name]() for name in self.update_arguments))
+
+    def end_epoch(self) -> None:
+        """Close an epoch (default: nothing)."""

@@ -68,6 +68,8 @@ class DWA(LossWeighting):
         num_tasks: K. temperature: T > 0 (default 2.0).
     """
 
+    update_arguments = ("losses",)
+
     def __init__(self, num_tasks: int, temperature: float = 2.0) -> None:
         super().__init__(num_tasks)
         self.temperature = check_positive("temperature", temperature)
@@ -151,6 +153,8 @@ class STCH(LossWeighting):
         num_tasks: K. mu: smoothing μ > 0 (default 1.0). warmup_steps: ≥ 0 (default 0: z = 1).
     """
 
+    update_arguments = ("losses",)
+
     needs_positive_losses = True
 
     def __init__(self, num_tasks: int, mu: float = 1.0, warmup_steps: int = 0) -> None:
@@ -200,6 +204,8 @@ class FAMO(LossWeighting):
         num_tasks: K. lr: Adam step on ξ (default 0.025). weight_decay: (default 1e-3).
         min_losses: m (default 0). eps: ε (default 1e-8).
     """
+
+    update_arguments = ("losses_after",)
 
     def __init__(
         self,
@@ -268,6 +274,8 @@ class GradNorm(LossWeighting):
     Args:
         num_tasks: K. alpha: restoring strength α ≥ 0 (default 1.5). lr: step on w (default 0.025).
     """
+
+    update_arguments = ("losses", "grad_norms")
 
     def __init__(self, num_tasks: int, alpha: float = 1.5, lr: float = 0.025) -> None:
         super().__init__(num_tasks)

@@ -1,0 +1,251 @@
+"""COST's two semantics, each one small frozen object: its trigger, its R weights, its sharpness
+term L_g, the g' of its HTR and its default settings.
+
+``"public"`` (the public COST code, zzpustc/COST; the default):
+
+    trigger  min_i cos(g_i, g0) ≤ 0 (and M finite)
+    R_i      K (1 - ‖g_i‖ / Σ_j ‖g_j‖)                              (smaller gradients weigh more)
+    L_g      (1/K) Σ_i max_j R_i |L_i(θ+Δθ+ε_j; x) - L_i(θ+Δθ; x)| / ν,
+             ε_j Gaussian per parameter tensor of the model, each scaled to norm ν = 1e-4;
+             the perturbed losses are constants (the public code evaluates them on deep copies)
+    L_lora   10 L_t - 0.5 L_g
+    g'       the last combined update (the step before the teleport)
+
+``"paper"`` (Eqs. 4 and 7-12 of the paper):
+
+    trigger  #{i : cos(g_i, g0) < 0} ≥ ⌈K/2⌉ (Eq. 4)
+    R        K softmax([Σ_j ‖g_j‖ / ‖g_i‖]_i)                         (Eq. 10)
+    L_g      max_j | (1/K) Σ_i R_i [L_i(θ+Δθ+ε_j; x) - L_i(θ+Δθ; x)] |  (Eq. 9), both terms
+             differentiable, ε_j Gaussian over the shared parameters on the sphere of radius
+             δ = relative_radius·‖θ_shared‖ (the paper gives no δ; 1e-3 by default)
+    L_lora   L_t - 0.1 L_g                                           (Eq. 11)
+    g'       the combined gradient at the pre-teleport point           (Eq. 12)
+
+In both, L_t = (1/K) Σ_i |L_i(θ+Δθ; b) - L*_i| over the teleport batches b, with L*_i the mean
+loss over the teleport data before the teleport (``cost_fast.teleport``).
+
+Speed (same result): the perturbed losses run without autograd and without model copies
+(``cost_fast.perturbed``); in paper semantics only the arg-max sample is evaluated again with
+autograd (the gradient of a max flows through its arg-max alone), and ε_j is regenerated from its
+own seed by a Philox Triton kernel on CUDA rather than stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from cost_fast.kernels import GramStats
+from cost_fast.kernels.perturb import sphere_noise, sphere_perturb_
+from cost_fast.perturbed import LossFn, in_place_losses, losses_at, sample_losses
+
+# L_g as a function of the adapter step t (differentiable w.r.t. the adapter).
+SharpnessProbe = Callable[[int], torch.Tensor]
+Named = list[tuple[str, torch.Tensor]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Semantics:
+    """Base of a COST semantics (see the module docstring); subclasses are frozen dataclasses.
+
+    Attributes:
+        task_weight, sharpness_weight: a and b of L_lora = a L_t - b L_g.
+    """
+
+    name: ClassVar[str] = ""
+    # g' of HTR: "last_update" (the step before) or "pre_teleport_gradient" (Eq. 12)
+    htr_direction: ClassVar[Literal["last_update", "pre_teleport_gradient"]] = "last_update"
+
+    task_weight: float = 1.0
+    sharpness_weight: float = 0.1
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+                raise ValueError(f"{type(self).__name__}.{field.name} must be a finite number ≥ 0, got {value!r}")
+
+    def fires(self, stats: GramStats) -> torch.Tensor:
+        """The trigger, a bool device tensor (no host read)."""
+        raise NotImplementedError
+
+    def ratio_weights(self, norms: torch.Tensor) -> torch.Tensor:
+        """R (shape (K,)) from the task gradient norms."""
+        raise NotImplementedError
+
+    def sharpness_probe(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batch: Any,
+        ratios: torch.Tensor,
+        *,
+        model_parameters: Named,
+        shared_parameters: Named,
+        generator: torch.Generator | None,
+        samples_per_pass: int,
+        num_samples: int,
+    ) -> SharpnessProbe:
+        """L_g at adapter step t on ``batch``, as a function of t. ``model_parameters``: every
+        parameter of the model but the adapter's; ``shared_parameters``: the backbone's trainable
+        ones; ``num_samples``: n perturbations per step, ``samples_per_pass`` of them per forward."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class PublicSemantics(Semantics):
+    """The public COST code's semantics (module docstring). ``noise_norm``: ν."""
+
+    name: ClassVar[str] = "public"
+    htr_direction: ClassVar[Literal["last_update", "pre_teleport_gradient"]] = "last_update"
+
+    task_weight: float = 10.0
+    sharpness_weight: float = 0.5
+    noise_norm: float = 1e-4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.noise_norm > 0:
+            raise ValueError(f"noise_norm must be > 0, got {self.noise_norm!r}")
+
+    def fires(self, stats: GramStats) -> torch.Tensor:
+        """min_i cos(g_i, g0) ≤ 0, and M finite."""
+        return (stats.cos_mean.min() <= 0) & ~stats.nonfinite
+
+    def ratio_weights(self, norms: torch.Tensor) -> torch.Tensor:
+        """R_i = K (1 - ‖g_i‖ / Σ_j ‖g_j‖)."""
+        K = norms.shape[0]
+        total = norms.sum()
+        return K * (1 - norms / torch.where(total > 0, total, torch.ones_like(total)))
+
+    def noise(self, params: list[torch.Tensor], generator: torch.Generator | None) -> list[torch.Tensor]:
+        """ε = [ν z_k / ‖z_k‖]_k with z_k ~ N(0, I) of each tensor's shape, drawn in parameter
+        order from ``generator`` (the public code's order); norms and scaling are multi-tensor ops."""
+        noise = [torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device) for p in params]
+        if not noise:
+            return noise
+        scales = torch._foreach_reciprocal(torch._foreach_norm(noise))
+        torch._foreach_mul_(scales, self.noise_norm)
+        torch._foreach_mul_(noise, scales)
+        return noise
+
+    def sharpness(self, unperturbed: torch.Tensor, perturbed: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
+        """L_g = mean_i max_j R_i |L_i(θ+Δθ+ε_j) - L_i(θ+Δθ)| / ν from the (K,) unperturbed losses
+        (differentiable) and the (n, K) perturbed ones (constants)."""
+        return (ratios * (perturbed - unperturbed).abs()).max(dim=0).values.mean() / self.noise_norm
+
+    def sharpness_probe(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batch: Any,
+        ratios: torch.Tensor,
+        *,
+        model_parameters: Named,
+        shared_parameters: Named,
+        generator: torch.Generator | None,
+        samples_per_pass: int,
+        num_samples: int,
+    ) -> SharpnessProbe:
+        params = [p for _, p in model_parameters]
+
+        def probe(step: int) -> torch.Tensor:
+            draws = [lambda: self.noise(params, generator)] * num_samples
+            perturbed = sample_losses(model, loss_fn, batch, model_parameters, draws, samples_per_pass)
+            unperturbed = loss_fn(model, batch)
+            return self.sharpness(unperturbed, perturbed, ratios.to(unperturbed))
+
+        return probe
+
+
+@dataclasses.dataclass(frozen=True)
+class PaperSemantics(Semantics):
+    """The paper's semantics (module docstring). ``relative_radius``: δ / ‖θ_shared‖."""
+
+    name: ClassVar[str] = "paper"
+    htr_direction: ClassVar[Literal["last_update", "pre_teleport_gradient"]] = "pre_teleport_gradient"
+
+    task_weight: float = 1.0
+    sharpness_weight: float = 0.1
+    relative_radius: float = 1e-3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.relative_radius > 0:
+            raise ValueError(f"relative_radius must be > 0, got {self.relative_radius!r}")
+
+    def fires(self, stats: GramStats) -> torch.Tensor:
+        """#{i : cos(g_i, g0) < 0} ≥ ⌈K/2⌉ and M finite (``GramStats.trigger``)."""
+        return stats.trigger
+
+    def ratio_weights(self, norms: torch.Tensor) -> torch.Tensor:
+        """R = K softmax([Σ_j ‖g_j‖ / ‖g_i‖]_i) (a zero norm counts as 1e-30)."""
+        K = norms.shape[0]
+        return K * torch.softmax(norms.sum() / norms.clamp_min(1e-30), dim=0)
+
+    @staticmethod
+    def sharpness_term(unperturbed: torch.Tensor, perturbed: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
+        """|(1/K) Σ_i R_i [L_i(θ+Δθ+ε) - L_i(θ+Δθ)]| for (…, K) perturbed losses (the term Eq. 9
+        maximizes over j)."""
+        return (ratios * (perturbed - unperturbed)).mean(dim=-1).abs()
+
+    def radius(self, shared: list[torch.Tensor]) -> float:
+        """δ = relative_radius·‖θ_shared‖."""
+        norm = torch.stack(torch._foreach_norm([p.detach() for p in shared])).square().sum().sqrt()
+        return self.relative_radius * float(norm)
+
+    def sharpness_probe(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batch: Any,
+        ratios: torch.Tensor,
+        *,
+        model_parameters: Named,
+        shared_parameters: Named,
+        generator: torch.Generator | None,
+        samples_per_pass: int,
+        num_samples: int,
+    ) -> SharpnessProbe:
+        """δ is fixed at the start of the teleport, and so is a base seed (one draw from
+        ``generator``): sample j of step t uses seed base + t·n + j."""
+        params = [p for _, p in shared_parameters]
+        radius = self.radius(params)
+        device = generator.device if generator is not None else "cpu"
+        base_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
+
+        def probe(step: int) -> torch.Tensor:
+            seeds = [base_seed + step * num_samples + j for j in range(num_samples)]
+            with torch.no_grad():
+                base = loss_fn(model, batch)
+                if samples_per_pass > 1:
+                    draws = [lambda seed=seed: sphere_noise(params, seed, radius) for seed in seeds]
+                    perturbed = sample_losses(model, loss_fn, batch, shared_parameters, draws, samples_per_pass)
+                else:  # in place, by the Philox kernel: no noise tensor is ever materialized
+                    perturbs = [lambda seed=seed: sphere_perturb_(params, seed, radius) for seed in seeds]
+                    perturbed = in_place_losses(model, loss_fn, batch, params, perturbs)
+                best = int(self.sharpness_term(base, perturbed, ratios).argmax())
+            unperturbed = loss_fn(model, batch)
+            noise = sphere_noise(params, seeds[best], radius)
+            moved = {name: p + e for (name, p), e in zip(shared_parameters, noise)}
+            return self.sharpness_term(unperturbed, losses_at(model, loss_fn, batch, moved), ratios)
+
+        return probe
+
+
+SEMANTICS: dict[str, type[Semantics]] = {"public": PublicSemantics, "paper": PaperSemantics}
+
+
+def get_semantics(semantics: str | Semantics) -> Semantics:
+    """A ``Semantics`` from its name (``"public"`` or ``"paper"``, default settings) or as given."""
+    if isinstance(semantics, Semantics):
+        return semantics
+    if semantics == "reference":
+        raise ValueError("the public code's semantics is now called 'public' (it was 'reference')")
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {sorted(SEMANTICS)} or a Semantics object, got {semantics!r}")
+    return SEMANTICS[semantics]()

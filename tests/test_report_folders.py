@@ -1,0 +1,200 @@
+"""Nothing lost: report folders replace only our own, every path error comes before any work, a
+race with another run and a SIGTERM leave nothing half done; and a fuzz of the command line
+(random subcommands, options and output paths among existing files, folders with content, links
+and the current folder): every run exits 0 or 2 without a traceback, and every file that existed
+before is byte-for-byte intact."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+
+from cost_fast.cli import main
+from cost_fast.report import MARKER, atomic_report_dir, check_report_target
+
+
+def make_sandbox(root: Path) -> None:
+    (root / "thesis.tex").write_text("\\documentclass{article} my thesis\n")
+    (root / "mydata" / "sub").mkdir(parents=True)
+    (root / "mydata" / "notes.txt").write_text("notes\n")
+    (root / "mydata" / "sub" / "x.bin").write_bytes(bytes(range(256)))
+    (root / "empty").mkdir()
+    (root / "link").symlink_to(root / "mydata", target_is_directory=True)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every regular file under root (links not followed) and its bytes."""
+    files = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            path = Path(dirpath) / name
+            if path.is_file() and not path.is_symlink():
+                files[str(path.relative_to(root))] = path.read_bytes()
+    return files
+
+
+def test_existing_folders_and_files_are_refused_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    make_sandbox(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for bad, reason in [
+        ("mydata", "did not write"),
+        ("thesis.tex", "not a folder"),
+        ("link", "symbolic link"),
+        (".", "current folder"),
+        ("", "empty"),
+        ("..", "current folder or one above"),
+        ("missing/report", "not a folder"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            check_report_target(bad)
+    assert check_report_target("empty") == Path("empty")
+    assert check_report_target("new") == Path("new")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and not Path("/proc").exists(), reason="needs /proc")
+def test_an_unwritable_parent_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not writable|not a folder"):
+        check_report_target("/proc/x")
+
+
+def test_a_previous_report_is_replaced_only_when_the_new_one_is_complete(tmp_path: Path) -> None:
+    target = tmp_path / "report"
+    with atomic_report_dir(target) as folder:
+        (folder / "a.txt").write_text("first")
+    assert (target / MARKER).is_file() and (target / "a.txt").read_text() == "first"
+    with pytest.raises(RuntimeError), atomic_report_dir(target) as folder:
+        (folder / "a.txt").write_text("half")
+        raise RuntimeError("the run failed")
+    assert (target / "a.txt").read_text() == "first"  # untouched by the failed run
+    with atomic_report_dir(target) as folder:
+        (folder / "b.txt").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) == sorted([MARKER, "b.txt"])
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no staging folder left
+
+
+def test_a_folder_created_meanwhile_by_someone_else_is_left_alone(tmp_path: Path) -> None:
+    target = tmp_path / "report"
+    with pytest.raises(ValueError, match="created by someone else") as err:
+        with atomic_report_dir(target) as folder:
+            (folder / "ours.txt").write_text("ours")
+            target.mkdir()  # e.g. another tool, between our check and our rename
+            (target / "theirs.txt").write_text("theirs")
+    assert (target / "theirs.txt").read_text() == "theirs" and not (target / "ours.txt").exists()
+    kept = tmp_path / "report-1"
+    assert str(kept) in str(err.value) and (kept / "ours.txt").read_text() == "ours"
+
+
+def test_sigterm_removes_the_staging_folder(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cost_fast.cli", "reproduce", "--quick", "--out", str(tmp_path / "rep")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(p.name.startswith(".rep.") for p in tmp_path.iterdir()):
+        time.sleep(0.05)  # wait until the run has started writing
+    assert any(p.name.startswith(".rep.") for p in tmp_path.iterdir()), "the run never started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+PATHS = [
+    "thesis.tex",
+    "mydata",
+    "mydata/sub",
+    "empty",
+    "link",
+    ".",
+    "",
+    "..",
+    "new_report",
+    "new report with spaces",
+    "nested/new/report",
+    "thesis.tex/inside",
+    "mydata/../mydata",
+    "/proc/x",
+]
+OPTIONS = {
+    "demo": [
+        ["--epochs", "1"],
+        ["--epochs", "0"],
+        ["--epochs", "x"],
+        ["--method", "mgda"],
+        ["--method", "nope"],
+        ["--method", "moco"],
+        ["--semantics", "paper"],
+        ["--semantics", "reference"],
+        ["--device", "meta"],
+        ["--device", "bogus"],
+        ["--batch-size", "0"],
+        ["--batch-size", "512"],
+        ["--hidden", "4"],
+        ["--no-progress"],
+    ],
+    "toy": [["--steps", "5"], ["--steps", "0"], ["--steps-per-epoch", "5"], ["--semantics", "paper"]],
+    "profile": [
+        ["--tasks", "2", "--width", "1", "--batch-size", "2", "--rows", "2"],
+        ["--batch-size", "1"],
+        ["--device", "meta"],
+        ["--tasks", "0"],
+    ],
+    "reproduce": [["--quick"], ["--quick", "--bogus"]],
+    "bench": [["--suites", "nope"], ["--suites", "gram,gram"], ["-k", "and"]],
+}
+# the expensive parts of a run that is valid, kept small so that the fuzz stays quick
+SMALL = {
+    "demo": ["--epochs", "1", "--no-progress"],
+    "toy": ["--steps", "5"],
+    "profile": ["--tasks", "2", "--width", "1"],
+    "bench": ["--suites", "gram", "-k", "no_such_benchmark"],
+}
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as exit_info:
+            code = exit_info.code if isinstance(exit_info.code, int) else 1
+        except BaseException:  # a traceback: what a user must never see
+            return -1, traceback.format_exc()
+    return code, err.getvalue()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fuzz_the_command_line(seed: int, tmp_path: Path, monkeypatch) -> None:
+    make_sandbox(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    rng = random.Random(seed)
+    for _ in range(10):
+        command = rng.choice(sorted(OPTIONS))
+        argv = [command, *SMALL.get(command, [])]
+        for option in rng.sample(OPTIONS[command], k=rng.randint(0, 2)):
+            argv += option
+        if command != "reproduce" or rng.random() < 0.3:  # a valid reproduce takes seconds
+            argv += ["--out", rng.choice(PATHS)]
+        elif "--out" not in argv:
+            argv += ["--out", rng.choice(PATHS[:8])]  # existing things: refused at once
+        code, err = run_cli(argv)
+        assert code in (0, 2), f"{argv}: exit {code}\n{err}"
+        assert "Traceback" not in err, f"{argv}:\n{err}"
+        now = snapshot(tmp_path)
+        for name, data in before.items():
+            assert now.get(name) == data, f"{argv} changed or removed {name}"
+        assert not (tmp_path / ".benchmarks").exists()
