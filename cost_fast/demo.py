@@ -239,8 +239,9 @@ def _draw(specs: dict[str, dict[str, Any]], folder: Path) -> None:
 
     spec = specs["test_accuracy.png"]
     fig, ax = plt.subplots(figsize=(9, 4))
-    for offset, (name, accuracy) in zip((-0.2, 0.2), spec["series"].items()):
-        ax.bar([t + offset for t in range(NUM_TASKS)], accuracy, width=0.4, color=colors[name], label=name)
+    # points, not bars: the axis starts where the data does, and a bar would exaggerate the gap
+    for (offset, marker), (name, accuracy) in zip(((-0.1, "o"), (0.1, "s")), spec["series"].items()):
+        ax.plot([t + offset for t in range(NUM_TASKS)], accuracy, marker, color=colors[name], label=name)
     ax.set_xticks(range(NUM_TASKS))
     ax.set(title=spec["title"], xlabel=spec["xlabel"], ylabel=spec["ylabel"], ylim=spec["ylim"])
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))

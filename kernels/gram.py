@@ -13,8 +13,9 @@ statistic here is a function of the Gram matrix ``M = G Gᵀ`` alone:
     trigger      = finite(M) and dominated ≥ ⌈K/2⌉    (COST, Eq. 4)
 
 So one pass over G that produces M is enough; the statistics are an O(K²) epilogue. The Triton
-path reads every element of G exactly once (fp32 accumulation) and computes the epilogue in a
-second, single-program kernel, so nothing crosses to the host. ``gram_stats_torch`` is the
+path reads every element of G exactly once (fp32 accumulation, two-level: each column chunk's
+product is formed from zero and added with an IEEE fp32 add, so the error does not grow with P)
+and computes the epilogue in a second, single-program kernel, so nothing crosses to the host. ``gram_stats_torch`` is the
 same math in plain torch.
 """
 
@@ -40,6 +41,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The whole (K x K) accumulator lives in one program's registers/shared memory.
 MAX_TRITON_TASKS = 128
+# backend="auto" sends fp32 gradients of up to this many tasks to torch (see ``resolve_backend``).
+TORCH_FP32_MAX_TASKS = 64
 # Column offsets are int32 inside the kernel; row offsets are int64.
 MAX_TRITON_COLUMNS = 2**31 - 2**16
 
@@ -168,31 +171,71 @@ class TritonGramConfig:
     block_p: int
     num_programs: int
     num_warps: int
+    num_stages: int
 
 
-def triton_gram_config(K: int, P: int, device: torch.device, block_p: int | None = None) -> TritonGramConfig:
-    """Pick tile sizes and grid for a K x P matrix.
+# Column tile and warps on CUDA per (padded K, fp32 or 16-bit input). Every entry compiles for
+# sm_90 without register spills and within the H100's shared memory (tests/test_gram_sm90.py
+# compiles each one ahead of time, on CPU): tf32x3 (fp32 input) needs about three times the
+# registers of a 16-bit tile, hence its narrower tiles.
+CUDA_TILES: dict[tuple[int, bool], tuple[int, int]] = {
+    (16, False): (128, 4),
+    (32, False): (128, 4),
+    (64, False): (128, 8),
+    (128, False): (64, 8),
+    (16, True): (128, 4),
+    (32, True): (64, 8),
+    (64, True): (64, 8),
+    (128, True): (32, 8),
+}
+NUM_STAGES = 3
+# Warps of the one-program epilogue per padded K (its K x K tile must fit in registers); its
+# loop over the partials is not pipelined (one stage), which would hold several tiles at once.
+EPILOGUE_WARPS = {16: 4, 32: 4, 64: 8, 128: 16}
+EPILOGUE_STAGES = 1
+EPILOGUE_ROWS = 32  # rows of M per pass of the epilogue
+# Shared memory one block may use on an H100/H200 (227 KiB).
+SHARED_MEMORY_LIMIT = 232448
+# Largest measured shared memory of a partial-kernel config, per byte of its column tile
+# (block_k x block_p x itemsize): 4 (a pipelined fp32 tf32x3 tile), so a forced block_p is
+# refused above SHARED_MEMORY_LIMIT / 4 bytes of tile instead of failing at launch.
+SHARED_BYTES_PER_TILE_BYTE = 4
 
-    BLOCK_K is K padded to a power of two ≥ 16 (``tl.dot``'s minimum). The grid is persistent
-    (a few programs per SM, each looping over column chunks) so that the partial Gram matrices
-    to reduce stay few. Under the interpreter, programs run one after another in numpy, so
-    wide column blocks and few programs are much faster there and exercise the same code.
+
+def triton_gram_config(
+    K: int, P: int, device: torch.device, block_p: int | None = None, dtype: torch.dtype = torch.float32
+) -> TritonGramConfig:
+    """Pick tile sizes and grid for a K x P matrix of ``dtype``.
+
+    BLOCK_K is K padded to a power of two ≥ 16 (``tl.dot``'s minimum). On CUDA the column tile
+    and warps come from ``CUDA_TILES``; a forced ``block_p`` whose tile would not fit in shared
+    memory is refused with a ``ValueError``. The grid is persistent (a few programs per SM,
+    each looping over column chunks) so that the partial Gram matrices to reduce stay few.
+    Under the interpreter, programs run one after another in numpy, so wide column blocks and
+    few programs are much faster there and exercise the same code.
     """
     block_k = max(16, _next_pow2(K))
-    if block_p is None:
-        if device.type != "cuda":
-            block_p = 4096
-        else:
-            block_p = 128 if block_k <= 64 else 64
+    is_fp32 = dtype == torch.float32
+    if device.type == "cuda":
+        default_p, num_warps = CUDA_TILES[(block_k, is_fp32)]
+        if block_p is None:
+            block_p = default_p
+        tile_bytes = block_k * block_p * (4 if is_fp32 else 2)
+        if tile_bytes * SHARED_BYTES_PER_TILE_BYTE > SHARED_MEMORY_LIMIT:
+            raise ValueError(
+                f"block_p={block_p} at K={K} ({dtype}) needs more shared memory than a block may use "
+                f"({SHARED_MEMORY_LIMIT} bytes); use at most {SHARED_MEMORY_LIMIT // (SHARED_BYTES_PER_TILE_BYTE * block_k * (4 if is_fp32 else 2))}"
+            )
+    else:
+        block_p = block_p if block_p is not None else 4096
+        num_warps = 4 if block_k <= 32 else 8
     num_chunks = triton.cdiv(P, block_p) if P > 0 else 0
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        max_programs = 4 * sms
+        max_programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         max_programs = 4
     num_programs = max(1, min(num_chunks, max_programs))
-    num_warps = 4 if block_k <= 32 else 8
-    return TritonGramConfig(block_k, block_p, num_programs, num_warps)
+    return TritonGramConfig(block_k, block_p, num_programs, num_warps, NUM_STAGES)
 
 
 if triton is not None:
@@ -226,11 +269,14 @@ if triton is not None:
                 # Triton 3.9's interpreter runs tl.dot on the raw bits of bf16; the fp32 products
                 # of bf16/fp16 values are exact, so upcasting first computes the same sums.
                 tile = tile.to(tl.float32)
+            # Each chunk's product starts from zero and is added with an IEEE fp32 add, so the
+            # tensor cores' own accumulation (not round-to-nearest) never spans more than one
+            # chunk, and the error does not grow with P (two-level summation).
             if IS_FP32 or UPCAST:
                 # tf32x3 keeps ~fp32 accuracy while using tensor cores; plain tf32 would not.
-                acc = tl.dot(tile, tl.trans(tile), acc, input_precision="tf32x3")
+                acc += tl.dot(tile, tl.trans(tile), input_precision="tf32x3")
             else:
-                acc = tl.dot(tile, tl.trans(tile), acc)
+                acc += tl.dot(tile, tl.trans(tile))
         tile_offs = offs_k[:, None] * BLOCK_K + offs_k[None, :]
         if USE_ATOMIC:
             tl.atomic_add(out_ptr + tile_offs, acc)
@@ -250,36 +296,46 @@ if triton is not None:
         counts_ptr,
         flags_ptr,
         BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr,
     ):
         # One program: reduce the partial Gram matrices in a fixed order (deterministic), then
-        # the O(K²) statistics of the module docstring, mirroring ``stats_from_gram``.
-        offs = tl.arange(0, BLOCK_K)
-        tile_offs = offs[:, None] * BLOCK_K + offs[None, :]
-        acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
-        for i in range(num_parts):
-            acc += tl.load(part_ptr + i * BLOCK_K * BLOCK_K + tile_offs)
-        k_valid = offs < K
-        valid = k_valid[:, None] & k_valid[None, :]
-        m = tl.where(valid, acc, 0.0)
-        tl.store(gram_ptr + offs[:, None] * K + offs[None, :], m, mask=valid)
-
-        diag = tl.sum(tl.where(offs[:, None] == offs[None, :], m, 0.0), axis=1)
-        norms = tl.sqrt(tl.maximum(diag, 0.0))
-        dot = tl.sum(m, axis=1) / K
-        mean_norm = tl.sqrt(tl.maximum(tl.sum(dot, axis=0) / K, 0.0))
+        # the O(K²) statistics of the module docstring, mirroring ``stats_from_gram``. Rows are
+        # taken BLOCK_R at a time so that a 128 x 128 matrix never sits in registers whole.
+        cols = tl.arange(0, BLOCK_K)
+        col_valid = cols < K
+        total = tl.full((), 0.0, tl.float32)
+        num_dominated = tl.full((), 0, tl.int64)
+        num_pairs = tl.full((), 0, tl.int64)
+        num_bad = tl.full((), 0, tl.int32)
+        for r0 in tl.static_range(0, BLOCK_K, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            row_valid = rows < K
+            tile_offs = rows[:, None] * BLOCK_K + cols[None, :]
+            acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+            for i in range(num_parts):
+                acc += tl.load(part_ptr + i * BLOCK_K * BLOCK_K + tile_offs)
+            valid = row_valid[:, None] & col_valid[None, :]
+            m = tl.where(valid, acc, 0.0)
+            tl.store(gram_ptr + rows[:, None] * K + cols[None, :], m, mask=valid)
+            diag = tl.sum(tl.where(rows[:, None] == cols[None, :], m, 0.0), axis=1)
+            dot = tl.sum(m, axis=1) / K
+            tl.store(norms_ptr + rows, tl.sqrt(tl.maximum(diag, 0.0)), mask=row_valid)
+            tl.store(dot_ptr + rows, dot, mask=row_valid)
+            total += tl.sum(dot, axis=0)
+            num_dominated += tl.sum(((dot < 0) & row_valid).to(tl.int64), axis=0)
+            upper = (rows[:, None] < cols[None, :]) & valid
+            num_pairs += tl.sum(tl.sum(((m < 0) & upper).to(tl.int64), axis=1), axis=0)
+            bad = (m != m) | (tl.abs(m) == float("inf"))
+            num_bad += tl.sum(tl.sum((bad & valid).to(tl.int32), axis=1), axis=0)
+        mean_norm = tl.sqrt(tl.maximum(total / K, 0.0))
+        tl.debug_barrier()  # the norms and dots stored above are read back by other threads
+        norms = tl.load(norms_ptr + cols, mask=col_valid, other=0.0)
+        dot = tl.load(dot_ptr + cols, mask=col_valid, other=0.0)
         denom = norms * mean_norm
         cos = tl.where(denom > 0, dot / denom, 0.0)
         cos = tl.minimum(tl.maximum(cos, -1.0), 1.0)
-        tl.store(norms_ptr + offs, norms, mask=k_valid)
-        tl.store(dot_ptr + offs, dot, mask=k_valid)
-        tl.store(cos_ptr + offs, cos, mask=k_valid)
+        tl.store(cos_ptr + cols, cos, mask=col_valid)
         tl.store(mean_norm_ptr, mean_norm)
-
-        num_dominated = tl.sum(((dot < 0) & k_valid).to(tl.int64), axis=0)
-        upper = (offs[:, None] < offs[None, :]) & valid
-        num_pairs = tl.sum(tl.sum(((m < 0) & upper).to(tl.int64), axis=1), axis=0)
-        bad = (m != m) | (tl.abs(m) == float("inf"))
-        num_bad = tl.sum(tl.sum((bad & valid).to(tl.int32), axis=1), axis=0)
         nonfinite = num_bad > 0
         trigger = (num_bad == 0) & (2 * num_dominated >= K)
         tl.store(counts_ptr, num_dominated)
@@ -296,16 +352,16 @@ def check_triton_usable(G: torch.Tensor) -> None:
         raise TypeError(
             f"the Triton Gram kernel takes float32, float16 or bfloat16, got {G.dtype} (use backend='torch')"
         )
-    if G.device.type != "cuda" and not _interpreting():
-        raise RuntimeError(
-            f"backend='triton' on a {G.device.type} tensor needs TRITON_INTERPRET=1 set before "
-            "triton is imported (or use backend='torch')"
-        )
     K, P = G.shape
     if K > MAX_TRITON_TASKS:
         raise ValueError(f"the Triton Gram kernel handles K ≤ {MAX_TRITON_TASKS} tasks, got K = {K}")
     if P > MAX_TRITON_COLUMNS:
         raise ValueError(f"the Triton Gram kernel handles P ≤ {MAX_TRITON_COLUMNS} columns, got P = {P}")
+    if G.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(
+            f"backend='triton' on a {G.device.type} tensor needs TRITON_INTERPRET=1 set before "
+            "triton is imported (or use backend='torch')"
+        )
 
 
 def gram_stats_triton(G: torch.Tensor, *, deterministic: bool = False, block_p: int | None = None) -> GramStats:
@@ -320,7 +376,7 @@ def gram_stats_triton(G: torch.Tensor, *, deterministic: bool = False, block_p: 
     if G.shape[1] > 1 and G.stride(1) != 1:
         G = G.contiguous()  # the kernel needs unit column stride; any row stride is fine
     K, P = G.shape
-    cfg = triton_gram_config(K, P, G.device, block_p)
+    cfg = triton_gram_config(K, P, G.device, block_p, G.dtype)
     num_chunks = triton.cdiv(P, cfg.block_p)
     num_parts = 1 if not deterministic else cfg.num_programs
     tile = cfg.block_k * cfg.block_k
@@ -339,6 +395,7 @@ def gram_stats_triton(G: torch.Tensor, *, deterministic: bool = False, block_p: 
         IS_FP32=G.dtype == torch.float32,
         UPCAST=G.device.type != "cuda",
         num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     gram = torch.empty((K, K), dtype=torch.float32, device=dev)
     vectors = torch.empty((3, K), dtype=torch.float32, device=dev)
@@ -357,7 +414,9 @@ def gram_stats_triton(G: torch.Tensor, *, deterministic: bool = False, block_p: 
         counts,
         flags,
         BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps,
+        BLOCK_R=min(cfg.block_k, EPILOGUE_ROWS),
+        num_warps=EPILOGUE_WARPS[cfg.block_k],
+        num_stages=EPILOGUE_STAGES,
     )
     return GramStats(
         gram=gram,
@@ -373,7 +432,11 @@ def gram_stats_triton(G: torch.Tensor, *, deterministic: bool = False, block_p: 
 
 
 def resolve_backend(G: torch.Tensor, backend: Backend) -> Literal["triton", "torch"]:
-    """``"auto"`` -> Triton for CUDA tensors it can handle, torch otherwise."""
+    """``"auto"`` -> Triton for CUDA tensors it can handle and is faster on, torch otherwise.
+
+    fp32 with K ≤ ``TORCH_FP32_MAX_TASKS`` goes to torch: on an H200 the torch backend was faster
+    there (K = 3, 10, 40 at P = 1e7 and 1e8) and Triton faster at K = 128 (issue "The Gram kernel
+    at the memory roofline", measured with the earlier tile table; to be measured again)."""
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend != "auto":
@@ -384,6 +447,7 @@ def resolve_backend(G: torch.Tensor, backend: Backend) -> Literal["triton", "tor
         and G.dtype in TRITON_DTYPES
         and G.shape[0] <= MAX_TRITON_TASKS
         and G.shape[1] <= MAX_TRITON_COLUMNS
+        and not (G.dtype == torch.float32 and G.shape[0] <= TORCH_FP32_MAX_TASKS)
     )
     return "triton" if usable else "torch"
 
@@ -395,7 +459,8 @@ def gram_stats(G: torch.Tensor, *, backend: Backend = "auto", deterministic: boo
         G: (K, P) per-task gradients, one task per row; float32, float16 or bfloat16 (and float64
             on the torch backend, computed in float64). Any row stride is accepted without a copy (e.g. the buffer of ``cost_fast.grads``).
         backend: ``"triton"`` (fused kernel; on CPU tensors only under ``TRITON_INTERPRET=1``),
-            ``"torch"`` (``gram_stats_torch``), or ``"auto"`` (Triton on CUDA, torch otherwise).
+            ``"torch"`` (``gram_stats_torch``), or ``"auto"`` (Triton on CUDA where it is the
+            faster one, see ``resolve_backend``; torch otherwise).
         deterministic: Triton only: bitwise-identical results run to run (fixed-order reduction
             instead of atomics). The torch backend is one matmul and ignores it.
 
