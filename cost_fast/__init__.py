@@ -1,7 +1,7 @@
 """cost_fast: a fast engine for gradient-based multi-task learning and COST teleportation."""
 
 from cost_fast.aggregators import get_aggregator, list_aggregators
-from cost_fast.cost import COST, StepInfo
+from cost_fast.cost import COST, BaseStepConfig, StepInfo
 from cost_fast.grads import TaskGradients
 from cost_fast.kernels import GramStats, gram_stats
 from cost_fast.semantics import PaperSemantics, PublicSemantics, Semantics, get_semantics
@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "COST",
+    "BaseStepConfig",
     "GramStats",
     "PaperSemantics",
     "PublicSemantics",

@@ -9,6 +9,9 @@ import threading
 
 import torch
 
+from cost_fast.semantics import SEMANTICS
+from cost_fast.toy import PROTOCOLS
+
 
 def _positive_int(text: str) -> int:
     try:
@@ -37,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", default="fairgrad", help="base method, a Gram-based aggregator (default: fairgrad)")
     demo.add_argument(
         "--semantics",
-        choices=["public", "paper"],
+        choices=sorted(SEMANTICS),
         default="public",
         help="COST semantics (default: public, the public code's)",
     )
@@ -75,12 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-k", dest="keyword", default=None, help="pytest -k expression selecting benchmarks")
     toy = sub.add_parser(
         "toy",
-        help="LS and LS+COST on CAGrad's two-task toy from five starting points",
+        help="LS and LS+COST on CAGrad's two-task toy from several starting points",
         description="Linear scalarization alone and with COST on the two-task toy of CAGrad (COST paper, "
         "Fig. 6): trajectories over the loss landscape, final losses against the Pareto front, a table.",
     )
     toy.add_argument("--out", default="toy_report", help="report folder (default: toy_report)")
-    toy.add_argument("--steps", type=_positive_int, default=3000, help="Adam steps per run (default: 3000)")
+    toy.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOLS),
+        default="nash-mtl",
+        help="nash-mtl: 5 starts, 3000 steps at lr 0.01 (default); cagrad: CAGrad's 3 starts, 100000 steps at lr 1e-3",
+    )
+    toy.add_argument("--steps", type=_positive_int, default=None, help="Adam steps per run (default: the protocol's)")
+    toy.add_argument("--seed", type=int, default=0, help="seed of COST's generator (default: 0)")
     toy.add_argument(
         "--steps-per-epoch",
         type=_positive_int,
@@ -89,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     toy.add_argument(
         "--semantics",
-        choices=["public", "paper"],
+        choices=sorted(SEMANTICS),
         default="public",
         help="COST semantics (default: public, the public code's)",
     )
@@ -101,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--out", default="reproduction", help="report folder (default: reproduction)")
     rep.add_argument("--quick", action="store_true", help="small runs (seconds), for a smoke test")
+    rep.add_argument("--seeds", type=_positive_int, default=5, help="seeds to run every experiment with (default: 5)")
     return parser
 
 
@@ -160,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         from cost_fast.reproduce import run_reproduction
 
         try:
-            run_reproduction(args.out, quick=args.quick, stream=sys.stdout)
+            run_reproduction(args.out, quick=args.quick, seeds=args.seeds, stream=sys.stdout)
         except ValueError as err:
             parser.error(str(err))
     if args.command == "toy":
@@ -169,9 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run_toy(
                 args.out,
+                protocol=args.protocol,
                 steps=args.steps,
                 steps_per_epoch=args.steps_per_epoch,
                 semantics=args.semantics,
+                seed=args.seed,
                 stream=sys.stdout,
             )
         except ValueError as err:

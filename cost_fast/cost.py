@@ -12,12 +12,14 @@ to the caller):
    on and at most ``max_teleports_per_epoch`` times per epoch (one host read);
 4. if it fires: ``teleport`` (LoRA adapter trained on L_t and L_g, merged, guarded), then HTR
    on Adam/AdamW with σ = cos(Δθ, g') (``cost_fast.htr``); σ ≤ 0 gives a fresh Adam state.
-   That step updates no parameter, as the public NYUv2 trainer;
+   That step updates no parameter, as the public NYUv2 trainer (``BaseStepConfig(
+   step_after_teleport=True)``: a base step at the teleported point, as its CityScapes trainer);
 5. otherwise the base method's update: Gram-based methods give w from M, loss weightings w from
    the losses, gradient-based ones (GradDrop, MoCo) the backbone update itself; the heads (and a
    loss weighting's learned parameters) get the gradient of the weighted total, the backbone Gᵀw;
    non-finite results there also change nothing. After the optimizer step a loss weighting
-   learns (``LossWeighting.after_step``), as in its own training loop.
+   learns (``LossWeighting.after_step``), as in its own training loop. ``BaseStepConfig``
+   changes that step to the public code's (unweighted heads, K·Gᵀw, gradient clipping).
 
 Epochs: with ``steps_per_epoch`` (default: the length of the teleport data, when it has one)
 COST counts them itself; otherwise call ``end_epoch()`` after each.
@@ -28,7 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -48,6 +50,40 @@ NONFINITE = "non-finite losses or task gradients"
 NONFINITE_UPDATE = "non-finite weights, update or head gradients"
 
 
+@dataclasses.dataclass(frozen=True)
+class BaseStepConfig:
+    """How COST forms an ordinary step. The defaults give the base method's own step (what it
+    does alone); ``public_code()`` gives the public COST trainers' step.
+
+    Attributes:
+        head_gradients: ``"weighted"`` (the heads get ∇ Σ w_i L_i, default) or ``"per_task"``
+            (head i gets its unweighted ∇L_i, i.e. ∇ Σ L_i: the public code).
+        scale_backbone_by_tasks: the backbone gets K·Gᵀw instead of Gᵀw (the public code).
+        clip_grad_norm: clip the norm of all gradients to this before the optimizer step (the
+            public code: 1.0); None (default): no clipping.
+        step_after_teleport: also take a base step at the teleported point in the teleport's
+            iteration (the public CityScapes trainer); default False (its NYUv2 trainer).
+    """
+
+    head_gradients: Literal["weighted", "per_task"] = "weighted"
+    scale_backbone_by_tasks: bool = False
+    clip_grad_norm: float | None = None
+    step_after_teleport: bool = False
+
+    def __post_init__(self) -> None:
+        if self.head_gradients not in ("weighted", "per_task"):
+            raise ValueError(f"head_gradients must be 'weighted' or 'per_task', got {self.head_gradients!r}")
+        if self.clip_grad_norm is not None and not (
+            isinstance(self.clip_grad_norm, int | float) and 0 < self.clip_grad_norm < float("inf")
+        ):
+            raise ValueError(f"clip_grad_norm must be a finite number > 0 or None, got {self.clip_grad_norm!r}")
+
+    @classmethod
+    def public_code(cls, *, step_after_teleport: bool = False) -> BaseStepConfig:
+        """The public code's step: per-task heads, K·Gᵀw, gradients clipped to norm 1."""
+        return cls("per_task", True, 1.0, step_after_teleport)
+
+
 @dataclasses.dataclass
 class StepInfo:
     """What one ``COST.step`` saw and did (host values).
@@ -64,6 +100,7 @@ class StepInfo:
     trigger: bool
     skipped: str | None = None
     teleported: bool = False
+    stepped_after_teleport: bool = False
     rolled_back: bool = False
     rollback_reason: str | None = None
     sigma: float | None = None
@@ -99,7 +136,10 @@ class COST:
         max_teleports_per_epoch: frequency control (default 1; 0 disables teleports).
         steps_per_epoch: steps per epoch, counted by COST (default: ``len(teleport_data)``
             when it has a length; None without one: call ``end_epoch()``).
-        rank: adapter rank (default 5). adapter: ``"lora"`` (default) or ``"loha"``.
+        rank: adapter rank (default 5; its alpha is the semantics'). adapter: ``"lora"``
+            (default) or ``"loha"``. adapter_targets: ``targets(name, layer) -> bool`` chooses
+            the adapted layers among the backbone's trainable Linear/Conv ones (default: all).
+        base_step: ``BaseStepConfig`` (default: the base method's own step).
         gradient_mode: ``TaskGradients`` mode.
         nonfinite: ``"skip"`` (default) or ``"raise"`` on non-finite losses or gradients.
         seed: seed of COST's own generator (adapter factors, teleport noise); torch's global
@@ -123,6 +163,8 @@ class COST:
         steps_per_epoch: int | None = None,
         rank: int = 5,
         adapter: str = "lora",
+        adapter_targets: Callable[[str, nn.Module], bool] | None = None,
+        base_step: BaseStepConfig | None = None,
         gradient_mode: Mode = "loop",
         nonfinite: Literal["skip", "raise"] = "skip",
         seed: int = 0,
@@ -150,6 +192,8 @@ class COST:
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         if teleport is not None and not isinstance(teleport, TeleportConfig):
             raise TypeError(f"teleport must be a TeleportConfig, got {type(teleport).__name__}")
+        if base_step is not None and not isinstance(base_step, BaseStepConfig):
+            raise TypeError(f"base_step must be a BaseStepConfig, got {type(base_step).__name__}")
         if steps_per_epoch is None and hasattr(teleport_data, "__len__"):
             steps_per_epoch = len(teleport_data)
         if steps_per_epoch is not None and (
@@ -174,13 +218,21 @@ class COST:
         self.loss_fn, self.teleport_data = loss_fn, teleport_data
         self.semantics = get_semantics(semantics)
         self.teleport_config = teleport if teleport is not None else TeleportConfig()
+        self.base_step = base_step if base_step is not None else BaseStepConfig()
         self.start_step, self.start_epoch = start_step, start_epoch
         self.max_teleports_per_epoch = max_teleports_per_epoch
         self.steps_per_epoch = steps_per_epoch
         self.gradient_mode: Mode = gradient_mode
         self.nonfinite = nonfinite
         self.generator = torch.Generator(device=shared_params[0].device).manual_seed(seed)
-        self.adapter = TeleportAdapter(shared, rank=rank, method=adapter, generator=self.generator)
+        self.adapter = TeleportAdapter(
+            shared,
+            rank=rank,
+            alpha=self.semantics.lora_alpha,
+            method=adapter,
+            generator=self.generator,
+            targets=adapter_targets,
+        )
         shared_ids = {id(p) for p in shared.parameters()}
         self.task_params = [p for p in model.parameters() if id(p) not in shared_ids and p.requires_grad]
         self.learned_weighting_params = (
@@ -270,7 +322,7 @@ class COST:
         """One training step from the K task losses of ``batch`` (with their graph):
         ``backward`` and then, when it left gradients, ``optimizer.step()``."""
         info = self.backward(losses, batch)
-        if info.skipped is None and not info.attempted_teleport:
+        if info.skipped is None and (not info.attempted_teleport or info.stepped_after_teleport):
             t0 = time.perf_counter()
             self.optimizer.step()
             info.seconds["optimizer_step"] = time.perf_counter() - t0
@@ -334,7 +386,17 @@ class COST:
         if info.trigger and self._allowed():
             self._teleport(losses, stats, batch, info)
             times["teleport"] = time.perf_counter() - t2
-            return info
+            if not self.base_step.step_after_teleport:
+                return info
+            # the public CityScapes trainer: a base step at the teleported point, same batch
+            losses = self.loss_fn(self.model, batch)
+            check_task_losses(losses, self.engine.num_tasks)
+            self.engine.compute(losses, retain_graph=True)
+            stats = gram_stats(self.engine.grads)
+            if not bool(torch.isfinite(losses).all() & ~stats.nonfinite):
+                return self._skip(info, NONFINITE)
+            info.stepped_after_teleport = True
+            t2 = time.perf_counter()
         if not self._base_update(losses, stats):
             return self._skip(info, NONFINITE_UPDATE)
         times["solve"] = time.perf_counter() - t2
@@ -375,6 +437,7 @@ class COST:
         if the weights, the update or the heads' gradients are not finite."""
         self.optimizer.zero_grad(set_to_none=True)
         inputs = self.task_params + self.learned_weighting_params
+        per_task_heads = self.base_step.head_gradients == "per_task"
         if isinstance(self.base, Aggregator) and self.base.kind == "grads":
             # The heads' gradient (of Σ L_i) does not depend on the method, so it is checked
             # first, and the method's state (MoCo's: K x P) advances only on a step that is taken.
@@ -386,12 +449,21 @@ class COST:
         else:
             saved = copy.deepcopy(self.base.state_dict())  # small: K-sized buffers, generators
             total = self._direction(losses, stats.gram)
-            if inputs:
+            if per_task_heads and self.task_params:
+                losses.sum().backward(inputs=self.task_params, retain_graph=bool(self.learned_weighting_params))
+                if self.learned_weighting_params:
+                    total.backward(inputs=self.learned_weighting_params)
+            elif inputs:
                 total.backward(inputs=inputs)
             if not _all_finite([self.engine.combined] + [p.grad for p in inputs if p.grad is not None]):
                 self.base.load_state_dict(saved)
                 return False
+        if self.base_step.scale_backbone_by_tasks:
+            self.engine.combined.mul_(self.engine.num_tasks)
         self.engine.write_update(self.engine.combined)
+        if self.base_step.clip_grad_norm is not None:
+            params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.base_step.clip_grad_norm)
         self.has_update = True
         return True
 

@@ -15,7 +15,9 @@ and ends with ``merge()``:
 
 ``snapshot``/``restore`` copy the adapted weights for a bit-exact rollback.
 
-Only layers whose weight requires grad are adapted: a layer the user froze is never changed.
+Only layers whose weight requires grad are adapted: a layer the user froze is never changed;
+``targets`` narrows the choice further (the public SegNet-MTAN code adapts its shared convs but
+not its attention convs).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -54,6 +56,8 @@ class TeleportAdapter:
             reproduce the base output exactly at initialization.
         generator: source of the adapter's random factors at every ``reset()`` (default: a
             generator seeded 0 on the backbone's device).
+        targets: ``targets(name, layer) -> bool`` chooses among the trainable Linear/Conv layers
+            (``name`` relative to the backbone); default: all of them.
 
     Attributes:
         layers: the peft adapter layers, in module order (attached only inside ``attached()``).
@@ -69,6 +73,7 @@ class TeleportAdapter:
         alpha: float | None = None,
         method: str = "lora",
         generator: torch.Generator | None = None,
+        targets: Callable[[str, nn.Module], bool] | None = None,
     ) -> None:
         from peft import LoHaConfig, LoraConfig, inject_adapter_in_model
         from peft.tuners.loha.layer import LoHaLayer
@@ -85,20 +90,23 @@ class TeleportAdapter:
             )
         if any(isinstance(m, LoraLayer | LoHaLayer) for m in backbone.modules()):
             raise ValueError("the backbone already holds LoRA/LoHa layers")
-        targets = [
-            name for name, m in backbone.named_modules() if isinstance(m, ADAPTED_TYPES) and m.weight.requires_grad
+        trainable = [
+            (name, m) for name, m in backbone.named_modules() if isinstance(m, ADAPTED_TYPES) and m.weight.requires_grad
         ]
-        if not targets:
+        if not trainable:
             frozen = any(isinstance(m, ADAPTED_TYPES) for m in backbone.modules())
             raise ValueError(
                 "the backbone has no trainable Linear or Conv layer to adapt"
                 + (" (all of them are frozen)" if frozen else "")
             )
+        chosen = [name for name, m in trainable if targets is None or targets(name, m)]
+        if not chosen:
+            raise ValueError("targets chose none of the backbone's trainable Linear/Conv layers")
         self.base_parameters = [p for p in backbone.parameters() if p.requires_grad]
         flags = [(p, p.requires_grad) for p in backbone.parameters()]
         had_config = hasattr(backbone, "peft_config")
         # A regex that matches the full names exactly: a list would match name suffixes too.
-        pattern = "^(" + "|".join(re.escape(t) for t in targets) + ")$"
+        pattern = "^(" + "|".join(re.escape(t) for t in chosen) + ")$"
         alpha = alpha if alpha is not None else rank
         if method == "lora":
             config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=pattern)

@@ -1,15 +1,21 @@
 """``cost-fast reproduce``: the COST paper's qualitative claims beside what this engine measures.
 
-Runs the digits demo (``cost_fast.demo``) and the CAGrad toy (``cost_fast.toy``) into one
-folder and writes ``REPRODUCTION.md``: per claim, the paper's statement, our measurement, a
-verdict (held, not held, or not measurable here) and the figure that shows it. Every number
-comes from the runs just made; nothing is copied from elsewhere.
+For each of several seeds (5 by default) it runs the digits demo (``cost_fast.demo``), the CAGrad
+toy (``cost_fast.toy``) and a controlled paper-semantics teleport (``sharpness_control``: the
+same teleport with the sharpness term at the paper's weight and switched off) into one folder,
+and writes ``REPRODUCTION.md``: per claim, the paper's statement, the verdict over the seeds with
+its spread (held in k of n), seed 0's measurement and the figure that shows it, then every
+seed's measurement. Every number comes from the runs just made; nothing is copied from elsewhere.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 from pathlib import Path
 from typing import Any, TextIO
+
+import torch
 
 from cost_fast.demo import run_demo
 from cost_fast.report import atomic_report_dir, check_report_target
@@ -27,8 +33,68 @@ def _third(series: list[float], last: bool) -> float:
     return _mean(series[-k:] if last else series[:k])
 
 
-def assess(demo: dict[str, Any], toy: dict[str, Any]) -> list[dict[str, str]]:
-    """The claims (module docstring) with measurement and verdict, from the two reports."""
+def sharpness_control(seed: int = 0, *, epochs: int = 3, relative_radius: float | None = None) -> dict[str, Any]:
+    """One paper-semantics teleport of the digits model after ``epochs`` epochs of FairGrad, run
+    three times from the same point with the same noise: with the sharpness term at the paper's
+    weight (0.1), switched off (0), and at 100 times the paper's weight (10). Returns the L_t and
+    L_g series of each, so that what the term itself does to L_g can be told from what the
+    adapter's drift does."""
+    from cost_fast import COST, PaperSemantics, TeleportConfig, get_aggregator
+    from cost_fast.demo import NUM_TASKS, digits_tasks
+    from cost_fast.grads import TaskGradients
+    from cost_fast.kernels import gram_stats
+    from cost_fast.lora import TeleportAdapter
+    from cost_fast.models import MultiTaskMLP, batch_task_losses
+    from cost_fast.teleport import teleport
+
+    if relative_radius is None:
+        relative_radius = PaperSemantics().relative_radius
+    torch.manual_seed(seed)
+    x, y, _, _ = digits_tasks(seed)
+    batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, len(x), 64)]
+    model = MultiTaskMLP(64, NUM_TASKS, hidden=16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    fairgrad = get_aggregator("fairgrad")
+    cost = COST(
+        model,
+        model.backbone,
+        fairgrad,
+        optimizer,
+        loss_fn=batch_task_losses,
+        teleport_data=batches,
+        max_teleports_per_epoch=0,
+        seed=seed,
+    )
+    for _ in range(epochs):
+        for batch in batches:
+            cost.step(batch_task_losses(model, batch), batch)
+    engine = TaskGradients(list(model.backbone.parameters()), NUM_TASKS)
+    engine.compute(batch_task_losses(model, batches[0]))
+    norms = gram_stats(engine.grads).norms
+    runs = {}
+    for weight in (0.1, 0.0, 10.0):
+        moved = copy.deepcopy(model)
+        semantics = PaperSemantics(relative_radius=relative_radius, sharpness_weight=weight)
+        adapter = TeleportAdapter(
+            moved.backbone, alpha=semantics.lora_alpha, generator=torch.Generator().manual_seed(seed)
+        )
+        result = teleport(
+            moved,
+            adapter,
+            batch_task_losses,
+            batches,
+            batches[0],
+            semantics.ratio_weights(norms),
+            semantics,
+            TeleportConfig(lr=3e-3, guard=False),
+            generator=torch.Generator().manual_seed(seed + 1),
+        )
+        runs[str(weight)] = {"task_terms": result.task_terms, "sharpness_terms": result.sharpness_terms}
+    return {"relative_radius": relative_radius, "epochs": epochs, "runs": runs}
+
+
+def assess(demo: dict[str, Any], toy: dict[str, Any], control: dict[str, Any] | None = None) -> list[dict[str, str]]:
+    """The claims (module docstring) with measurement and verdict, from the reports of one seed."""
     base, cost = demo["runs"]["base"], demo["runs"]["base+COST"]
     claims = []
 
@@ -87,17 +153,37 @@ def assess(demo: dict[str, Any], toy: dict[str, Any]) -> list[dict[str, str]]:
 
     stuck_then_reached = [r for r in toy["runs"] if not r["LS"]["reaches_front"] and r["LS+COST"]["reaches_front"]]
     toy_teleports = sum(len(r["LS+COST"]["teleports"]) for r in toy["runs"])
+    toy_rolled_back = sum(t.get("rolled_back", False) for r in toy["runs"] for t in r["LS+COST"]["teleports"])
+    starts = len(toy["runs"])
     ls_reach = sum(r["LS"]["reaches_front"] for r in toy["runs"])
     cost_reach = sum(r["LS+COST"]["reaches_front"] for r in toy["runs"])
     claims.append(
         {
             "claim": "On CAGrad's toy, LS gets stuck where LS + COST reaches the Pareto front (paper Fig. 6)",
-            "measured": f"LS reaches the front from {ls_reach}/5 starts, LS + COST from {cost_reach}/5; "
-            f"{toy_teleports} teleports in all",
+            "measured": f"LS reaches the front from {ls_reach}/{starts} starts, LS + COST from {cost_reach}/{starts}; "
+            f"{toy_teleports} attempted teleports in all ({toy_rolled_back} rolled back)",
             "verdict": "held" if stuck_then_reached else "not held",
             "figure": "toy/toy.png, toy/toy_table.md",
         }
     )
+
+    if control is not None:
+        rise = {
+            w: _third(r["sharpness_terms"], True) - _third(r["sharpness_terms"], False)
+            for w, r in control["runs"].items()
+        }
+        paper, off, strong = rise["0.1"], rise["0.0"], rise["10.0"]
+        drift = max(abs(off), 1e-12)
+        claims.append(
+            {
+                "claim": "In paper semantics the sharpness term raises L_g during a teleport (Eq. 11: L_t - 0.1 L_g)",
+                "measured": f"rise of L_g (last vs first third of the steps), δ = {control['relative_radius']}·‖θ‖: "
+                f"{paper:.2e} at weight 0.1, {off:.2e} with the term off, {strong:.2e} at weight 10",
+                # held only if the term itself adds at least 10% to what the drift alone does
+                "verdict": "held" if paper - off > 0.1 * drift else "not held",
+                "figure": "sharpness_control.json",
+            }
+        )
 
     base_time = sum(base["seconds"].values())
     cost_time = sum(cost["seconds"].values())
@@ -114,34 +200,89 @@ def assess(demo: dict[str, Any], toy: dict[str, Any]) -> list[dict[str, str]]:
     return claims
 
 
-def render(claims: list[dict[str, str]], demo: dict[str, Any], toy: dict[str, Any]) -> str:
-    """REPRODUCTION.md."""
+def summarize(per_seed: list[list[dict[str, str]]]) -> list[dict[str, Any]]:
+    """One row per claim over the seeds: "held" (every seed), "not held" (none), "mixed"
+    (some), or "not measurable here" (no seed could measure it); ``held``/``measurable`` are the
+    counts, ``measured`` every seed's measurement."""
+    rows = []
+    for i, first in enumerate(per_seed[0]):
+        verdicts = [claims[i]["verdict"] for claims in per_seed]
+        measurable = [v for v in verdicts if v != "not measurable here"]
+        held = sum(v == "held" for v in measurable)
+        if not measurable:
+            verdict = "not measurable here"
+        elif held == len(measurable):
+            verdict = "held"
+        elif held == 0:
+            verdict = "not held"
+        else:
+            verdict = "mixed"
+        rows.append(
+            {
+                "claim": first["claim"],
+                "verdict": verdict,
+                "held": held,
+                "measurable": len(measurable),
+                "seeds": len(per_seed),
+                "measured": [claims[i]["measured"] for claims in per_seed],
+                "figure": first["figure"],
+            }
+        )
+    return rows
+
+
+def render(rows: list[dict[str, Any]], demo: dict[str, Any], toy: dict[str, Any]) -> str:
+    """REPRODUCTION.md from ``summarize``'s rows and seed 0's demo and toy reports."""
     lines = [
         "# COST's claims, reproduced on this engine",
         "",
-        f"Regenerated by `cost-fast reproduce`. Digits demo: {demo['method']} with and without COST "
-        f"({demo['semantics']} semantics), {demo['epochs']} epochs, seed {demo['seed']}. Toy: {toy['steps']} "
-        f"Adam steps per run, lr {toy['lr']}. CPU; small problems, not the paper's benchmarks.",
+        f"Regenerated by `cost-fast reproduce` over {rows[0]['seeds']} seeds (seed s: the demo's data split and "
+        f"initialization, COST's generator). Digits demo: {demo['method']} with and without COST "
+        f"({demo['semantics']} semantics), {demo['epochs']} epochs. Toy: {toy['steps']} Adam steps per run, "
+        f"lr {toy['lr']}, {toy['semantics']} semantics. CPU; small problems, not the paper's benchmarks. "
+        "Figures are seed 0's (`seed0/`).",
         "",
-        "| claim | measured here | verdict | figure |",
+        "| claim | verdict over the seeds | seed 0 measured | figure |",
         "|---|---|---|---|",
     ]
-    lines += [f"| {c['claim']} | {c['measured']} | {c['verdict']} | {c['figure']} |" for c in claims]
+    for r in rows:
+        spread = f" (held in {r['held']} of {r['measurable']})" if r["measurable"] else ""
+        lines.append(f"| {r['claim']} | {r['verdict']}{spread} | {r['measured'][0]} | seed0/{r['figure']} |")
+    lines += ["", "## Every seed", ""]
+    for r in rows:
+        lines.append(f"- {r['claim']}:")
+        lines += [f"  - seed {s}: {m}" for s, m in enumerate(r["measured"])]
     return "\n".join(lines) + "\n"
 
 
 def run_reproduction(
-    out_dir: str = "reproduction", *, quick: bool = False, stream: TextIO | None = None
-) -> list[dict[str, str]]:
-    """Run both experiments into ``out_dir`` (``demo/``, ``toy/``) and write REPRODUCTION.md there."""
+    out_dir: str = "reproduction", *, quick: bool = False, seeds: int = 5, stream: TextIO | None = None
+) -> list[dict[str, Any]]:
+    """Run the experiments of every seed into ``out_dir`` (``seed<s>/demo``, ``seed<s>/toy``,
+    ``seed<s>/sharpness_control.json``) and write REPRODUCTION.md there; returns the rows."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be an int ≥ 1, got {seeds!r}")
     target = check_report_target(out_dir)
     with atomic_report_dir(target) as folder:
-        demo = run_demo(str(folder / "demo"), epochs=2 if quick else 10, stream=None, progress=False)
-        toy = run_toy(str(folder / "toy"), steps=30 if quick else 3000, steps_per_epoch=10 if quick else 100)
-        claims = assess(demo, toy)
-        Path(folder / "REPRODUCTION.md").write_text(render(claims, demo, toy), encoding="utf-8")
+        per_seed = []
+        for seed in range(seeds):
+            where = folder / f"seed{seed}"
+            where.mkdir()
+            demo = run_demo(str(where / "demo"), epochs=2 if quick else 10, seed=seed, stream=None, progress=False)
+            toy = run_toy(
+                str(where / "toy"), steps=30 if quick else 3000, steps_per_epoch=10 if quick else 100, seed=seed
+            )
+            control = sharpness_control(seed, epochs=1 if quick else 3)
+            (where / "sharpness_control.json").write_text(json.dumps(control), encoding="utf-8")
+            per_seed.append(assess(demo, toy, control))
+            if stream is not None:
+                print(f"seed {seed} done", file=stream, flush=True)
+            if seed == 0:
+                first_demo, first_toy = demo, toy
+        rows = summarize(per_seed)
+        Path(folder / "REPRODUCTION.md").write_text(render(rows, first_demo, first_toy), encoding="utf-8")
     if stream is not None:
-        for c in claims:
-            print(f"[{c['verdict']}] {c['claim']}: {c['measured']}", file=stream)
+        for r in rows:
+            print(f"[{r['verdict']}, held in {r['held']} of {r['measurable']}] {r['claim']}", file=stream)
         print(f"report: {target}/REPRODUCTION.md", file=stream)
-    return claims
+    return rows

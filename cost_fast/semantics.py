@@ -10,6 +10,8 @@ term L_g, the g' of its HTR and its default settings.
              the perturbed losses are constants (the public code evaluates them on deep copies)
     L_lora   10 L_t - 0.5 L_g
     g'       the last combined update (the step before the teleport)
+    LoRA     scale alpha/r = 8/5 (peft's default lora_alpha = 8 with the public code's r = 5)
+    guard    off (the public code has none)
 
 ``"paper"`` (Eqs. 4 and 7-12 of the paper):
 
@@ -17,12 +19,23 @@ term L_g, the g' of its HTR and its default settings.
     R        K softmax([Σ_j ‖g_j‖ / ‖g_i‖]_i)                         (Eq. 10)
     L_g      max_j | (1/K) Σ_i R_i [L_i(θ+Δθ+ε_j; x) - L_i(θ+Δθ; x)] |  (Eq. 9), both terms
              differentiable, ε_j Gaussian over the shared parameters on the sphere of radius
-             δ = relative_radius·‖θ_shared‖ (the paper gives no δ; 1e-3 by default)
+             δ = relative_radius·‖θ_shared‖ (the paper gives no δ; 0.1 by default, see below)
     L_lora   L_t - 0.1 L_g                                           (Eq. 11)
     g'       the combined gradient at the pre-teleport point           (Eq. 12)
+    LoRA     scale alpha/r = 8/5, as the public code (the paper gives none)
+    guard    on (ours: the paper has none; it rolls back a teleport that raised a loss)
 
 In both, L_t = (1/K) Σ_i |L_i(θ+Δθ; b) - L*_i| over the teleport batches b, with L*_i the mean
 loss over the teleport data before the teleport (``cost_fast.teleport``).
+
+How δ is chosen: with random directions, L_g is a first-order quantity, (1/K) Σ R_i ∇L_i·ε, so it
+grows linearly with δ (measured on the digits model from δ = 1e-3·‖θ‖ to 0.3·‖θ‖: 3e-5 to 8e-3,
+against L_t ≈ 0.04). The default takes the largest radius that still probes the neighbourhood of
+θ (10% of its norm), which gives L_g the most weight the paper's objective allows. Even there,
+0.1·L_g is under 1% of L_t, and L_g rises during a teleport by the same amount with the term
+switched off: at Eq. 11's weight the sharpness term does not steer the teleport on these
+problems (``cost-fast reproduce`` measures this with ``sharpness_control``; at 100 times the
+weight it does).
 
 Speed (same result): the perturbed losses run without autograd and without model copies
 (``cost_fast.perturbed``); in paper semantics only the arg-max sample is evaluated again with
@@ -54,20 +67,27 @@ class Semantics:
 
     Attributes:
         task_weight, sharpness_weight: a and b of L_lora = a L_t - b L_g.
+        lora_alpha: the adapter's alpha (its update is (alpha / rank)·BA); default 8, peft's
+            default and so the public code's.
     """
 
     name: ClassVar[str] = ""
     # g' of HTR: "last_update" (the step before) or "pre_teleport_gradient" (Eq. 12)
     htr_direction: ClassVar[Literal["last_update", "pre_teleport_gradient"]] = "last_update"
+    # whether a teleport is checked (and rolled back on a rise) unless TeleportConfig says
+    default_guard: ClassVar[bool] = True
 
     task_weight: float = 1.0
     sharpness_weight: float = 0.1
+    lora_alpha: float = 8.0
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
                 raise ValueError(f"{type(self).__name__}.{field.name} must be a finite number ≥ 0, got {value!r}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
 
     def fires(self, stats: GramStats) -> torch.Tensor:
         """The trigger, a bool device tensor (no host read)."""
@@ -102,6 +122,7 @@ class PublicSemantics(Semantics):
 
     name: ClassVar[str] = "public"
     htr_direction: ClassVar[Literal["last_update", "pre_teleport_gradient"]] = "last_update"
+    default_guard: ClassVar[bool] = False
 
     task_weight: float = 10.0
     sharpness_weight: float = 0.5
@@ -168,10 +189,11 @@ class PaperSemantics(Semantics):
 
     name: ClassVar[str] = "paper"
     htr_direction: ClassVar[Literal["last_update", "pre_teleport_gradient"]] = "pre_teleport_gradient"
+    default_guard: ClassVar[bool] = True
 
     task_weight: float = 1.0
     sharpness_weight: float = 0.1
-    relative_radius: float = 1e-3
+    relative_radius: float = 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()

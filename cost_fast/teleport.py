@@ -7,8 +7,8 @@
 with L_g, a and b given by the semantics (``cost_fast.semantics``: "public" or "paper"). Then
 the adapter is merged into the backbone (Δθ) and reset.
 
-The guard (``TeleportConfig(guard=True)``, the default) evaluates the teleport data once more
-after the merge and rolls the backbone back bit-exactly if any task's mean loss rose by more
+The guard (on by default in paper semantics, off in public semantics as in the public code;
+``TeleportConfig(guard=...)`` overrides) evaluates the teleport data once more after the merge and rolls the backbone back bit-exactly if any task's mean loss rose by more
 than ``guard_tolerance`` of its size,
 
     L_i(θ+Δθ) - L*_i > tol · |L*_i|     (right for losses of any sign),
@@ -44,7 +44,8 @@ class TeleportConfig:
         rounds: passes over the teleport data (``tele_round``, default 2).
         max_steps: optional budget of adapter steps (stops the passes early).
         num_samples: n perturbations per step for L_g (default 5).
-        guard: evaluate the teleport data after the merge and roll back on a rise (default True).
+        guard: evaluate the teleport data after the merge and roll back on a rise (default
+            None: the semantics' ``default_guard``, off in public semantics, on in paper).
         guard_tolerance: the rise, relative to |L*_i|, that rolls back (default 0.05).
         samples_per_pass: perturbed samples evaluated together in one vmapped forward pass
             (default 1: one pass per sample, in place). Larger values cost that many copies of
@@ -55,7 +56,7 @@ class TeleportConfig:
     rounds: int = 2
     max_steps: int | None = None
     num_samples: int = 5
-    guard: bool = True
+    guard: bool | None = None
     guard_tolerance: float = 0.05
     samples_per_pass: int = 1
 
@@ -70,8 +71,8 @@ class TeleportConfig:
             isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1
         ):
             raise ValueError(f"max_steps must be an int ≥ 1 or None, got {self.max_steps!r}")
-        if not isinstance(self.guard, bool):
-            raise ValueError(f"guard must be True or False, got {self.guard!r}")
+        if self.guard is not None and not isinstance(self.guard, bool):
+            raise ValueError(f"guard must be True, False or None, got {self.guard!r}")
         if not (isinstance(self.guard_tolerance, int | float) and self.guard_tolerance >= 0):
             raise ValueError(f"guard_tolerance must be ≥ 0, got {self.guard_tolerance!r}")
 
@@ -207,7 +208,8 @@ def teleport(
                 if steps >= budget:
                     break
             deltas = adapter.merge()
-        after = loss_contour(model, loss_fn, data) if config.guard else None
+        guard = config.guard if config.guard is not None else semantics.default_guard
+        after = loss_contour(model, loss_fn, data) if guard else None
         reason = None if after is None else guard_verdict(contour, after, config.guard_tolerance)
         if reason is not None:
             adapter.restore(snapshot)

@@ -12,6 +12,12 @@ COST needs a shared backbone with a layer to adapt, so θ is the output of a bia
 θ anywhere in the plane. The Pareto front is computed numerically: the non-dominated (f1, f2)
 of a dense grid over [-10, 10]². A run "reaches the front" if no grid point improves both of its
 final losses by more than ``tolerance``.
+
+Two protocols (``PROTOCOLS``): ``"nash-mtl"`` (default: the five starting points of the
+Nash-MTL and FAMO toys, 3000 Adam steps at lr 0.01, seconds on a CPU) and ``"cagrad"`` (CAGrad's
+own toy: its three starting points, 100000 Adam steps at lr 1e-3, minutes). The COST paper's
+text does not list Fig. 6's starting points; CAGrad's protocol is the closest to its source.
+Every attempted teleport is recorded, merged or rolled back (with the guard's reason).
 """
 
 from __future__ import annotations
@@ -26,9 +32,16 @@ from torch import nn
 from cost_fast.aggregators.base import get_aggregator
 from cost_fast.cost import COST
 from cost_fast.report import atomic_report_dir, check_report_target
+from cost_fast.semantics import get_semantics
 from cost_fast.teleport import TeleportConfig
 
 INITS = [(-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0)]
+CAGRAD_INITS = [(-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0)]
+# protocol: (starting points, Adam steps, learning rate)
+PROTOCOLS: dict[str, tuple[list[tuple[float, float]], int, float]] = {
+    "nash-mtl": (INITS, 3000, 0.01),
+    "cagrad": (CAGRAD_INITS, 100_000, 1e-3),
+}
 PATH_EVERY = 10  # toy.json keeps every 10th point of each trajectory (and the last); the plot uses all
 LOWER = 5e-6
 
@@ -119,8 +132,15 @@ def train_toy(
     path, teleports = [model.theta.tolist()], []
     for step in range(steps):
         info = cost.step(_loss_fn(model, batch), batch)
-        if info.teleported:
-            teleports.append({"step": step, "point": model.theta.tolist()})
+        if info.attempted_teleport:
+            teleports.append(
+                {
+                    "step": step,
+                    "point": model.theta.tolist(),
+                    "rolled_back": info.rolled_back,
+                    "rollback_reason": info.rollback_reason,
+                }
+            )
         path.append(model.theta.tolist())
     final = toy_losses(torch.tensor(path[-1], dtype=torch.float64))
     return {"init": list(init), "path": path, "teleports": teleports, "final_losses": final.tolist()}
@@ -142,13 +162,14 @@ def _plot(report: dict[str, Any], front: torch.Tensor, path: str) -> None:
             xy = torch.tensor(run[name]["path"])
             ax.plot(xy[:, 0], xy[:, 1], style, color=color, lw=1.5, label=name if run is report["runs"][0] else None)
             for t in run[name]["teleports"]:
-                ax.plot(*t["point"], "*", color="gold", markersize=10, markeredgecolor="k")
+                marker = "x" if t["rolled_back"] else "*"
+                ax.plot(*t["point"], marker, color="gold", markersize=10, markeredgecolor="k")
         ax.plot(*run["LS"]["init"], "ko")
     ax.set_xlim(-10, 10)
     ax.set_ylim(-10, 10)
     ax.set_xlabel("x1")
     ax.set_ylabel("x2")
-    ax.set_title("trajectories over the mean loss (stars: teleports)")
+    ax.set_title("trajectories over the mean loss (stars: teleports; crosses: rolled back)")
     ax.legend()
     ax_f.plot(front[:, 0], front[:, 1], "k-", lw=2, label="Pareto front (grid)")
     for run in report["runs"]:
@@ -166,25 +187,40 @@ def _plot(report: dict[str, Any], front: torch.Tensor, path: str) -> None:
 def run_toy(
     out_dir: str = "toy_report",
     *,
-    steps: int = 3000,
-    lr: float = 0.01,
+    protocol: str = "nash-mtl",
+    steps: int | None = None,
+    lr: float | None = None,
     steps_per_epoch: int = 100,
     tolerance: float = 0.05,
     semantics: str = "public",
+    seed: int = 0,
     stream: TextIO | None = None,
 ) -> dict[str, Any]:
-    """LS and LS + COST from the five starting points; writes toy.json, toy_table.md, toy.png."""
+    """LS and LS + COST from the protocol's starting points (``steps`` and ``lr`` default to the
+    protocol's); writes toy.json, toy_table.md, toy.png."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
+    inits, default_steps, default_lr = PROTOCOLS[protocol]
+    steps = default_steps if steps is None else steps
+    lr = default_lr if lr is None else lr
     if steps < 1 or steps_per_epoch < 1 or not lr > 0 or not tolerance > 0:
         raise ValueError("steps and steps_per_epoch must be ≥ 1, lr and tolerance > 0")
+    get_semantics(semantics)
     target = check_report_target(out_dir)
     start = time.perf_counter()
     front = pareto_front()
     runs = []
-    for init in INITS:
+    for init in inits:
         entry = {}
         for name, use_cost in (("LS", False), ("LS+COST", True)):
             run = train_toy(
-                init, use_cost=use_cost, steps=steps, lr=lr, steps_per_epoch=steps_per_epoch, semantics=semantics
+                init,
+                use_cost=use_cost,
+                steps=steps,
+                lr=lr,
+                steps_per_epoch=steps_per_epoch,
+                semantics=semantics,
+                seed=seed,
             )
             run["reaches_front"] = reaches_front(torch.tensor(run["final_losses"]), front, tolerance)
             entry[name] = run
@@ -193,11 +229,13 @@ def run_toy(
             print(
                 f"init {init}: LS {'reaches' if entry['LS']['reaches_front'] else 'misses'} the front, "
                 f"LS+COST {'reaches' if entry['LS+COST']['reaches_front'] else 'misses'} it "
-                f"({len(entry['LS+COST']['teleports'])} teleports)",
+                f"({len(entry['LS+COST']['teleports'])} attempted teleports)",
                 file=stream,
                 flush=True,
             )
     report = {
+        "protocol": protocol,
+        "seed": seed,
         "steps": steps,
         "lr": lr,
         "steps_per_epoch": steps_per_epoch,
@@ -207,7 +245,8 @@ def run_toy(
         "wall_seconds": time.perf_counter() - start,
     }
     table = [
-        "| start | LS final (f1, f2) | LS on the front | LS+COST final (f1, f2) | LS+COST on the front | teleports |",
+        "| start | LS final (f1, f2) | LS on the front | LS+COST final (f1, f2) | LS+COST on the front "
+        "| teleports attempted (rolled back) |",
         "|---|---|---|---|---|---|",
     ]
     for run in runs:
@@ -215,7 +254,8 @@ def run_toy(
         table.append(
             f"| {tuple(ls['init'])} | ({ls['final_losses'][0]:.3f}, {ls['final_losses'][1]:.3f}) | "
             f"{'yes' if ls['reaches_front'] else 'no'} | ({cost['final_losses'][0]:.3f}, {cost['final_losses'][1]:.3f}) | "
-            f"{'yes' if cost['reaches_front'] else 'no'} | {len(cost['teleports'])} |"
+            f"{'yes' if cost['reaches_front'] else 'no'} | {len(cost['teleports'])} "
+            f"({sum(t['rolled_back'] for t in cost['teleports'])}) |"
         )
 
     def thinned(path: list) -> list:

@@ -1,7 +1,8 @@
 """The yardstick: COST written the straightforward way, from the equations, sharing no helper with
 the fast engine it checks (``cost_fast.cost``, ``cost_fast.teleport``, ``cost_fast.semantics``),
 so that a mistake in one of the fast pieces cannot pass the equivalence tests. It reads only the
-numbers of a ``Semantics`` (its name, weights, ν or δ/‖θ‖) and a ``TeleportConfig``.
+numbers of a ``Semantics`` (its name, weights, ν or δ/‖θ‖, LoRA alpha, guard default) and a
+``TeleportConfig``.
 
 ``yardstick_task_gradients``: K ``backward(retain_graph=True)`` calls, each followed by a Python
 loop copying every parameter's ``.grad`` into column i of a P x K buffer (as the public code).
@@ -115,7 +116,8 @@ def yardstick_teleport(
     pattern = "^(" + "|".join(re.escape(t) for t in targets) + ")$"
     fork = [p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"][:1]
     with torch.random.fork_rng(devices=fork):  # peft's own initialization is overwritten below
-        wrapped = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=pattern))
+        lora = LoraConfig(r=rank, lora_alpha=semantics.lora_alpha, target_modules=pattern)
+        wrapped = get_peft_model(model, lora)
     with torch.no_grad():
         for name, p in wrapped.named_parameters():
             if "lora_A" in name:
@@ -176,7 +178,7 @@ def yardstick_teleport(
         if steps >= budget:
             break
     moved_model = wrapped.merge_and_unload()
-    if config.guard:
+    if semantics.default_guard if config.guard is None else config.guard:
         with torch.no_grad():
             after = sum(loss_fn(moved_model, b).double() for b in batches) / len(batches)
         rose = any(float(after[i] - contour[i]) > config.guard_tolerance * abs(float(contour[i])) for i in range(K))

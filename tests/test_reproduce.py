@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cost_fast.reproduce import assess, render, run_reproduction
+from cost_fast.reproduce import assess, render, run_reproduction, summarize
 
 
 def demo_report(conflict_base, conflict_cost, teleports, steps):
@@ -25,11 +25,18 @@ def demo_report(conflict_base, conflict_cost, teleports, steps):
 
 
 def toy_report(ls, cost, teleports=1):
+    attempted = [{"rolled_back": False}] * teleports
     runs = [
-        {"LS": {"reaches_front": a}, "LS+COST": {"reaches_front": b, "teleports": [{}] * teleports}}
-        for a, b in zip(ls, cost)
+        {"LS": {"reaches_front": a}, "LS+COST": {"reaches_front": b, "teleports": attempted}} for a, b in zip(ls, cost)
     ]
-    return {"runs": runs, "steps": 10, "lr": 0.01}
+    return {"runs": runs, "steps": 10, "lr": 0.01, "semantics": "public"}
+
+
+def control_report(paper_rise: float, drift: float) -> dict:
+    def run(rise):
+        return {"task_terms": [1.0, 1.0, 1.0], "sharpness_terms": [1.0, 1.0, 1.0 + rise]}
+
+    return {"relative_radius": 0.1, "runs": {"0.1": run(paper_rise), "0.0": run(drift), "10.0": run(10 * drift)}}
 
 
 def test_verdicts_follow_the_measurements() -> None:
@@ -50,13 +57,26 @@ def test_verdicts_follow_the_measurements() -> None:
     assert [c["verdict"] for c in bad][:4] == ["not held"] * 4
     none = assess(demo_report([0.5, 0.5], [0.5, 0.5], [], []), toy_report([True] * 5, [True] * 5, 0))
     assert none[1]["verdict"] == none[2]["verdict"] == "not measurable here"
-    text = render(good, demo_report([0.9], [0.1], [], []), toy_report([True], [True]))
-    assert text.count("\n| ") == 1 + 5 and "| claim |" in text
+    # the sharpness term: held only if it adds ≥ 10% to the rise that the drift alone gives
+    held = assess(demo_report([0.5], [0.5], [], []), toy_report([True], [True]), control_report(0.5, 0.2))
+    inert = assess(demo_report([0.5], [0.5], [], []), toy_report([True], [True]), control_report(0.201, 0.2))
+    assert held[4]["verdict"] == "held" and inert[4]["verdict"] == "not held"
+    rows = summarize([good, bad, good])
+    assert [r["verdict"] for r in rows][:2] == ["mixed", "mixed"] and rows[0]["held"] == 2
+    assert rows[4]["verdict"] == "not measurable here" and rows[0]["measurable"] == 3
+    assert summarize([good, good])[0]["verdict"] == "held" and summarize([bad])[0]["verdict"] == "not held"
+    text = render(rows, demo_report([0.9], [0.1], [], []), toy_report([True], [True]))
+    assert text.count("\n| ") == 1 + 5 and "| claim |" in text and "held in 2 of 3" in text
+    assert text.count("  - seed ") == 5 * 3
 
 
 def test_quick_reproduction_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "repro"
-    claims = run_reproduction(str(out), quick=True)
-    assert len(claims) == 5 and all(c["verdict"] in ("held", "not held", "not measurable here") for c in claims)
-    assert (out / "REPRODUCTION.md").read_text().count("\n| ") == 6
-    assert (out / "demo" / "metrics.json").exists() and (out / "toy" / "toy.png").exists()
+    rows = run_reproduction(str(out), quick=True, seeds=2)
+    verdicts = ("held", "not held", "mixed", "not measurable here")
+    assert len(rows) == 6 and all(r["verdict"] in verdicts and r["seeds"] == 2 for r in rows)
+    assert (out / "REPRODUCTION.md").read_text().count("\n| ") == 7
+    for seed in (0, 1):
+        assert (out / f"seed{seed}" / "demo" / "metrics.json").exists()
+        assert (out / f"seed{seed}" / "toy" / "toy.png").exists()
+        assert (out / f"seed{seed}" / "sharpness_control.json").exists()

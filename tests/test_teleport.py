@@ -53,7 +53,7 @@ def run_fast_and_yardstick(seed: int, semantics, config: TeleportConfig):
     model, data, current, _ = problem(seed)
     yardstick_input = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(7)
-    adapter = TeleportAdapter(model.backbone, rank=2, generator=generator)
+    adapter = TeleportAdapter(model.backbone, rank=2, alpha=semantics.lora_alpha, generator=generator)
     ratios = semantics.ratio_weights(NORMS)
     result = teleport(
         model, adapter, batch_task_losses, data, current, ratios, semantics, config, lr=1e-2, generator=generator
@@ -98,7 +98,7 @@ def test_guard_rolls_back_bit_exactly() -> None:
     adapter = TeleportAdapter(model.backbone, rank=2)
     before = adapter.snapshot()
     # an absurd step size: the teleport wrecks the losses and the guard must undo it
-    config = TeleportConfig(lr=10.0, rounds=1)
+    config = TeleportConfig(lr=10.0, rounds=1, guard=True)  # on: public semantics has it off by default
     result = teleport(model, adapter, batch_task_losses, data, current, ratios, PUBLIC, config)
     assert result.rolled_back and result.rollback_reason == "loss rose"
     assert all(torch.equal(p, b) for p, b in zip(adapter.adapted_weights, before))
@@ -199,8 +199,21 @@ def test_a_no_op_teleport_at_negative_losses_is_never_rolled_back() -> None:
         return batch_task_losses(m, batch) - 10.0
 
     adapter = TeleportAdapter(model.backbone, rank=2)
-    result = teleport(model, adapter, negative, data, current, ratios, PUBLIC, TeleportConfig(lr=1e-30, rounds=1))
-    assert bool((result.contour_before < 0).all()) and not result.rolled_back
+    config = TeleportConfig(lr=1e-30, rounds=1, guard=True)
+    result = teleport(model, adapter, negative, data, current, ratios, PUBLIC, config)
+    assert bool((result.contour_before < 0).all()) and not result.rolled_back and result.contour_after is not None
+
+
+def test_the_guard_is_off_by_default_in_public_semantics_only() -> None:
+    model, data, current, ratios = problem(1)
+    adapter = TeleportAdapter(model.backbone, rank=2)
+    wreck = TeleportConfig(lr=10.0, rounds=1)
+    assert teleport(model, adapter, batch_task_losses, data, current, ratios, PUBLIC, wreck).contour_after is None
+    model, data, current, _ = problem(1)
+    adapter = TeleportAdapter(model.backbone, rank=2)
+    paper = PaperSemantics()
+    result = teleport(model, adapter, batch_task_losses, data, current, paper.ratio_weights(NORMS), paper, wreck)
+    assert result.contour_after is not None
 
 
 def test_batched_samples_equal_one_per_pass_and_leave_the_model_untouched() -> None:
