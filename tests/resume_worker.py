@@ -15,22 +15,9 @@ from __future__ import annotations
 import sys
 
 import torch
+from tug import Tug, tug_batches
 
 from cost_fast import COST, TeleportConfig, get_aggregator
-
-K = 4
-
-
-class Tug(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(3, 1) for _ in range(K))
-
-    def task_losses(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        h = self.backbone(x)
-        out = torch.cat([head(h) for head in self.heads], dim=1)
-        return ((out - targets) ** 2).mean(dim=0) + (h.sum(dim=1, keepdim=True) - targets).square().mean(dim=0)
 
 
 def loss_fn(model: torch.nn.Module, batch) -> torch.Tensor:
@@ -44,9 +31,7 @@ def main(argv: list[str]) -> None:
     resume = argv[argv.index("--resume") + 1] if "--resume" in argv else None
     torch.set_num_threads(1)
     torch.manual_seed(15)
-    gen = torch.Generator().manual_seed(16)
-    targets = torch.tensor([1.0, -1.0, 1.5, -2.0])
-    batches = [(torch.randn(8, 6, generator=gen), targets.expand(8, K)) for _ in range(3)]
+    batches = tug_batches(16, 3)
     model = Tug()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     cost = COST(

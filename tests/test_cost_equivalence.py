@@ -14,36 +14,17 @@ import copy
 
 import pytest
 import torch
+from tug import Tug, tug_batches
 
 from cost_fast import COST, PaperSemantics, PublicSemantics, TeleportConfig, get_aggregator
 from cost_fast.models import batch_task_losses
 from cost_fast.yardstick import YardstickCOST
 
-K = 4
-
-
-class Tug(torch.nn.Module):
-    """A shared backbone pulled toward four targets by four tasks (some always oppose the mean),
-    plus one linear head per task so that the heads' update is checked too."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(3, 1) for _ in range(K))
-
-    def task_losses(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        h = self.backbone(x)
-        out = torch.cat([head(h) for head in self.heads], dim=1)
-        return ((out - targets) ** 2).mean(dim=0) + (h.sum(dim=1, keepdim=True) - targets).square().mean(dim=0)
-
 
 def problem(seed: int):
     torch.manual_seed(seed)
     model = Tug().double()
-    gen = torch.Generator().manual_seed(seed + 1)
-    targets = torch.tensor([1.0, -1.0, 1.5, -2.0], dtype=torch.float64)
-    batches = [(torch.randn(8, 6, generator=gen, dtype=torch.float64), targets.expand(8, K)) for _ in range(5)]
-    return model, batches
+    return model, tug_batches(seed + 1, 5, torch.float64)
 
 
 def assert_same_state(fast_model, fast_opt, plain_model, plain_opt) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from tug import Tug, tug_batches
 
 from cost_fast import COST, BaseStepConfig, PublicSemantics, TeleportConfig, get_aggregator
 from cost_fast.lora import ADAPTER, TeleportAdapter
@@ -63,25 +64,9 @@ def problem(seed: int = 0):
     return MultiTaskMLP(8, K, hidden=8).double(), [(bx.double(), by.double()) for bx, by in batches]
 
 
-class Tug(nn.Module):
-    """A shared output pulled toward four targets (some task always opposes the mean), with heads."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-        self.heads = nn.ModuleList(nn.Linear(3, 1) for _ in range(K))
-
-    def task_losses(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        h = self.backbone(x)
-        out = torch.cat([head(h) for head in self.heads], dim=1)
-        return ((out - targets) ** 2).mean(dim=0) + (h.sum(dim=1, keepdim=True) - targets).square().mean(dim=0)
-
-
 def tug(seed: int = 0):
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    targets = torch.tensor([1.0, -1.0, 1.5, -2.0])
-    return Tug(), [(torch.randn(8, 6, generator=gen), targets.expand(8, K)) for _ in range(4)]
+    return Tug(), tug_batches(seed, 4)
 
 
 def test_public_base_step_equals_the_public_codes_step() -> None:
