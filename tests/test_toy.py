@@ -51,6 +51,20 @@ def test_toy_report(tmp_path: Path) -> None:
     table = (out / "toy_table.md").read_text().splitlines()
     assert len(table) == 2 + 5
     assert report["runs"][0]["LS"]["init"] == [-8.5, 7.5] and len(report["runs"][0]["LS"]["path"]) == 31
+    assert report["protocol"] == "nash-mtl" and report["lr"] == 0.01
+
+
+def test_every_attempted_teleport_is_recorded_with_its_outcome(tmp_path: Path) -> None:
+    from cost_fast.toy import train_toy
+
+    run = train_toy((-7.5, -0.5), use_cost=True, steps=60, lr=0.01, steps_per_epoch=10)
+    attempted = run["teleports"]
+    assert [t["step"] for t in attempted] == [0, 10, 20, 30, 40, 50]  # the trigger fires there at once
+    assert all(set(t) == {"step", "point", "rolled_back", "rollback_reason"} for t in attempted)
+    assert all(t["rolled_back"] == (t["rollback_reason"] is not None) for t in attempted)
+    assert not any(t["rolled_back"] for t in attempted)  # public semantics: no guard, as the public code
+    with pytest.raises(ValueError, match="protocol"):
+        run_toy(str(tmp_path / "t"), protocol="fig6")
 
 
 def test_cli_toy_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
