@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -44,6 +43,7 @@ from cost_fast.lora import TeleportAdapter
 from cost_fast.perturbed import LossFn
 from cost_fast.semantics import Semantics, get_semantics
 from cost_fast.teleport import TeleportConfig, teleport
+from cost_fast.timing import PhaseTimer
 from cost_fast.weighting.base import LossWeighting
 
 NONFINITE = "non-finite losses or task gradients"
@@ -108,7 +108,13 @@ class StepInfo:
     teleport_steps: int = 0
     task_terms: list[float] = dataclasses.field(default_factory=list)  # L_t per adapter step
     sharpness_terms: list[float] = dataclasses.field(default_factory=list)  # L_g per adapter step
-    seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    timer: PhaseTimer | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Time per phase (gradients, gram, solve, teleport, optimizer_step): device time on
+        CUDA (reading it waits for the step's events), wall time elsewhere."""
+        return {} if self.timer is None else self.timer.seconds()
 
     @property
     def attempted_teleport(self) -> bool:
@@ -188,6 +194,8 @@ class COST:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int ≥ 0, got {value!r}")
+        if gradient_mode not in ("loop", "batched"):
+            raise ValueError(f"gradient_mode must be 'loop' or 'batched', got {gradient_mode!r}")
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         if teleport is not None and not isinstance(teleport, TeleportConfig):
@@ -323,9 +331,8 @@ class COST:
         ``backward`` and then, when it left gradients, ``optimizer.step()``."""
         info = self.backward(losses, batch)
         if info.skipped is None and (not info.attempted_teleport or info.stepped_after_teleport):
-            t0 = time.perf_counter()
-            self.optimizer.step()
-            info.seconds["optimizer_step"] = time.perf_counter() - t0
+            with info.timer.phase("optimizer_step"):
+                self.optimizer.step()
         return info
 
     def backward(self, losses: torch.Tensor, batch: Any) -> StepInfo:
@@ -350,16 +357,14 @@ class COST:
         return info
 
     def _backward(self, losses: torch.Tensor, batch: Any) -> StepInfo:
-        times: dict[str, float] = {}
+        timer = PhaseTimer(losses.device)
         engine = self.engine
-        t0 = time.perf_counter()
-        engine.compute(losses, retain_graph=True)
-        t1 = time.perf_counter()
-        stats = gram_stats(engine.grads)
-        finite = torch.isfinite(losses).all() & ~stats.nonfinite
-        fires = self.semantics.fires(stats) & finite
-        t2 = time.perf_counter()
-        times["gradients"], times["gram"] = t1 - t0, t2 - t1
+        with timer.phase("gradients"):
+            engine.compute(losses, retain_graph=True)
+        with timer.phase("gram"):
+            stats = gram_stats(engine.grads)
+            finite = torch.isfinite(losses).all() & ~stats.nonfinite
+            fires = self.semantics.fires(stats) & finite
         # the host read of the decision and the statistics it reports
         dominated, pairs, min_cos, mean_norm, fired, ok = torch.stack(
             [
@@ -379,27 +384,29 @@ class COST:
             min_cos_mean=min_cos,
             mean_norm=mean_norm,
             trigger=bool(fired),
-            seconds=times,
+            timer=timer,
         )
         if not ok:
             return self._skip(info, NONFINITE)
         if info.trigger and self._allowed():
-            self._teleport(losses, stats, batch, info)
-            times["teleport"] = time.perf_counter() - t2
+            with timer.phase("teleport"):
+                self._teleport(losses, stats, batch, info)
             if not self.base_step.step_after_teleport:
                 return info
             # the public CityScapes trainer: a base step at the teleported point, same batch
-            losses = self.loss_fn(self.model, batch)
-            check_task_losses(losses, self.engine.num_tasks)
-            self.engine.compute(losses, retain_graph=True)
-            stats = gram_stats(self.engine.grads)
+            with timer.phase("gradients"):
+                losses = self.loss_fn(self.model, batch)
+                check_task_losses(losses, self.engine.num_tasks)
+                self.engine.compute(losses, retain_graph=True)
+            with timer.phase("gram"):
+                stats = gram_stats(self.engine.grads)
             if not bool(torch.isfinite(losses).all() & ~stats.nonfinite):
                 return self._skip(info, NONFINITE)
             info.stepped_after_teleport = True
-            t2 = time.perf_counter()
-        if not self._base_update(losses, stats):
+        with timer.phase("solve"):
+            updated = self._base_update(losses, stats)
+        if not updated:
             return self._skip(info, NONFINITE_UPDATE)
-        times["solve"] = time.perf_counter() - t2
         if isinstance(self.base, LossWeighting):
             self._pending_learning = (losses.detach(), stats.norms, batch)
         return info
