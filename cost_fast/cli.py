@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="public",
         help="COST semantics (default: public, the public code's)",
     )
+    demo.add_argument(
+        "--gradients",
+        choices=["exact", "representation"],
+        default="exact",
+        help="per-task gradients of the shared parameters (exact, default) or of the backbone's output",
+    )
     demo.add_argument("--hidden", type=_positive_int, default=16, help="shared backbone width (default: 16)")
     demo.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default: 64)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -207,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 seed=args.seed,
                 device=str(device),
+                gradients=args.gradients,
                 stream=sys.stdout,
                 progress=not args.no_progress,
             )

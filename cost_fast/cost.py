@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from cost_fast.aggregators.base import Aggregator
-from cost_fast.grads import Mode, TaskGradients, check_task_losses
+from cost_fast.grads import RepresentationGradients, TaskGradients, check_task_losses
 from cost_fast.htr import HistoryReuse, flat_cosine, supports_htr
 from cost_fast.kernels import GramStats, gram_stats
 from cost_fast.lora import TeleportAdapter
@@ -146,7 +146,10 @@ class COST:
             (default) or ``"loha"``. adapter_targets: ``targets(name, layer) -> bool`` chooses
             the adapted layers among the backbone's trainable Linear/Conv ones (default: all).
         base_step: ``BaseStepConfig`` (default: the base method's own step).
-        gradient_mode: ``TaskGradients`` mode.
+        gradient_mode: ``"loop"`` or ``"batched"`` (``TaskGradients``: exact per-task gradients of
+            the shared parameters), or ``"representation"`` (``RepresentationGradients``: per-task
+            gradients of the backbone's output, weights from their Gram matrix; an approximation,
+            much cheaper at large K).
         nonfinite: ``"skip"`` (default) or ``"raise"`` on non-finite losses or gradients.
         seed: seed of COST's own generator (adapter factors, teleport noise); torch's global
             generator is never drawn from.
@@ -171,7 +174,7 @@ class COST:
         adapter: str = "lora",
         adapter_targets: Callable[[str, nn.Module], bool] | None = None,
         base_step: BaseStepConfig | None = None,
-        gradient_mode: Mode = "loop",
+        gradient_mode: Literal["loop", "batched", "representation"] = "loop",
         nonfinite: Literal["skip", "raise"] = "skip",
         seed: int = 0,
     ) -> None:
@@ -194,8 +197,8 @@ class COST:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int ≥ 0, got {value!r}")
-        if gradient_mode not in ("loop", "batched"):
-            raise ValueError(f"gradient_mode must be 'loop' or 'batched', got {gradient_mode!r}")
+        if gradient_mode not in ("loop", "batched", "representation"):
+            raise ValueError(f"gradient_mode must be 'loop', 'batched' or 'representation', got {gradient_mode!r}")
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
         if teleport is not None and not isinstance(teleport, TeleportConfig):
@@ -230,7 +233,7 @@ class COST:
         self.start_step, self.start_epoch = start_step, start_epoch
         self.max_teleports_per_epoch = max_teleports_per_epoch
         self.steps_per_epoch = steps_per_epoch
-        self.gradient_mode: Mode = gradient_mode
+        self.gradient_mode = gradient_mode
         self.nonfinite = nonfinite
         self.generator = torch.Generator(device=shared_params[0].device).manual_seed(seed)
         self.adapter = TeleportAdapter(
@@ -248,7 +251,9 @@ class COST:
         )
         self._shared_params = shared_params
         self.htr = HistoryReuse(optimizer) if supports_htr(optimizer) else None
-        self.engine: TaskGradients | None = None
+        self.engine: TaskGradients | RepresentationGradients | None = None
+        if gradient_mode == "representation":  # its hook must see the first forward pass already
+            self._representation_engine = RepresentationGradients(shared, shared_params)
         self._last_update: torch.Tensor | None = None
         self._pending_learning: tuple[torch.Tensor, torch.Tensor, Any] | None = None
         self._base_epoch_due = False  # the base method's end_epoch() waits for its last learning
@@ -344,7 +349,10 @@ class COST:
             raise ValueError(f"losses must be a non-empty 1-D tensor of the K task losses, got {got}")
         check_task_losses(losses, losses.shape[0] if self.engine is None else self.engine.num_tasks)
         if self.engine is None:
-            self.engine = TaskGradients(self._shared_params, num_tasks=losses.shape[0], mode=self.gradient_mode)
+            if self.gradient_mode == "representation":
+                self.engine = self._representation_engine
+            else:
+                self.engine = TaskGradients(self._shared_params, num_tasks=losses.shape[0], mode=self.gradient_mode)
             if self._last_update is not None:
                 self.engine.combined.copy_(self._last_update)
         if self._base_epoch_due:  # the optimizer step the weighting waited for never came
@@ -433,7 +441,7 @@ class COST:
             engine.combine(w.to(dtype), write_grad=False)
             return total
         if self.base.kind == "grads":
-            engine.combined.copy_(self.base.aggregate(engine.grads).to(dtype))
+            engine.set_direction(self.base.aggregate(engine.grads).to(dtype))
             return None
         w = self.base.weights(gram).to(dtype)
         engine.combine(w, write_grad=False)
@@ -452,7 +460,7 @@ class COST:
                 losses.sum().backward(inputs=inputs)
             if not _all_finite([p.grad for p in inputs if p.grad is not None]):
                 return False
-            self.engine.combined.copy_(self.base.aggregate(self.engine.grads).to(self.engine.grads.dtype))
+            self.engine.set_direction(self.base.aggregate(self.engine.grads).to(self.engine.grads.dtype))
         else:
             saved = copy.deepcopy(self.base.state_dict())  # small: K-sized buffers, generators
             total = self._direction(losses, stats.gram)

@@ -69,6 +69,7 @@ def train(
     use_cost: bool,
     hidden: int,
     seed: int,
+    gradients: str = "exact",
     progress: Any = None,
 ) -> dict[str, Any]:
     """One training run; returns its metrics (plain Python values)."""
@@ -85,6 +86,7 @@ def train(
         semantics=semantics,
         max_teleports_per_epoch=1 if use_cost else 0,
         start_epoch=1,
+        gradient_mode="representation" if gradients == "representation" else "loop",
         seed=seed,
     )
     losses_per_epoch, conflict_ratio, teleports, step_stats = [], [], [], []
@@ -274,16 +276,21 @@ def run_demo(
     batch_size: int = 64,
     seed: int = 0,
     device: str = "cpu",
+    gradients: str = "exact",
     stream: TextIO | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train ``method`` alone and with COST on the digits tasks; write the report folder.
 
+    ``gradients``: ``"exact"`` (per-task gradients of the shared parameters) or
+    ``"representation"`` (of the backbone's output; ``COST(gradient_mode="representation")``).
     ``stream``: where the progress bar and the summary go (None: silent)."""
     for name, value in (("epochs", epochs), ("hidden", hidden), ("batch size", batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be ≥ 1, got {value}")
     get_semantics(semantics)  # a clear error for an unknown name, before any work
+    if gradients not in ("exact", "representation"):
+        raise ValueError(f"gradients must be 'exact' or 'representation', got {gradients!r}")
     target = check_report_target(out_dir)
     _require("matplotlib")
     x_train, y_train, x_test, y_test = (t.to(device) for t in digits_tasks(seed))
@@ -304,6 +311,7 @@ def run_demo(
             use_cost=use_cost,
             hidden=hidden,
             seed=seed,
+            gradients=gradients,
             progress=bar,
         )
     if bar is not None:
@@ -312,6 +320,7 @@ def run_demo(
         "data": "scikit-learn digits, 10 one-vs-rest tasks",
         "method": method,
         "semantics": semantics,
+        "gradients": gradients,
         "epochs": epochs,
         "batch_size": batch_size,
         "hidden": hidden,

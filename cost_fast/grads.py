@@ -20,7 +20,7 @@ with one matrix-vector product. Two ways to fill G, chosen by ``mode``:
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -68,7 +68,43 @@ def _collect_parameters(params: Iterable[torch.Tensor]) -> tuple[list[torch.Tens
     return trainable, frozen
 
 
-class TaskGradients:
+class UpdateBuffer:
+    """The shared parameters' update d (shape (P,)) in one flat buffer with param-shaped views,
+    written into the parameters' ``.grad`` as views (no copy per step). Base of the engines."""
+
+    def _init_update_buffer(self, params: list[torch.Tensor]) -> None:
+        first = params[0]
+        self.sizes = [p.numel() for p in params]
+        self.num_params = sum(self.sizes)
+        self.combined = torch.empty(self.num_params, dtype=first.dtype, device=first.device)
+        self.combined_views: list[torch.Tensor] = []
+        offset = 0
+        for p, n in zip(params, self.sizes):
+            self.combined_views.append(self.combined[offset : offset + n].view(p.shape))
+            offset += n
+
+    def write_update(self, update: torch.Tensor) -> torch.Tensor:
+        """Set the shared parameters' ``.grad`` to an update vector d of shape (P,) computed
+        elsewhere (e.g. by GradDrop or MoCo); returns the engine's copy of it.
+
+        The ``.grad`` tensors become views of one flat buffer owned by the engine, so an
+        optimizer step reads d directly; an ``optimizer.zero_grad()`` in between is harmless.
+        """
+        if not isinstance(update, torch.Tensor) or update.shape != (self.num_params,):
+            raise ValueError(f"update must be a tensor of shape ({self.num_params},)")
+        if update is not self.combined:
+            self.combined.copy_(update)
+        self._attach_grads()
+        return self.combined
+
+    def _attach_grads(self) -> None:
+        # Re-attach only where the user's zero_grad(set_to_none=True) dropped our view.
+        for p, view in zip(self.params, self.combined_views):
+            if p.grad is not view:
+                p.grad = view
+
+
+class TaskGradients(UpdateBuffer):
     """Per-task gradient engine over a fixed list of shared parameters.
 
     Args:
@@ -104,16 +140,12 @@ class TaskGradients:
         self.num_tasks = num_tasks
         self.mode: Mode = mode
         first = self.params[0]
-        self.sizes = [p.numel() for p in self.params]
-        self.num_params = sum(self.sizes)
+        self._init_update_buffer(self.params)
         self.grads = torch.empty((num_tasks, self.num_params), dtype=first.dtype, device=first.device)
-        self.combined = torch.empty(self.num_params, dtype=first.dtype, device=first.device)
         self.views: list[torch.Tensor] = []
-        self.combined_views: list[torch.Tensor] = []
         offset = 0
         for p, n in zip(self.params, self.sizes):
             self.views.append(self.grads[:, offset : offset + n].view(num_tasks, *p.shape))
-            self.combined_views.append(self.combined[offset : offset + n].view(p.shape))
             offset += n
         self._eye = torch.eye(num_tasks, dtype=first.dtype, device=first.device)
 
@@ -177,22 +209,91 @@ class TaskGradients:
             self._attach_grads()
         return self.combined
 
-    def write_update(self, update: torch.Tensor) -> torch.Tensor:
-        """Set the shared parameters' ``.grad`` to an update vector d of shape (P,) computed
-        elsewhere (e.g. by GradDrop or MoCo); returns the engine's copy of it.
+    def set_direction(self, direction: torch.Tensor) -> torch.Tensor:
+        """The update from a direction in the rows' space (here the parameters' own, so a
+        copy into ``combined``); returns ``combined``."""
+        return self.combined.copy_(direction)
 
-        The ``.grad`` tensors become views of one flat buffer owned by the engine, so an
-        optimizer step reads d directly; an ``optimizer.zero_grad()`` in between is harmless.
-        """
-        if not isinstance(update, torch.Tensor) or update.shape != (self.num_params,):
-            raise ValueError(f"update must be a tensor of shape ({self.num_params},)")
-        if update is not self.combined:
-            self.combined.copy_(update)
-        self._attach_grads()
+
+class RepresentationGradients(UpdateBuffer):
+    """Per-task gradients of the shared representation z instead of the shared parameters (the
+    MGDA-UB bound of Sener & Koltun; LibMTL's ``rep_grad``): with z = backbone(x) of shape (B, d),
+
+        Z[i] = ∂L_i/∂z  (flattened, N = B·d numbers)       Z ∈ R^{K×N},
+
+    K backward passes through the heads only. A method weights or aggregates the rows of Z as it
+    would those of G, and its direction d_z in z's space becomes the parameters' update by one
+    backward pass through the backbone, θ.grad = J_zᵀ d_z: for weights w that is exactly
+    Gᵀw = Σ_i w_i ∇_θ L_i (the chain rule), so only the weights (and the conflict statistics,
+    taken from Z Zᵀ) are approximations. The same interface as ``TaskGradients``.
+
+    Args:
+        backbone: the shared module; its output (one tensor) is captured by a forward hook,
+            so ``compute`` must follow the forward pass that produced ``losses``.
+        params: the backbone's trainable parameters. num_tasks: K (default: taken from the first
+            ``compute``).
+    """
+
+    def __init__(self, backbone: torch.nn.Module, params: Iterable[torch.Tensor], num_tasks: int | None = None) -> None:
+        if num_tasks is not None and (isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1):
+            raise ValueError(f"num_tasks must be an int ≥ 1 or None, got {num_tasks!r}")
+        self.params, self.frozen = _collect_parameters(params)
+        self.num_tasks = num_tasks
+        self._init_update_buffer(self.params)
+        self.grads = torch.empty((num_tasks or 0, 0), dtype=self.params[0].dtype, device=self.params[0].device)
+        self._captured: torch.Tensor | None = None
+        self._representation: torch.Tensor | None = None
+        self._hook = backbone.register_forward_hook(self._capture)
+
+    def _capture(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self._captured = output if isinstance(output, torch.Tensor) else None
+
+    def compute(self, losses: torch.Tensor, *, retain_graph: bool = False) -> torch.Tensor:
+        """Fill and return the (K, N) matrix Z[i] = ∂losses[i]/∂z for the representation z of
+        the last forward pass of the backbone (the graph is always kept: the update needs it)."""
+        if self.num_tasks is None and isinstance(losses, torch.Tensor) and losses.ndim == 1:
+            self.num_tasks = losses.shape[0]
+        check_task_losses(losses, self.num_tasks)
+        z = self._captured
+        if z is None or not z.requires_grad:
+            raise ValueError(
+                "no representation to differentiate: the backbone's last forward pass returned no tensor "
+                "that requires grad (compute the losses right before, with grad enabled)"
+            )
+        if self.grads.shape != (self.num_tasks, z.numel()):
+            self.grads = torch.empty((self.num_tasks, z.numel()), dtype=z.dtype, device=z.device)
+        for i in range(self.num_tasks):
+            (g,) = torch.autograd.grad(losses[i], z, retain_graph=True, allow_unused=True)
+            if g is None:
+                self.grads[i].zero_()
+            else:
+                self.grads[i].copy_(g.reshape(-1))
+        self._representation = z
+        return self.grads
+
+    def set_direction(self, direction: torch.Tensor) -> torch.Tensor:
+        """θ-update J_zᵀ d_z from a direction d_z (shape (N,)) in z's space, by one backward pass
+        through the backbone, into ``combined``; returns it."""
+        z = self._representation
+        if z is None:
+            raise RuntimeError("set_direction before compute")
+        grads = torch.autograd.grad(
+            z, self.params, grad_outputs=direction.to(z.dtype).view_as(z), retain_graph=True, allow_unused=True
+        )
+        for view, g in zip(self.combined_views, grads):
+            if g is None:
+                view.zero_()
+            else:
+                view.copy_(g)
         return self.combined
 
-    def _attach_grads(self) -> None:
-        # Re-attach only where the user's zero_grad(set_to_none=True) dropped our view.
-        for p, view in zip(self.params, self.combined_views):
-            if p.grad is not view:
-                p.grad = view
+    def combine(self, weights: torch.Tensor, *, write_grad: bool = True) -> torch.Tensor:
+        """d = J_zᵀ Zᵀ w = Gᵀ w into ``combined`` (and, by default, the parameters' ``.grad``)."""
+        self.set_direction(self.grads.T @ weights.to(self.grads.dtype))
+        if write_grad:
+            self._attach_grads()
+        return self.combined
+
+    def remove(self) -> None:
+        """Detach the forward hook from the backbone."""
+        self._hook.remove()

@@ -143,6 +143,8 @@ OPTIONS = {
         ["--batch-size", "0"],
         ["--batch-size", "512"],
         ["--hidden", "4"],
+        ["--gradients", "representation"],
+        ["--gradients", "both"],
         ["--no-progress"],
     ],
     "toy": [["--steps", "5"], ["--steps", "0"], ["--steps-per-epoch", "5"], ["--semantics", "paper"]],
