@@ -7,11 +7,11 @@ import time
 
 import pytest
 import torch
+from tug import Tug, tug_batches
 
 from cost_fast import COST, TeleportConfig, get_aggregator
 from cost_fast.models import batch_task_losses
 from cost_fast.timing import PhaseTimer
-from tug import Tug, tug_batches
 
 
 def test_cpu_phases_add_up_wall_time() -> None:
