@@ -23,6 +23,13 @@ to the caller):
 
 Epochs: with ``steps_per_epoch`` (default: the length of the teleport data, when it has one)
 COST counts them itself; otherwise call ``end_epoch()`` after each.
+
+Data parallel (``process_group``, or torch.distributed's default group when it is initialized
+with several ranks; ``cost_fast.distributed``): each rank passes the losses of its part of the
+global batch; per-task gradients are reduce-scattered, the Gram matrix all-reduced, the update
+all-gathered, the heads' gradients all-reduced, and the teleport runs in lockstep on the global
+losses, so that every rank takes the same decisions and ends each step with the parameters one
+process would have on the whole batch. Do not wrap the model in DDP: COST communicates itself.
 """
 
 from __future__ import annotations
@@ -35,10 +42,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from cost_fast import distributed
 from cost_fast.aggregators.base import Aggregator
 from cost_fast.grads import RepresentationGradients, TaskGradients, check_task_losses
 from cost_fast.htr import HistoryReuse, flat_cosine, supports_htr
-from cost_fast.kernels import GramStats, gram_stats
+from cost_fast.kernels import GramStats
 from cost_fast.lora import TeleportAdapter
 from cost_fast.perturbed import LossFn
 from cost_fast.semantics import Semantics, get_semantics
@@ -151,8 +159,13 @@ class COST:
             gradients of the backbone's output, weights from their Gram matrix; an approximation,
             much cheaper at large K).
         nonfinite: ``"skip"`` (default) or ``"raise"`` on non-finite losses or gradients.
-        seed: seed of COST's own generator (adapter factors, teleport noise); torch's global
-            generator is never drawn from.
+        process_group: data-parallel training over this group (default: torch.distributed's
+            default group when it is initialized with several ranks; module docstring).
+        batch_size: ``batch_size(batch) -> int``, this rank's samples in a batch, which weight
+            its losses in the global ones (default: the first dimension of the batch's first
+            tensor); only used with a process group.
+        seed: seed of COST's own generator (adapter factors, teleport noise), the same on every
+            rank; torch's global generator is never drawn from.
     """
 
     def __init__(
@@ -176,6 +189,8 @@ class COST:
         base_step: BaseStepConfig | None = None,
         gradient_mode: Literal["loop", "batched", "representation"] = "loop",
         nonfinite: Literal["skip", "raise"] = "skip",
+        process_group: Any = None,
+        batch_size: Callable[[Any], int] | None = None,
         seed: int = 0,
     ) -> None:
         if not isinstance(model, nn.Module) or not isinstance(shared, nn.Module):
@@ -235,6 +250,15 @@ class COST:
         self.steps_per_epoch = steps_per_epoch
         self.gradient_mode = gradient_mode
         self.nonfinite = nonfinite
+        self.group = distributed.default_group(process_group)
+        self.batch_size = batch_size if batch_size is not None else _first_dimension
+        if self.group is not None:
+            if isinstance(base, Aggregator) and base.kind == "grads":
+                raise ValueError(f"{type(base).__name__} needs every column of G: not supported with a process group")
+            if gradient_mode == "representation":
+                raise ValueError("gradient_mode='representation' is not supported with a process group")
+            if self.teleport_config.samples_per_pass > 1:
+                raise ValueError("samples_per_pass > 1 (vmapped samples) is not supported with a process group")
         self.generator = torch.Generator(device=shared_params[0].device).manual_seed(seed)
         self.adapter = TeleportAdapter(
             shared,
@@ -351,6 +375,10 @@ class COST:
         if self.engine is None:
             if self.gradient_mode == "representation":
                 self.engine = self._representation_engine
+            elif self.group is not None:
+                self.engine = distributed.ShardedTaskGradients(
+                    self._shared_params, losses.shape[0], self.group, mode=self.gradient_mode
+                )
             else:
                 self.engine = TaskGradients(self._shared_params, num_tasks=losses.shape[0], mode=self.gradient_mode)
             if self._last_update is not None:
@@ -367,10 +395,14 @@ class COST:
     def _backward(self, losses: torch.Tensor, batch: Any) -> StepInfo:
         timer = PhaseTimer(losses.device)
         engine = self.engine
+        local = losses
+        if self.group is not None:  # the global losses, the same on every rank
+            engine.share = distributed.batch_share(self.batch_size(batch), self.group)
+            losses = distributed.global_losses(local, engine.share, self.group)
         with timer.phase("gradients"):
-            engine.compute(losses, retain_graph=True)
+            engine.compute(local, retain_graph=True)
         with timer.phase("gram"):
-            stats = gram_stats(engine.grads)
+            stats = engine.stats()
             finite = torch.isfinite(losses).all() & ~stats.nonfinite
             fires = self.semantics.fires(stats) & finite
         # the host read of the decision and the statistics it reports
@@ -403,11 +435,14 @@ class COST:
                 return info
             # the public CityScapes trainer: a base step at the teleported point, same batch
             with timer.phase("gradients"):
-                losses = self.loss_fn(self.model, batch)
-                check_task_losses(losses, self.engine.num_tasks)
-                self.engine.compute(losses, retain_graph=True)
+                local = self.loss_fn(self.model, batch)
+                check_task_losses(local, self.engine.num_tasks)
+                losses = local
+                if self.group is not None:
+                    losses = distributed.global_losses(local, self.engine.share, self.group)
+                self.engine.compute(local, retain_graph=True)
             with timer.phase("gram"):
-                stats = gram_stats(self.engine.grads)
+                stats = self.engine.stats()
             if not bool(torch.isfinite(losses).all() & ~stats.nonfinite):
                 return self._skip(info, NONFINITE)
             info.stepped_after_teleport = True
@@ -453,11 +488,14 @@ class COST:
         self.optimizer.zero_grad(set_to_none=True)
         inputs = self.task_params + self.learned_weighting_params
         per_task_heads = self.base_step.head_gradients == "per_task"
+        reduce_heads = self.group is not None and bool(self.task_params)
         if isinstance(self.base, Aggregator) and self.base.kind == "grads":
             # The heads' gradient (of Σ L_i) does not depend on the method, so it is checked
             # first, and the method's state (MoCo's: K x P) advances only on a step that is taken.
             if inputs:
                 losses.sum().backward(inputs=inputs)
+            if reduce_heads:
+                distributed.all_reduce_([p.grad for p in self.task_params], self.group)
             if not _all_finite([p.grad for p in inputs if p.grad is not None]):
                 return False
             self.engine.set_direction(self.base.aggregate(self.engine.grads).to(self.engine.grads.dtype))
@@ -470,6 +508,8 @@ class COST:
                     total.backward(inputs=self.learned_weighting_params)
             elif inputs:
                 total.backward(inputs=inputs)
+            if reduce_heads:  # each rank holds its share of the heads' gradient
+                distributed.all_reduce_([p.grad for p in self.task_params], self.group)
             if not _all_finite([self.engine.combined] + [p.grad for p in inputs if p.grad is not None]):
                 self.base.load_state_dict(saved)
                 return False
@@ -482,6 +522,14 @@ class COST:
         self.has_update = True
         return True
 
+    def _global_loss_fn(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """``loss_fn``, or with a process group the global losses (the same on every rank)."""
+        losses = self.loss_fn(model, batch)
+        if self.group is None:
+            return losses
+        share = distributed.batch_share(self.batch_size(batch), self.group)
+        return distributed.global_losses(losses, share, self.group)
+
     def _learn_after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """After the optimizer step of a base update: the loss weighting learns from it."""
         if self._pending_learning is None:
@@ -491,7 +539,7 @@ class COST:
 
         def losses_after() -> torch.Tensor:
             with torch.no_grad():
-                return self.loss_fn(self.model, batch)
+                return self._global_loss_fn(self.model, batch)
 
         self.base.after_step(losses, grad_norms=norms, losses_after=losses_after)
         if self._base_epoch_due:
@@ -507,7 +555,7 @@ class COST:
         result = teleport(
             self.model,
             self.adapter,
-            self.loss_fn,
+            self._global_loss_fn,
             self.teleport_data,
             batch,
             ratios,
@@ -515,6 +563,7 @@ class COST:
             self.teleport_config,
             lr=self.optimizer.param_groups[0]["lr"],
             generator=self.generator,
+            reduce_gradients=None if self.group is None else lambda grads: distributed.all_reduce_(grads, self.group),
         )
         self.teleports_this_epoch += 1
         info.teleported = not result.rolled_back
@@ -531,6 +580,20 @@ class COST:
         sigma = float(flat_cosine(deltas, self.engine.combined_views))
         info.sigma = sigma
         info.htr = self.htr.arm(max(-1.0, min(1.0, sigma)))
+
+
+def _first_dimension(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its first tensor (nested in tuples, lists or
+    dicts)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.ndim else 1
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, list | tuple) else ()
+    for item in items:
+        try:
+            return _first_dimension(item)
+        except ValueError:
+            continue
+    raise ValueError("cannot tell the batch size: pass COST(batch_size=...)")
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:

@@ -271,6 +271,10 @@ class RepresentationGradients(UpdateBuffer):
         self._representation = z
         return self.grads
 
+    def stats(self) -> GramStats:
+        """``gram_stats`` of Z (the representation's conflict statistics)."""
+        return gram_stats(self.grads)
+
     def set_direction(self, direction: torch.Tensor) -> torch.Tensor:
         """θ-update J_zᵀ d_z from a direction d_z (shape (N,)) in z's space, by one backward pass
         through the backbone, into ``combined``; returns it."""

@@ -137,6 +137,7 @@ def teleport(
     lr: float | None = None,
     generator: torch.Generator | None = None,
     progress: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    reduce_gradients: Callable[[list[torch.Tensor | None]], None] | None = None,
 ) -> TeleportResult:
     """One COST teleport of ``model``'s shared backbone (module docstring).
 
@@ -152,6 +153,8 @@ def teleport(
         generator: the source of the perturbation noise (reproducible runs).
         progress: called as progress(step, L_t, L_g) after every adapter step (0-d device
             tensors: reading them synchronizes, so a progress bar should do it sparingly).
+        reduce_gradients: called with the adapter's gradients before each adapter step (data
+            parallel: their sum over the ranks, ``cost_fast.distributed``).
 
     Draws, in this order, from ``generator``: the adapter's random factors (``adapter.reset``,
     which uses the adapter's generator: COST gives both the same one), then the semantics'
@@ -197,6 +200,8 @@ def teleport(
                     objective = semantics.task_weight * task_term - semantics.sharpness_weight * sharp_term
                     optimizer.zero_grad(set_to_none=True)
                     objective.backward(inputs=adapter.adapter_parameters)
+                    if reduce_gradients is not None:
+                        reduce_gradients([p.grad for p in adapter.adapter_parameters])
                     optimizer.step()
                     steps += 1
                     task_terms.append(task_term.detach())

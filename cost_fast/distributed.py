@@ -1,0 +1,146 @@
+"""Data-parallel multi-task training on ``torch.distributed``, exact with respect to one process.
+
+Each of the R ranks holds a part of the global batch (n_r samples of N) and computes its task
+losses L^r (means over its samples). The global losses and per-task gradients are the weighted
+means over ranks, with shares s_r = n_r / N:
+
+    L = Σ_r s_r L^r,        G = Σ_r s_r G^r     (K x P).
+
+``ShardedTaskGradients`` never gathers G: it reduce-scatters the K x P buffer along P, so that
+rank r owns the columns of its shard (already summed over ranks), computes the K x K Gram matrix
+of its shard and all-reduces it (K² numbers): M = Σ_shards G_s G_sᵀ = G Gᵀ exactly. The weights w
+are then solved identically on every rank, each rank forms the update on its shard (G_sᵀ w) and
+all-gathers it into the backbone's gradient. Per step that moves about (K + 1)·P numbers per rank
+instead of the 2·K·P of an all-reduce of the whole buffer, and no rank holds more than P/R
+columns of G after the reduce-scatter.
+
+``global_losses`` makes everything else exact with one differentiable collective: it returns
+Σ_r s_r L^r on every rank, and its backward passes the gradient back to the local losses scaled
+by s_r, so that a function of the global losses computed identically on every rank (a loss
+weighting's total, a teleport's L_t and L_g) backpropagates to each rank's part, and summing the
+ranks' parameter gradients (``all_reduce_``) gives the single-process gradient. Decisions (the
+trigger, a non-finite step, the guard, HTR) are computed from reduced values, so every rank
+takes the same one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from cost_fast.grads import TaskGradients, UpdateBuffer, check_task_losses
+from cost_fast.kernels import GramStats, stats_from_gram
+from cost_fast.kernels.gram import gram_torch
+
+
+def default_group(group: Any = None) -> Any:
+    """``group``, or torch.distributed's default group when it is initialized with more than one
+    rank, else None (a single process)."""
+    if group is not None:
+        return group
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+def batch_share(batch_size: int, group: Any) -> float:
+    """s_r = n_r / Σ_r n_r: this rank's share of the global batch (one all-reduce)."""
+    total = torch.tensor([float(batch_size)], dtype=torch.float64)
+    dist.all_reduce(total, group=group)
+    if not total.item() > 0:
+        raise ValueError("the global batch is empty on every rank")
+    return batch_size / total.item()
+
+
+class _GlobalSum(torch.autograd.Function):
+    """y = Σ_r x_r on every rank; the gradient of a function computed identically on every rank
+    from y flows back unchanged to each rank's x_r (its part of y)."""
+
+    @staticmethod
+    def forward(ctx: Any, local: torch.Tensor, group: Any) -> torch.Tensor:
+        total = local.detach().clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def global_losses(local: torch.Tensor, share: float, group: Any) -> torch.Tensor:
+    """L = Σ_r s_r L^r on every rank, differentiable (each rank's backward reaches its own L^r
+    with weight s_r; sum the parameter gradients over ranks afterwards)."""
+    return _GlobalSum.apply(local * share, group)
+
+
+def all_reduce_(tensors: Iterable[torch.Tensor | None], group: Any) -> None:
+    """Sum each tensor over the ranks, in place (one flat collective; None entries skipped)."""
+    present = [t for t in tensors if t is not None]
+    if not present:
+        return
+    flat = torch.cat([t.reshape(-1) for t in present])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in present:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+class ShardedTaskGradients(UpdateBuffer):
+    """``TaskGradients`` across the ranks of ``group`` (module docstring): ``compute`` fills
+    this rank's shard of G (K x S columns, S = ⌈P/R⌉, the last shard zero-padded), ``stats`` is
+    the Gram statistics of the whole G (all-reduced K x K), ``combine(w)`` writes the whole
+    update Gᵀw into the parameters' ``.grad`` on every rank.
+
+    Args:
+        params: the shared parameters (identical on every rank). num_tasks: K.
+        group: the process group. mode: the local ``TaskGradients`` mode.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], num_tasks: int, group: Any, *, mode: str = "loop") -> None:
+        self.local = TaskGradients(params, num_tasks, mode=mode)
+        self.params, self.frozen = self.local.params, self.local.frozen
+        self.num_tasks = num_tasks
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self._init_update_buffer(self.params)
+        first = self.params[0]
+        self.shard = math.ceil(self.num_params / self.world)
+        self._packed = torch.zeros((self.world, num_tasks, self.shard), dtype=first.dtype, device=first.device)
+        self.grads = torch.empty((num_tasks, self.shard), dtype=first.dtype, device=first.device)
+        self._gathered = torch.empty(self.world * self.shard, dtype=first.dtype, device=first.device)
+        self.share = 1.0 / self.world
+
+    def compute(self, losses: torch.Tensor, *, retain_graph: bool = False) -> torch.Tensor:
+        """This rank's shard of G = Σ_r s_r G^r (``self.share`` is s_r, set by the caller)."""
+        check_task_losses(losses, self.num_tasks)
+        local = self.local.compute(losses, retain_graph=retain_graph)
+        for r in range(self.world):
+            begin, end = r * self.shard, min((r + 1) * self.shard, self.num_params)
+            if end > begin:
+                torch.mul(local[:, begin:end], self.share, out=self._packed[r, :, : end - begin])
+        dist.reduce_scatter_tensor(self.grads.view(-1), self._packed.view(-1), group=self.group)
+        return self.grads
+
+    def stats(self) -> GramStats:
+        """Statistics of the whole G from the all-reduced Gram matrix M = Σ_shards G_s G_sᵀ."""
+        gram = gram_torch(self.grads).contiguous()
+        dist.all_reduce(gram, group=self.group)
+        return stats_from_gram(gram)
+
+    def set_direction(self, direction: torch.Tensor) -> torch.Tensor:
+        """The whole update from this rank's shard of it (all-gathered into ``combined``)."""
+        dist.all_gather_into_tensor(self._gathered, direction.contiguous(), group=self.group)
+        return self.combined.copy_(self._gathered[: self.num_params])
+
+    def combine(self, weights: torch.Tensor, *, write_grad: bool = True) -> torch.Tensor:
+        """Gᵀw: each rank forms its shard G_sᵀ w, then all-gather."""
+        self.set_direction(self.grads.T @ weights.to(self.grads.dtype))
+        if write_grad:
+            self._attach_grads()
+        return self.combined

@@ -1,0 +1,106 @@
+"""A COST run on R gloo processes (or one plain process), for tests/test_distributed.py.
+
+    python distributed_worker.py OUT WORLD METHOD [--uneven] [--nan-rank R --nan-step S] [--semantics S] [--float32]
+
+The global batches of the tug-of-war problem (float64, or float32) are split by rows across the ranks
+(evenly, or unevenly with --uneven); every rank trains its part with COST (teleports from step
+1 on, one per 3-step epoch). Each rank writes OUT.rank<r>: its parameters, Adam's moments and
+its step infos. WORLD = 1 runs one plain process on the whole batches.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tug import K, Tug, tug_batches
+
+from cost_fast import COST, TeleportConfig, get_aggregator
+
+STEPS = 7
+BATCH = 12
+
+
+def split(batch, world: int, rank: int, uneven: bool):
+    x, y = batch
+    if world == 1:
+        return batch
+    sizes = [BATCH // world] * world
+    if uneven:  # e.g. 12 rows as [7, 5] or [5, 4, 3]
+        sizes = [BATCH // world + (world - 1 - r) for r in range(world)]
+        sizes[-1] = BATCH - sum(sizes[:-1])
+    begin = sum(sizes[:rank])
+    return x[begin : begin + sizes[rank]], y[begin : begin + sizes[rank]]
+
+
+def train(
+    rank: int, world: int, out: str, method: str, uneven: bool, nan_rank: int, nan_step: int, semantics: str, dtype
+):
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(3)
+    model = Tug().to(dtype)
+    batches = tug_batches(11, 4, dtype, size=BATCH)
+    local = [split(b, world, rank, uneven) for b in batches]
+    hparams = {"num_tasks": K} if method == "uw" else {"seed": 2} if method == "pcgrad" else {}
+    base = get_aggregator(method, **hparams)
+    params = list(model.parameters()) + (list(base.parameters()) if method == "uw" else [])
+    optimizer = torch.optim.Adam(params, lr=1e-2)
+
+    def loss_fn(m, batch):
+        x, y = batch
+        return m.task_losses(x, y)
+
+    cost = COST(
+        model,
+        model.backbone,
+        base,
+        optimizer,
+        loss_fn=loss_fn,
+        teleport_data=local[:2],
+        semantics=semantics,
+        start_step=1,
+        steps_per_epoch=3,
+        teleport=TeleportConfig(rounds=1),
+        seed=5,
+    )
+    infos = []
+    for step in range(STEPS):
+        batch = local[step % len(local)]
+        losses = loss_fn(model, batch)
+        if step == nan_step and rank == nan_rank:
+            losses = losses * torch.tensor([1.0, float("nan"), 1.0, 1.0], dtype=dtype)
+        info = cost.step(losses, batch)
+        infos.append([info.step, info.teleported, info.htr or "", info.skipped or ""])
+    state = {
+        "params": [p.detach().clone() for p in params],
+        "adam": [optimizer.state[p]["exp_avg_sq"].clone() for p in params if p in optimizer.state],
+        "infos": infos,
+        "cost": cost.state_dict(),
+    }
+    torch.save(state, f"{out}.rank{rank}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str]) -> None:
+    out, world, method = argv[0], int(argv[1]), argv[2]
+    uneven = "--uneven" in argv
+    nan_rank = int(argv[argv.index("--nan-rank") + 1]) if "--nan-rank" in argv else -1
+    nan_step = int(argv[argv.index("--nan-step") + 1]) if "--nan-step" in argv else -1
+    semantics = argv[argv.index("--semantics") + 1] if "--semantics" in argv else "public"
+    dtype = torch.float32 if "--float32" in argv else torch.float64
+    args = (world, out, method, uneven, nan_rank, nan_step, semantics, dtype)
+    if world == 1:
+        train(0, *args)
+    else:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        mp.spawn(train, args=args, nprocs=world)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

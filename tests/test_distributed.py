@@ -1,0 +1,70 @@
+"""Data-parallel COST on torch.distributed (gloo, 2 and 3 processes on CPU) against one process on
+the whole batch: the same decisions (teleports, HTR) and the same parameters (float64: 1e-10;
+float32: 1e-5) for a Gram method (FairGrad), a stateful one (PCGrad), a loss weighting (UW), the
+paper semantics with its guard, uneven batches; a rank with NaN losses makes every rank skip the
+step; COST's state is the same on every world size, so a checkpoint resumes on any of them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def run(tmp: Path, world: int, method: str, *options: str) -> list[dict]:
+    out = tmp / f"{method}-{world}-{'-'.join(options) or 'plain'}"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
+    subprocess.run(
+        [sys.executable, str(WORKER), str(out), str(world), method, *options], check=True, timeout=600, env=env
+    )
+    return [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(world)]
+
+
+def assert_same_run(ranks: list[dict], reference: dict, tolerance: float) -> None:
+    teleports = {htr for _, teleported, htr, _ in reference["infos"] if teleported}
+    assert teleports, "the reference run must teleport"
+    for state in ranks:
+        assert state["infos"] == reference["infos"]  # the same decisions on every rank
+        for a, b in zip(state["params"] + state["adam"], reference["params"] + reference["adam"], strict=True):
+            torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize(
+    ("method", "world", "options"),
+    [
+        ("fairgrad", 2, ()),
+        ("fairgrad", 3, ()),
+        ("pcgrad", 3, ()),
+        ("uw", 2, ()),
+        ("fairgrad", 3, ("--semantics", "paper")),
+        ("fairgrad", 3, ("--uneven",)),
+        ("fairgrad", 2, ("--float32",)),
+    ],
+)
+def test_data_parallel_equals_one_process(tmp_path: Path, method: str, world: int, options: tuple[str, ...]) -> None:
+    ranks = run(tmp_path, world, method, *options)
+    reference = run(tmp_path, 1, method, *[o for o in options if o != "--uneven"])[0]
+    assert_same_run(ranks, reference, 1e-5 if "--float32" in options else 1e-10)
+    for key in ("step_count", "epoch", "teleports_this_epoch", "semantics"):  # resumable on any world size
+        assert all(state["cost"][key] == reference["cost"][key] for state in ranks)
+    assert all(torch.equal(state["cost"]["generator"], reference["cost"]["generator"]) for state in ranks)
+
+
+def test_a_rank_with_nan_losses_makes_every_rank_skip_the_step(tmp_path: Path) -> None:
+    ranks = run(tmp_path, 2, "fairgrad", "--nan-rank", "1", "--nan-step", "2")
+    reference = run(tmp_path, 1, "fairgrad", "--nan-rank", "0", "--nan-step", "2")[0]
+    assert reference["infos"][2][3].startswith("non-finite")
+    assert_same_run(ranks, reference, 1e-10)
