@@ -18,6 +18,7 @@ BASELINES = {
     "solvers": "reference",
     "teleport": "reference",
     "epoch": "base",
+    "distributed": "naive_allreduce",
 }
 
 

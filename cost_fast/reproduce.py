@@ -247,7 +247,8 @@ def render(rows: list[dict[str, Any]], demo: dict[str, Any], toy: dict[str, Any]
     ]
     for r in rows:
         spread = f" (held in {r['held']} of {r['measurable']})" if r["measurable"] else ""
-        lines.append(f"| {r['claim']} | {r['verdict']}{spread} | {r['measured'][0]} | seed0/{r['figure']} |")
+        figures = ", ".join(f"seed0/{f.strip()}" for f in r["figure"].split(","))
+        lines.append(f"| {r['claim']} | {r['verdict']}{spread} | {r['measured'][0]} | {figures} |")
     lines += ["", "## Every seed", ""]
     for r in rows:
         lines.append(f"- {r['claim']}:")
