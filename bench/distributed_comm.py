@@ -41,58 +41,62 @@ def ring_bytes(kind: str, numbers: int, world: int, itemsize: int) -> float:
     return factor * (world - 1) / world * numbers * itemsize
 
 
+def _measure(K: int, P: int, world: int, rank: int, device: torch.device) -> list[dict]:
+    """Both exchanges for one K x P buffer on this rank; rows of medians and bytes."""
+    gen = torch.Generator().manual_seed(rank)
+    G = torch.randn(K, P, generator=gen).to(device)
+    w = torch.full((K,), 1.0 / K, device=device)
+    shard = -(-P // world)
+    packed = torch.zeros(world, K, shard, device=device)
+    own = torch.empty(K, shard, device=device)
+    gathered = torch.empty(world * shard, device=device)
+
+    def sharded() -> tuple[torch.Tensor, torch.Tensor]:
+        for r in range(world):
+            begin, end = r * shard, min((r + 1) * shard, P)
+            packed[r, :, : end - begin].copy_(G[:, begin:end])
+        dist.reduce_scatter_tensor(own.view(-1), packed.view(-1))
+        gram = own @ own.T
+        dist.all_reduce(gram)
+        dist.all_gather_into_tensor(gathered, own.T @ w)
+        return gram, gathered[:P]
+
+    def naive() -> tuple[torch.Tensor, torch.Tensor]:
+        total = G.clone()
+        dist.all_reduce(total)
+        return total @ total.T, total.T @ w
+
+    results = {}
+    for name, fn in (("sharded", sharded), ("naive_allreduce", naive)):
+        times = []
+        for _ in range(REPEATS):
+            dist.barrier()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            gram, update = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        results[name] = (statistics.median(times[WARMUP:]), gram.cpu(), update.cpu())
+    torch.testing.assert_close(results["sharded"][1], results["naive_allreduce"][1], rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(results["sharded"][2], results["naive_allreduce"][2], rtol=1e-4, atol=1e-3)
+    sent = {
+        "sharded": ring_bytes("reduce_scatter", world * K * shard, world, 4)
+        + ring_bytes("all_reduce", K * K, world, 4)
+        + ring_bytes("all_gather", world * shard, world, 4),
+        "naive_allreduce": ring_bytes("all_reduce", K * P, world, 4),
+    }
+    return [
+        {"K": K, "P": P, "impl": name, "median": median, "bytes_sent_per_rank": sent[name]}
+        for name, (median, _, _) in results.items()
+    ]
+
+
 def _worker(rank: int, world: int, shapes: list[tuple[int, int]], out: str, device_type: str) -> None:
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
-    rows = []
-    for K, P in shapes:
-        gen = torch.Generator().manual_seed(rank)
-        G = torch.randn(K, P, generator=gen).to(device)
-        w = torch.full((K,), 1.0 / K, device=device)
-        shard = -(-P // world)
-        packed = torch.zeros(world, K, shard, device=device)
-        own = torch.empty(K, shard, device=device)
-        gathered = torch.empty(world * shard, device=device)
-
-        def sharded() -> tuple[torch.Tensor, torch.Tensor]:
-            for r in range(world):
-                begin, end = r * shard, min((r + 1) * shard, P)
-                packed[r, :, : end - begin].copy_(G[:, begin:end])
-            dist.reduce_scatter_tensor(own.view(-1), packed.view(-1))
-            gram = own @ own.T
-            dist.all_reduce(gram)
-            dist.all_gather_into_tensor(gathered, own.T @ w)
-            return gram, gathered[:P]
-
-        def naive() -> tuple[torch.Tensor, torch.Tensor]:
-            total = G.clone()
-            dist.all_reduce(total)
-            return total @ total.T, total.T @ w
-
-        results = {}
-        for name, fn in (("sharded", sharded), ("naive_allreduce", naive)):
-            times = []
-            for _ in range(REPEATS):
-                dist.barrier()
-                if device_type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                gram, update = fn()
-                if device_type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - start)
-            results[name] = (statistics.median(times[WARMUP:]), gram.cpu(), update.cpu())
-        torch.testing.assert_close(results["sharded"][1], results["naive_allreduce"][1], rtol=1e-4, atol=1e-2)
-        torch.testing.assert_close(results["sharded"][2], results["naive_allreduce"][2], rtol=1e-4, atol=1e-3)
-        sent = {
-            "sharded": ring_bytes("reduce_scatter", world * K * shard, world, 4)
-            + ring_bytes("all_reduce", K * K, world, 4)
-            + ring_bytes("all_gather", world * shard, world, 4),
-            "naive_allreduce": ring_bytes("all_reduce", K * P, world, 4),
-        }
-        for name, (median, _, _) in results.items():
-            rows.append({"K": K, "P": P, "impl": name, "median": median, "bytes_sent_per_rank": sent[name]})
+    rows = [row for K, P in shapes for row in _measure(K, P, world, rank, device)]
     if rank == 0:
         Path(out).write_text(json.dumps(rows), encoding="utf-8")
     dist.destroy_process_group()
