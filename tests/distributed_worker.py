@@ -1,11 +1,14 @@
 """A COST run on R gloo processes (or one plain process), for tests/test_distributed.py.
 
-    python distributed_worker.py OUT WORLD METHOD [--uneven] [--nan-rank R --nan-step S] [--semantics S] [--float32]
+    python distributed_worker.py OUT WORLD METHOD [--uneven] [--nan-rank R --nan-step S] [--semantics S]
+                                 [--float32] [--no-teleport] [--save-at S] [--resume CHECKPOINT]
 
 The global batches of the tug-of-war problem (float64, or float32) are split by rows across the ranks
 (evenly, or unevenly with --uneven); every rank trains its part with COST (teleports from step
 1 on, one per 3-step epoch). Each rank writes OUT.rank<r>: its parameters, Adam's moments and
-its step infos. WORLD = 1 runs one plain process on the whole batches.
+its step infos. WORLD = 1 runs one plain process on the whole batches. ``--save-at S``: rank 0
+also writes OUT.ckpt before step S (model, optimizer and COST state dicts); ``--resume``: start
+from such a file, at its step, on this run's world size.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ def split(batch, world: int, rank: int, uneven: bool):
     return x[begin : begin + sizes[rank]], y[begin : begin + sizes[rank]]
 
 
-def train(
-    rank: int, world: int, out: str, method: str, uneven: bool, nan_rank: int, nan_step: int, semantics: str, dtype
-):
+def train(rank: int, world: int, out: str, method: str, options: dict) -> None:
+    uneven, nan_rank, nan_step = options["uneven"], options["nan_rank"], options["nan_step"]
+    dtype = options["dtype"]
     torch.set_num_threads(1)
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -62,14 +65,25 @@ def train(
         optimizer,
         loss_fn=loss_fn,
         teleport_data=local[:2],
-        semantics=semantics,
+        semantics=options["semantics"],
+        max_teleports_per_epoch=0 if options["no_teleport"] else 1,
         start_step=1,
         steps_per_epoch=3,
         teleport=TeleportConfig(rounds=1),
         seed=5,
     )
+    start = 0
+    if options["resume"] is not None:
+        saved = torch.load(options["resume"], weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        cost.load_state_dict(saved["cost"])
+        start = saved["step"]
     infos = []
-    for step in range(STEPS):
+    for step in range(start, STEPS):
+        if step == options["save_at"] and rank == 0:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "cost": cost.state_dict()}
+            torch.save({**state, "step": step}, f"{out}.ckpt")
         batch = local[step % len(local)]
         losses = loss_fn(model, batch)
         if step == nan_step and rank == nan_rank:
@@ -92,9 +106,17 @@ def main(argv: list[str]) -> None:
     uneven = "--uneven" in argv
     nan_rank = int(argv[argv.index("--nan-rank") + 1]) if "--nan-rank" in argv else -1
     nan_step = int(argv[argv.index("--nan-step") + 1]) if "--nan-step" in argv else -1
-    semantics = argv[argv.index("--semantics") + 1] if "--semantics" in argv else "public"
-    dtype = torch.float32 if "--float32" in argv else torch.float64
-    args = (world, out, method, uneven, nan_rank, nan_step, semantics, dtype)
+    options = {
+        "uneven": uneven,
+        "nan_rank": nan_rank,
+        "nan_step": nan_step,
+        "semantics": argv[argv.index("--semantics") + 1] if "--semantics" in argv else "public",
+        "dtype": torch.float32 if "--float32" in argv else torch.float64,
+        "no_teleport": "--no-teleport" in argv,
+        "save_at": int(argv[argv.index("--save-at") + 1]) if "--save-at" in argv else -1,
+        "resume": argv[argv.index("--resume") + 1] if "--resume" in argv else None,
+    }
+    args = (world, out, method, options)
     if world == 1:
         train(0, *args)
     else:
