@@ -54,6 +54,44 @@ def table(path: Path) -> str:
             res = residuals.get((group, impl))
             res_text = "" if res is None else f"{res:.1e}"
             lines.append(f"| {group} | {impl} | {median * 1e3:.3f} | {ratio} | {res_text} |")
+    overhead = teleport_overhead(path)
+    return "\n".join(lines) + ("\n\n" + overhead if overhead else "")
+
+
+# Projected runs: this many epochs, a teleport every E epochs for each E here.
+PROJECTED_EPOCHS = 200
+TELEPORT_EVERY = (1, 5, 10)
+
+
+def teleport_overhead(path: Path) -> str:
+    """For epoch results that record it: per workload and row, the base and COST epochs, the
+    teleports and adapter steps, one teleport in base epochs (t), and the overhead of a
+    ``PROJECTED_EPOCHS``-epoch run with a teleport every E epochs: t / E (the base step of a
+    COST epoch costs the same as the base method's). Empty for other results."""
+    rows = [b for b in json.loads(path.read_text())["benchmarks"] if b["extra_info"].get("teleport_in_base_epochs")]
+    if not rows:
+        return ""
+    base = {
+        b["extra_info"]["workload"]: b["stats"]["median"]
+        for b in json.loads(path.read_text())["benchmarks"]
+        if b["extra_info"].get("impl") == "base"
+    }
+    every = " | ".join(f"every {e}" for e in TELEPORT_EVERY)
+    lines = [
+        f"Overhead of COST over a {PROJECTED_EPOCHS}-epoch run with a teleport every E epochs (projected "
+        "from one teleport's measured cost):",
+        "",
+        f"| workload | row | base epoch (s) | COST epoch (s) | teleports | adapter steps | one teleport (base epochs) | {every} |",
+        "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(TELEPORT_EVERY),
+    ]
+    for b in rows:
+        info = b["extra_info"]
+        t = info["teleport_in_base_epochs"]
+        cells = " | ".join(f"{100 * t / e:+.1f}%" for e in TELEPORT_EVERY)
+        lines.append(
+            f"| {info['workload']} | {info['impl']} | {base.get(info['workload'], float('nan')):.3f} | "
+            f"{b['stats']['median']:.3f} | {info['teleports']} | {info['adapter_steps']} | {t:.3f} | {cells} |"
+        )
     return "\n".join(lines)
 
 

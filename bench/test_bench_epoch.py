@@ -1,18 +1,21 @@
-"""Epoch time: base FairGrad, FairGrad + COST (fast engine), FairGrad + COST (the yardstick).
+"""Epoch time where COST costs: base FairGrad against FairGrad + COST (fast engine, two teleport
+schedules) and the yardstick, every row checked to do the same work.
 
-Two workloads: CelebA-shaped (``CelebACNN``, 40 binary tasks, 64x64 inputs; CPU: width 8,
-batch 8; GPU: width 64, batch 64) and NYUv2-shaped (``SegNetMTL``, segmentation + depth +
-normals on synthetic 32x32 images; CPU: width 8, batch 8; GPU: width 32, batch 32).
-Same settings for all: FairGrad (α = 1) weights, Adam; COST with the public code's semantics, at
-most 1 teleport per epoch, 2 rounds over 4 teleport batches, n = 5, LoRA rank 5, 20 steps per
-epoch. ``base`` and ``cost_fast`` run ``COST`` (``base`` with no teleport allowed);
-``cost_fast_batched`` evaluates the n perturbed samples in one vmapped pass;
-``cost_reference`` runs ``cost_fast.yardstick.YardstickCOST``, the public code's structure: K
-backward passes and a copy loop per step, plain torch statistics, and the straightforward
-teleport (deep copies, ``get_peft_model``, ``merge_and_unload``).
-The NYUv2-shaped model is first trained with FairGrad until its tasks conflict
-(``pretrain_until_conflict``; ``extra_info["pretrain_steps"]``), as its synthetic tasks agree at
-initialization, and its timed epoch starts with the batch on which they conflicted. ``extra_info["teleports"]`` records how many teleports the timed epoch made.
+Two workloads whose tasks really conflict: CelebA-shaped (``CelebACNN``, 40 binary tasks whose
+labels are signs of independent random projections of the image, so that they compete for the
+backbone; CPU: width 8, batch 8; GPU: width 64, batch 64) and NYUv2-shaped (``SegNetMTL``,
+segmentation + depth + normals on synthetic 32x32 images; CPU: width 8, batch 8; GPU: width 32,
+batch 32). Each is first trained with FairGrad until COST's public trigger holds (once per
+workload, shared by every row), and every epoch starts from that same state.
+
+Schedules: ``public`` (the public code's: the teleport runs ``rounds`` = 2 passes over the
+epoch's whole loader) and ``budget`` (at most 8 adapter steps). Rows: ``base`` (no teleport),
+``cost_fast`` and ``cost_fast_budget`` (``COST``), ``cost_reference`` (``YardstickCOST``, the
+public schedule; the row id is kept from earlier results). One epoch = ``STEPS`` steps, at most
+one teleport. Each COST row records its teleports and adapter steps, and a row whose work differs
+from the other rows of its workload and schedule fails: a mismatch is an error, not a row.
+``extra_info["teleport_in_base_epochs"]`` is (COST epoch - base epoch) / teleports / base epoch,
+measured in the same run.
 
 Run:  pytest bench/test_bench_epoch.py --benchmark-json=bench/results/epoch_<device>.json
 """
@@ -40,7 +43,16 @@ WORKLOADS = {  # name: (K, width, batch)
     "celeba": (40, 64 if GPU else 8, 64 if GPU else 8),
     "nyuv2": (3, 32 if GPU else 8, 32 if GPU else 8),
 }
-CONFIG = TeleportConfig(lr=1e-3, rounds=2)
+SCHEDULES = {"public": TeleportConfig(lr=1e-3, rounds=2), "budget": TeleportConfig(lr=1e-3, rounds=2, max_steps=8)}
+IMPLS = {  # row: (schedule, implementation)
+    "base": (None, "fast"),
+    "cost_fast": ("public", "fast"),
+    "cost_fast_budget": ("budget", "fast"),
+    "cost_reference": ("public", "yardstick"),
+}
+_TEMPLATES: dict[str, tuple] = {}  # workload: (pretrained model, data, pretrain steps), built once
+_WORK: dict[tuple[str, str], tuple[int, int]] = {}  # (workload, schedule): (teleports, adapter steps)
+_BASE_EPOCH: dict[str, float] = {}
 
 
 def make_workload(name: str):
@@ -50,10 +62,10 @@ def make_workload(name: str):
     gen = torch.Generator().manual_seed(1)
     if name == "celeba":
         model = CelebACNN(num_tasks=K, width=width)
-        data = [
-            (torch.randn(batch, 3, 64, 64, generator=gen), torch.randint(0, 2, (batch, K), generator=gen))
-            for _ in range(STEPS)
-        ]
+        x = torch.randn(STEPS * batch, 3, 64, 64, generator=gen)
+        directions = torch.randn(3 * 64 * 64, K, generator=gen)
+        y = (x.flatten(1) @ directions > 0).long()  # independent random directions: tasks compete
+        data = [(x[i : i + batch], y[i : i + batch]) for i in range(0, STEPS * batch, batch)]
     else:
         model = SegNetMTL(width=width)
         x, (seg, depth, normal) = synthetic_nyuv2(STEPS * batch, size=32, seed=1)
@@ -66,9 +78,8 @@ def make_workload(name: str):
 
 
 def pretrain_until_conflict(model, data, max_steps: int = 600) -> int:
-    """Train with FairGrad until COST's public-semantics trigger (min_i cos(g_i, g0) ≤ 0) first holds;
-    returns the number of steps. The synthetic NYUv2 tasks agree at initialization (no
-    teleport would happen in a timed epoch); conflicts appear a few hundred steps in."""
+    """Train with FairGrad until COST's public trigger (min_i cos(g_i, g0) ≤ 0) first holds;
+    returns the number of steps."""
     engine = TaskGradients(model.backbone.parameters(), num_tasks=len(batch_task_losses(model, data[0])))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     fairgrad = get_aggregator("fairgrad")
@@ -86,7 +97,19 @@ def pretrain_until_conflict(model, data, max_steps: int = 600) -> int:
     return max_steps
 
 
-def cost_epoch(model, data, max_teleports: int, config: TeleportConfig = CONFIG) -> int:
+def template(workload: str):
+    """The pretrained model, the epoch's batches (starting with the conflicting one) and the
+    pretraining steps, built once per workload so that every row starts from the same state."""
+    if workload not in _TEMPLATES:
+        model, data = make_workload(workload)
+        pretrained = pretrain_until_conflict(model, data)
+        start = pretrained % len(data)
+        _TEMPLATES[workload] = (model, data[start:] + data[:start], pretrained)
+    return _TEMPLATES[workload]
+
+
+def cost_epoch(model, data, schedule: str | None) -> tuple[int, int]:
+    """One epoch of FairGrad + COST (no teleport for ``schedule=None``); (teleports, adapter steps)."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     cost = COST(
         model,
@@ -94,15 +117,16 @@ def cost_epoch(model, data, max_teleports: int, config: TeleportConfig = CONFIG)
         get_aggregator("fairgrad"),
         opt,
         loss_fn=batch_task_losses,
-        teleport_data=data[:4],
-        max_teleports_per_epoch=max_teleports,
+        teleport_data=data,  # the epoch's loader, as the public code
+        max_teleports_per_epoch=0 if schedule is None else 1,
         steps_per_epoch=STEPS,
-        teleport=config,
+        teleport=SCHEDULES[schedule or "public"],
     )
-    return sum(cost.step(batch_task_losses(model, b), b).teleported for b in data)
+    infos = [cost.step(batch_task_losses(model, b), b) for b in data]
+    return sum(i.attempted_teleport for i in infos), sum(i.teleport_steps for i in infos)
 
 
-def reference_epoch(model, data) -> int:
+def yardstick_epoch(model, data, schedule: str) -> tuple[int, int]:
     """The same epoch by ``YardstickCOST``: K backward passes and a copy loop per step, plain
     torch statistics, the straightforward teleport."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -112,45 +136,61 @@ def reference_epoch(model, data) -> int:
         get_aggregator("fairgrad"),
         opt,
         loss_fn=batch_task_losses,
-        teleport_data=data[:4],
+        teleport_data=data,
         semantics=PublicSemantics(),
-        teleport=CONFIG,
+        teleport=SCHEDULES[schedule],
     )
-    return sum(cost.step(batch_task_losses(model, b), b)["teleported"] for b in data)
+    teleports = sum(cost.step(batch_task_losses(model, b), b)["teleported"] for b in data)
+    return teleports, cost.teleport_steps
 
 
-@pytest.mark.parametrize("impl", ["base", "cost_fast", "cost_fast_batched", "cost_reference"])
+@pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 def test_epoch_time(benchmark, workload: str, impl: str) -> None:
-    template, data = make_workload(workload)
+    pretrained_model, data, pretrained = template(workload)
     K, width, batch = WORKLOADS[workload]
-    pretrained = pretrain_until_conflict(template, data) if workload == "nyuv2" else 0
-    start = pretrained % len(data)
-    data = data[start:] + data[:start]  # the timed epoch starts with the conflicting batch
-    teleports = []
+    schedule, kind = IMPLS[impl]
+    work = []
 
     def setup():
-        return (copy.deepcopy(template),), {}
+        return (copy.deepcopy(pretrained_model),), {}
 
     def run(model) -> None:
-        if impl == "cost_reference":
-            teleports.append(reference_epoch(model, data))
-        elif impl == "cost_fast_batched":
-            batched = dataclasses.replace(CONFIG, samples_per_pass=CONFIG.num_samples)
-            teleports.append(cost_epoch(model, data, 1, batched))
+        if kind == "yardstick":
+            work.append(yardstick_epoch(model, data, schedule))
         else:
-            teleports.append(cost_epoch(model, data, 0 if impl == "base" else 1))
+            work.append(cost_epoch(model, data, schedule))
         synchronize(DEVICE)
 
     benchmark.group = f"epoch {workload} K={K} width={width} batch={batch} steps={STEPS}"
     benchmark.pedantic(run, setup=setup, rounds=3, warmup_rounds=1)
+    if len(set(work)) != 1:
+        pytest.fail(f"{impl} did different work in its rounds: {work}")
+    teleports, adapter_steps = work[0]
+    median = benchmark.stats.stats.median
+    if schedule is None:
+        _BASE_EPOCH[workload] = median
+    else:
+        if teleports == 0:
+            pytest.fail(f"{impl} on {workload} made no teleport: it would measure nothing")
+        expected = _WORK.setdefault((workload, schedule), (teleports, adapter_steps))
+        if (teleports, adapter_steps) != expected:
+            pytest.fail(
+                f"{impl} on {workload} did {teleports} teleports / {adapter_steps} adapter steps, other rows {expected}"
+            )
+    base = _BASE_EPOCH.get(workload)
+    per_teleport = None if schedule is None or base is None else (median - base) / teleports / base
     benchmark.extra_info.update(
         impl=impl,
         workload=workload,
-        teleports=teleports[-1],
+        schedule=schedule or "none",
+        teleports=teleports,
+        adapter_steps=adapter_steps,
+        teleport_in_base_epochs=per_teleport,
         K=K,
         width=width,
         batch=batch,
         steps=STEPS,
         pretrain_steps=pretrained,
+        config=dataclasses.asdict(SCHEDULES[schedule]) if schedule else None,
     )

@@ -89,9 +89,9 @@ def yardstick_teleport(
     lr: float,
     rank: int = 5,
     generator: torch.Generator,
-) -> nn.Module | None:
-    """Return a teleported copy of ``model``, or None when the guard rolls back; the input is
-    not modified.
+) -> tuple[nn.Module | None, int]:
+    """Return (a teleported copy of ``model``, or None when the guard rolls back; the number of
+    adapter steps taken); the input is not modified.
     ``norms`` are the task gradient norms ‖g_i‖; ``backbone_name`` the attribute holding the
     shared backbone."""
     from peft import LoraConfig, get_peft_model
@@ -183,8 +183,8 @@ def yardstick_teleport(
             after = sum(loss_fn(moved_model, b).double() for b in batches) / len(batches)
         rose = any(float(after[i] - contour[i]) > config.guard_tolerance * abs(float(contour[i])) for i in range(K))
         if rose or not bool(torch.isfinite(after).all()):
-            return None
-    return moved_model
+            return None, steps
+    return moved_model, steps
 
 
 class YardstickCOST:
@@ -222,6 +222,7 @@ class YardstickCOST:
         shared_ids = {id(p) for p in getattr(model, backbone_name).parameters()}
         self.heads = [p for p in model.parameters() if id(p) not in shared_ids]
         self.step_count, self.teleports_this_epoch = 0, 0
+        self.teleport_steps = 0  # adapter steps over the run (benchmarks check equal work with it)
         self.last_update: torch.Tensor | None = None
         self._saved_betas: list[tuple[float, float]] | None = None
 
@@ -269,7 +270,7 @@ class YardstickCOST:
         if self.semantics.name == "paper":
             self.last_update = G.T @ self.base.weights(M).to(G)
         before = torch.cat([p.detach().reshape(-1) for p in self.shared])
-        moved = yardstick_teleport(
+        moved, steps = yardstick_teleport(
             self.model,
             self.backbone_name,
             self.loss_fn,
@@ -283,6 +284,7 @@ class YardstickCOST:
             generator=self.generator,
         )
         rolled_back = moved is None
+        self.teleport_steps += steps
         if not rolled_back:
             mine = getattr(self.model, self.backbone_name).parameters()
             theirs = getattr(moved, self.backbone_name).parameters()
