@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="exact",
         help="per-task gradients of the shared parameters (exact, default) or of the backbone's output",
     )
+    demo.add_argument(
+        "--teleport",
+        choices=["lora", "loha", "rescale"],
+        default="lora",
+        help="teleport: a LoRA or LoHa adapter (COST), or hidden-unit rescaling (group action, Zhao et al.)",
+    )
     demo.add_argument("--hidden", type=_positive_int, default=16, help="shared backbone width (default: 16)")
     demo.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default: 64)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -214,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 device=str(device),
                 gradients=args.gradients,
+                teleport=args.teleport,
                 stream=sys.stdout,
                 progress=not args.no_progress,
             )

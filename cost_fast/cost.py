@@ -50,7 +50,8 @@ from cost_fast.kernels import GramStats
 from cost_fast.lora import TeleportAdapter
 from cost_fast.perturbed import LossFn
 from cost_fast.semantics import Semantics, get_semantics
-from cost_fast.teleport import TeleportConfig, teleport
+from cost_fast.symmetry import RescalingTeleport
+from cost_fast.teleport import TeleportConfig, guard_verdict, loss_contour, teleport
 from cost_fast.timing import PhaseTimer
 from cost_fast.weighting.base import LossWeighting
 
@@ -114,6 +115,8 @@ class StepInfo:
     sigma: float | None = None
     htr: str | None = None
     teleport_steps: int = 0
+    # rescaling teleport: conflict statistics of the batch before and after, and J per step
+    symmetry: dict[str, Any] | None = None
     task_terms: list[float] = dataclasses.field(default_factory=list)  # L_t per adapter step
     sharpness_terms: list[float] = dataclasses.field(default_factory=list)  # L_g per adapter step
     timer: PhaseTimer | None = dataclasses.field(default=None, repr=False)
@@ -151,7 +154,9 @@ class COST:
         steps_per_epoch: steps per epoch, counted by COST (default: ``len(teleport_data)``
             when it has a length; None without one: call ``end_epoch()``).
         rank: adapter rank (default 5; its alpha is the semantics'). adapter: ``"lora"``
-            (default) or ``"loha"``. adapter_targets: ``targets(name, layer) -> bool`` chooses
+            (default), ``"loha"``, or ``"rescale"``: no adapter, the group-action teleport of
+            Zhao et al. on the backbone's hidden-unit rescalings (``cost_fast.symmetry``: exact
+            loss invariance, gradient ascent on the gradient norm; MLP backbones). adapter_targets: ``targets(name, layer) -> bool`` chooses
             the adapted layers among the backbone's trainable Linear/Conv ones (default: all).
         base_step: ``BaseStepConfig`` (default: the base method's own step).
         gradient_mode: ``"loop"`` or ``"batched"`` (``TaskGradients``: exact per-task gradients of
@@ -260,13 +265,20 @@ class COST:
             if self.teleport_config.samples_per_pass > 1:
                 raise ValueError("samples_per_pass > 1 (vmapped samples) is not supported with a process group")
         self.generator = torch.Generator(device=shared_params[0].device).manual_seed(seed)
-        self.adapter = TeleportAdapter(
-            shared,
-            rank=rank,
-            alpha=self.semantics.lora_alpha,
-            method=adapter,
-            generator=self.generator,
-            targets=adapter_targets,
+        self.symmetry = RescalingTeleport(model, shared) if adapter == "rescale" else None
+        if self.symmetry is not None and self.group is not None:
+            raise ValueError("the rescaling teleport is not supported with a process group")
+        self.adapter = (
+            None
+            if self.symmetry is not None
+            else TeleportAdapter(
+                shared,
+                rank=rank,
+                alpha=self.semantics.lora_alpha,
+                method=adapter,
+                generator=self.generator,
+                targets=adapter_targets,
+            )
         )
         shared_ids = {id(p) for p in shared.parameters()}
         self.task_params = [p for p in model.parameters() if id(p) not in shared_ids and p.requires_grad]
@@ -551,6 +563,9 @@ class COST:
             saved = copy.deepcopy(self.base.state_dict())
             self._direction(losses.detach().requires_grad_(), stats.gram)
             self.base.load_state_dict(saved)
+        if self.symmetry is not None:
+            self._symmetry_teleport(batch, info)
+            return
         ratios = self.semantics.ratio_weights(stats.norms)
         result = teleport(
             self.model,
@@ -565,19 +580,52 @@ class COST:
             generator=self.generator,
             reduce_gradients=None if self.group is None else lambda grads: distributed.all_reduce_(grads, self.group),
         )
-        self.teleports_this_epoch += 1
-        info.teleported = not result.rolled_back
-        info.rolled_back = result.rolled_back
-        info.rollback_reason = result.rollback_reason
-        info.teleport_steps = result.steps
         info.task_terms, info.sharpness_terms = result.task_terms, result.sharpness_terms
+        self._after_teleport(info, result.steps, result.rollback_reason, self.adapter.base_parameters, result.deltas)
+
+    def _symmetry_teleport(self, batch: Any, info: StepInfo) -> None:
+        """The rescaling teleport, with the same guard (the semantics' default, or the config's)."""
+        guard = self.teleport_config.guard
+        guard = self.semantics.default_guard if guard is None else guard
+        params = self.symmetry.parameters
+        snapshot = [p.detach().clone() for p in params]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            before = loss_contour(self.model, self.loss_fn, self.teleport_data) if guard else None
+            result = self.symmetry.teleport(self.loss_fn, batch)
+            after = loss_contour(self.model, self.loss_fn, self.teleport_data) if guard else None
+        finally:
+            self.model.train(was_training)
+        reason = None if before is None else guard_verdict(before, after, self.teleport_config.guard_tolerance)
+        deltas = result.deltas
+        if reason is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(params, snapshot)
+            deltas = [torch.zeros_like(d) for d in deltas]
+        info.symmetry = {
+            "before": result.conflicts_before,
+            "after": result.conflicts_after,
+            "objective": result.objective,
+        }
+        self._after_teleport(info, result.steps, reason, params, deltas)
+
+    def _after_teleport(
+        self, info: StepInfo, steps: int, reason: str | None, params: list[torch.Tensor], deltas: list[torch.Tensor]
+    ) -> None:
+        """Count and report the teleport, then HTR from its Δθ."""
+        self.teleports_this_epoch += 1
+        info.teleported = reason is None
+        info.rolled_back = reason is not None
+        info.rollback_reason = reason
+        info.teleport_steps = steps
         self.optimizer.zero_grad(set_to_none=True)
         has_direction = self.has_update or self.semantics.htr_direction == "pre_teleport_gradient"
-        if result.rolled_back or not has_direction or self.htr is None:
+        if reason is not None or not has_direction or self.htr is None:
             return
-        delta_of = {id(p): d for p, d in zip(self.adapter.base_parameters, result.deltas)}
-        deltas = [delta_of[id(p)] for p in self.engine.params]
-        sigma = float(flat_cosine(deltas, self.engine.combined_views))
+        delta_of = {id(p): d for p, d in zip(params, deltas)}
+        aligned = [delta_of[id(p)] for p in self.engine.params]
+        sigma = float(flat_cosine(aligned, self.engine.combined_views))
         info.sigma = sigma
         info.htr = self.htr.arm(max(-1.0, min(1.0, sigma)))
 

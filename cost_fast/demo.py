@@ -34,6 +34,7 @@ from cost_fast.report import atomic_report_dir, check_report_target
 from cost_fast.semantics import get_semantics
 
 NUM_TASKS = 10
+TELEPORTS = ("lora", "loha", "rescale")  # COST(adapter=...)
 
 
 def _require(module: str) -> Any:
@@ -70,6 +71,7 @@ def train(
     hidden: int,
     seed: int,
     gradients: str = "exact",
+    teleport: str = "lora",
     progress: Any = None,
 ) -> dict[str, Any]:
     """One training run; returns its metrics (plain Python values)."""
@@ -87,6 +89,7 @@ def train(
         max_teleports_per_epoch=1 if use_cost else 0,
         start_epoch=1,
         gradient_mode="representation" if gradients == "representation" else "loop",
+        adapter=teleport,
         seed=seed,
     )
     losses_per_epoch, conflict_ratio, teleports, step_stats = [], [], [], []
@@ -109,6 +112,7 @@ def train(
                         "step": info.step,
                         "rolled_back": info.rolled_back,
                         "rollback_reason": info.rollback_reason,
+                        "symmetry": info.symmetry,
                         "sigma": info.sigma,
                         "htr": info.htr,
                         "task_terms": info.task_terms,
@@ -277,6 +281,7 @@ def run_demo(
     seed: int = 0,
     device: str = "cpu",
     gradients: str = "exact",
+    teleport: str = "lora",
     stream: TextIO | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -284,6 +289,8 @@ def run_demo(
 
     ``gradients``: ``"exact"`` (per-task gradients of the shared parameters) or
     ``"representation"`` (of the backbone's output; ``COST(gradient_mode="representation")``).
+    ``teleport``: ``"lora"`` (default), ``"loha"`` or ``"rescale"`` (``COST(adapter=...)``;
+    ``"rescale"`` is the group-action teleport of ``cost_fast.symmetry``).
     ``stream``: where the progress bar and the summary go (None: silent)."""
     for name, value in (("epochs", epochs), ("hidden", hidden), ("batch size", batch_size)):
         if value < 1:
@@ -291,6 +298,8 @@ def run_demo(
     get_semantics(semantics)  # a clear error for an unknown name, before any work
     if gradients not in ("exact", "representation"):
         raise ValueError(f"gradients must be 'exact' or 'representation', got {gradients!r}")
+    if teleport not in TELEPORTS:
+        raise ValueError(f"teleport must be one of {TELEPORTS}, got {teleport!r}")
     target = check_report_target(out_dir)
     _require("matplotlib")
     x_train, y_train, x_test, y_test = (t.to(device) for t in digits_tasks(seed))
@@ -312,6 +321,7 @@ def run_demo(
             hidden=hidden,
             seed=seed,
             gradients=gradients,
+            teleport=teleport,
             progress=bar,
         )
     if bar is not None:
@@ -321,6 +331,7 @@ def run_demo(
         "method": method,
         "semantics": semantics,
         "gradients": gradients,
+        "teleport": teleport,
         "epochs": epochs,
         "batch_size": batch_size,
         "hidden": hidden,

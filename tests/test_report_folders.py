@@ -145,6 +145,7 @@ OPTIONS = {
         ["--hidden", "4"],
         ["--gradients", "representation"],
         ["--gradients", "both"],
+        ["--teleport", "rescale"],
         ["--no-progress"],
     ],
     "toy": [["--steps", "5"], ["--steps", "0"], ["--steps-per-epoch", "5"], ["--semantics", "paper"]],
