@@ -12,10 +12,11 @@ from cost_fast.aggregators.dual_cone import DualProj, UPGrad
 from cost_fast.aggregators.elementwise import GradDrop, MoCo
 from cost_fast.aggregators.gradvac import GradVac
 from cost_fast.aggregators.imtl import IMTLG
-from cost_fast.aggregators.linear import Mean, Sum
+from cost_fast.aggregators.linear import Constant, Mean, Random, Sum
 from cost_fast.aggregators.mgda import MGDA
 from cost_fast.aggregators.nash import FairGrad, NashMTL
 from cost_fast.aggregators.pcgrad import PCGrad
+from cost_fast.aggregators.robust import Krum, TrimmedMean
 
 __all__ = [
     "MGDA",
@@ -23,17 +24,21 @@ __all__ = [
     "AlignedMTL",
     "CAGrad",
     "ConFIG",
+    "Constant",
     "ConicGrad",
     "DualProj",
     "FairGrad",
     "GradDrop",
     "GradVac",
     "IMTLG",
+    "Krum",
     "Mean",
     "MoCo",
     "NashMTL",
     "PCGrad",
+    "Random",
     "Sum",
+    "TrimmedMean",
     "UPGrad",
     "get_aggregator",
     "list_aggregators",

@@ -22,3 +22,52 @@ class Sum(Aggregator):
 
     def _weights(self, gram: torch.Tensor) -> torch.Tensor:
         return torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
+
+
+@register("constant")
+class Constant(Aggregator):
+    """Constant weights given up front: w = ``weights``, so d = Σ_i w_i g_i.
+
+    Args:
+        weights: one number per task (default: None, which means 1/K each: the mean).
+    """
+
+    def __init__(self, weights: torch.Tensor | list[float] | None = None) -> None:
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float64)
+            if weights.ndim != 1 or not bool(torch.isfinite(weights).all()):
+                raise ValueError(f"weights must be a 1-D vector of finite numbers, got {weights.tolist()!r}")
+        self.constant = weights
+
+    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+        K = gram.shape[0]
+        if self.constant is None:
+            return torch.full((K,), 1.0 / K, dtype=gram.dtype, device=gram.device)
+        if self.constant.shape != (K,):
+            raise ValueError(f"Constant has {self.constant.shape[0]} weights, the Gram matrix {K} tasks")
+        return self.constant.to(dtype=gram.dtype, device=gram.device)
+
+
+@register("random")
+class Random(Aggregator):
+    """Random weighting of the gradients (the gradient form of RLW, Lin et al., TMLR 2022): a fresh
+    w = softmax(z), z ~ N(0, I), at every call, so d = Gᵀw with w on the simplex.
+
+    Args:
+        seed: seed of z (the generator's state is the ``state_dict``).
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+        z = torch.randn(gram.shape[0], generator=self._generator, dtype=torch.float64)
+        return torch.softmax(z, dim=0).to(dtype=gram.dtype, device=gram.device)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "rng_state": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = state["seed"]
+        self._generator.set_state(state["rng_state"])
