@@ -156,8 +156,9 @@ class COST:
         rank: adapter rank (default 5; its alpha is the semantics'). adapter: ``"lora"``
             (default), ``"loha"``, or ``"rescale"``: no adapter, the group-action teleport of
             Zhao et al. on the backbone's hidden-unit rescalings (``cost_fast.symmetry``: exact
-            loss invariance, gradient ascent on the gradient norm; MLP backbones). adapter_targets: ``targets(name, layer) -> bool`` chooses
-            the adapted layers among the backbone's trainable Linear/Conv ones (default: all).
+            loss invariance, gradient ascent on the gradient norm; MLP backbones).
+        adapter_targets: ``targets(name, layer) -> bool`` chooses the adapted layers among the
+            backbone's trainable Linear/Conv ones (default: all).
         base_step: ``BaseStepConfig`` (default: the base method's own step).
         gradient_mode: ``"loop"`` or ``"batched"`` (``TaskGradients``: exact per-task gradients of
             the shared parameters), or ``"representation"`` (``RepresentationGradients``: per-task
@@ -585,8 +586,7 @@ class COST:
 
     def _symmetry_teleport(self, batch: Any, info: StepInfo) -> None:
         """The rescaling teleport, with the same guard (the semantics' default, or the config's)."""
-        guard = self.teleport_config.guard
-        guard = self.semantics.default_guard if guard is None else guard
+        guard = self.teleport_config.guard_for(self.semantics)
         params = self.symmetry.parameters
         snapshot = [p.detach().clone() for p in params]
         was_training = self.model.training

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cost_fast.grads import TaskGradients
 from cost_fast.kernels import stats_from_gram
 from cost_fast.perturbed import LossFn, losses_at
 
@@ -115,15 +116,7 @@ class RescalingTeleport:
 
     def _conflicts(self, loss_fn: LossFn, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         losses = loss_fn(self.model, batch)
-        rows = []
-        for i in range(losses.shape[0]):
-            grads = torch.autograd.grad(losses[i], self.parameters, retain_graph=True, allow_unused=True)
-            rows.append(
-                torch.cat(
-                    [(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, self.parameters)]
-                )
-            )
-        G = torch.stack(rows).double()
+        G = TaskGradients(self.parameters, num_tasks=losses.shape[0]).compute(losses).double()
         stats = stats_from_gram(G @ G.T)
         summary = {
             "min_cos_mean": float(stats.cos_mean.min()),

@@ -76,6 +76,10 @@ class TeleportConfig:
         if not (isinstance(self.guard_tolerance, int | float) and self.guard_tolerance >= 0):
             raise ValueError(f"guard_tolerance must be ≥ 0, got {self.guard_tolerance!r}")
 
+    def guard_for(self, semantics: Semantics) -> bool:
+        """Whether the guard runs: ``guard`` when set, else the semantics' ``default_guard``."""
+        return self.guard if self.guard is not None else semantics.default_guard
+
 
 @dataclasses.dataclass
 class TeleportResult:
@@ -213,8 +217,7 @@ def teleport(
                 if steps >= budget:
                     break
             deltas = adapter.merge()
-        guard = config.guard if config.guard is not None else semantics.default_guard
-        after = loss_contour(model, loss_fn, data) if guard else None
+        after = loss_contour(model, loss_fn, data) if config.guard_for(semantics) else None
         reason = None if after is None else guard_verdict(contour, after, config.guard_tolerance)
         if reason is not None:
             adapter.restore(snapshot)
