@@ -410,8 +410,7 @@ class COST:
         engine = self.engine
         local = losses
         if self.group is not None:  # the global losses, the same on every rank
-            engine.share = distributed.batch_share(self.batch_size(batch), self.group)
-            losses = distributed.global_losses(local, engine.share, self.group)
+            losses, engine.share = distributed.global_losses(local, self.batch_size(batch), self.group)
         with timer.phase("gradients"):
             engine.compute(local, retain_graph=True)
         with timer.phase("gram"):
@@ -452,7 +451,7 @@ class COST:
                 check_task_losses(local, self.engine.num_tasks)
                 losses = local
                 if self.group is not None:
-                    losses = distributed.global_losses(local, self.engine.share, self.group)
+                    losses, self.engine.share = distributed.global_losses(local, self.batch_size(batch), self.group)
                 self.engine.compute(local, retain_graph=True)
             with timer.phase("gram"):
                 stats = self.engine.stats()
@@ -540,8 +539,7 @@ class COST:
         losses = self.loss_fn(model, batch)
         if self.group is None:
             return losses
-        share = distributed.batch_share(self.batch_size(batch), self.group)
-        return distributed.global_losses(losses, share, self.group)
+        return distributed.global_losses(losses, self.batch_size(batch), self.group)[0]
 
     def _learn_after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """After the optimizer step of a base update: the loss weighting learns from it."""

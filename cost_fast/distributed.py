@@ -47,15 +47,6 @@ def default_group(group: Any = None) -> Any:
     return None
 
 
-def batch_share(batch_size: int, group: Any) -> float:
-    """s_r = n_r / Σ_r n_r: this rank's share of the global batch (one all-reduce)."""
-    total = torch.tensor([float(batch_size)], dtype=torch.float64)
-    dist.all_reduce(total, group=group)
-    if not total.item() > 0:
-        raise ValueError("the global batch is empty on every rank")
-    return batch_size / total.item()
-
-
 class _GlobalSum(torch.autograd.Function):
     """y = Σ_r x_r on every rank; the gradient of a function computed identically on every rank
     from y flows back unchanged to each rank's x_r (its part of y)."""
@@ -71,10 +62,17 @@ class _GlobalSum(torch.autograd.Function):
         return grad, None
 
 
-def global_losses(local: torch.Tensor, share: float, group: Any) -> torch.Tensor:
-    """L = Σ_r s_r L^r on every rank, differentiable (each rank's backward reaches its own L^r
-    with weight s_r; sum the parameter gradients over ranks afterwards)."""
-    return _GlobalSum.apply(local * share, group)
+def global_losses(local: torch.Tensor, batch_size: int, group: Any) -> tuple[torch.Tensor, float]:
+    """(L, s_r): the global losses L = Σ_r n_r L^r / Σ_r n_r on every rank, differentiable (each
+    rank's backward reaches its own L^r with weight s_r = n_r / N; sum the parameter gradients
+    over ranks afterwards), and this rank's share s_r. One all-reduce carries the weighted
+    losses and the batch sizes together."""
+    count = torch.full((1,), float(batch_size), dtype=local.dtype, device=local.device)
+    summed = _GlobalSum.apply(torch.cat([local * batch_size, count]), group)
+    total = float(summed[-1])
+    if not total > 0:
+        raise ValueError("the global batch is empty on every rank")
+    return summed[:-1] / total, batch_size / total
 
 
 def all_reduce_(tensors: Iterable[torch.Tensor | None], group: Any) -> None:
