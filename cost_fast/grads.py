@@ -68,6 +68,17 @@ def _collect_parameters(params: Iterable[torch.Tensor]) -> tuple[list[torch.Tens
     return trainable, frozen
 
 
+def _store_gradients(dst: list[torch.Tensor], grads: tuple[torch.Tensor | None, ...]) -> None:
+    """Copy each gradient into its destination (multi-tensor), zeros where autograd returned None
+    (a tensor the loss does not reach)."""
+    reached = [(d, g) for d, g in zip(dst, grads) if g is not None]
+    if reached:
+        torch._foreach_copy_([d for d, _ in reached], [g for _, g in reached])
+    unreached = [d for d, g in zip(dst, grads) if g is None]
+    if unreached:
+        torch._foreach_zero_(unreached)
+
+
 class UpdateBuffer:
     """The shared parameters' update d (shape (P,)) in one flat buffer with param-shaped views,
     written into the parameters' ``.grad`` as views (no copy per step). Base of the engines."""
@@ -172,24 +183,15 @@ class TaskGradients(UpdateBuffer):
                 allow_unused=True,
                 is_grads_batched=True,
             )
-            self._store(self.views, grads)
+            _store_gradients(self.views, grads)
         else:
             last = self.num_tasks - 1
             for i in range(self.num_tasks):
                 grads = torch.autograd.grad(
                     losses[i], self.params, retain_graph=retain_graph or i < last, allow_unused=True
                 )
-                self._store([v[i] for v in self.views], grads)
+                _store_gradients([v[i] for v in self.views], grads)
         return self.grads
-
-    @staticmethod
-    def _store(dst: list[torch.Tensor], grads: tuple[torch.Tensor | None, ...]) -> None:
-        reached = [(d, g) for d, g in zip(dst, grads) if g is not None]
-        if reached:
-            torch._foreach_copy_([d for d, _ in reached], [g for _, g in reached])
-        unreached = [d for d, g in zip(dst, grads) if g is None]
-        if unreached:
-            torch._foreach_zero_(unreached)
 
     def stats(self, **kwargs) -> GramStats:
         """``cost_fast.kernels.gram_stats`` of the current buffer (no copy); kwargs pass through."""
@@ -263,11 +265,8 @@ class RepresentationGradients(UpdateBuffer):
         if self.grads.shape != (self.num_tasks, z.numel()):
             self.grads = torch.empty((self.num_tasks, z.numel()), dtype=z.dtype, device=z.device)
         for i in range(self.num_tasks):
-            (g,) = torch.autograd.grad(losses[i], z, retain_graph=True, allow_unused=True)
-            if g is None:
-                self.grads[i].zero_()
-            else:
-                self.grads[i].copy_(g.reshape(-1))
+            grad = torch.autograd.grad(losses[i], z, retain_graph=True, allow_unused=True)
+            _store_gradients([self.grads[i].view_as(z)], grad)
         self._representation = z
         return self.grads
 
@@ -284,11 +283,7 @@ class RepresentationGradients(UpdateBuffer):
         grads = torch.autograd.grad(
             z, self.params, grad_outputs=direction.to(z.dtype).view_as(z), retain_graph=True, allow_unused=True
         )
-        for view, g in zip(self.combined_views, grads):
-            if g is None:
-                view.zero_()
-            else:
-                view.copy_(g)
+        _store_gradients(self.combined_views, grads)
         return self.combined
 
     def combine(self, weights: torch.Tensor, *, write_grad: bool = True) -> torch.Tensor:

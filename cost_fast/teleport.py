@@ -8,8 +8,9 @@ with L_g, a and b given by the semantics (``cost_fast.semantics``: "public" or "
 the adapter is merged into the backbone (Δθ) and reset.
 
 The guard (on by default in paper semantics, off in public semantics as in the public code;
-``TeleportConfig(guard=...)`` overrides) evaluates the teleport data once more after the merge and rolls the backbone back bit-exactly if any task's mean loss rose by more
-than ``guard_tolerance`` of its size,
+``TeleportConfig(guard=...)`` overrides) evaluates the teleport data once more after the merge
+and rolls the backbone back bit-exactly if any task's mean loss rose by more than
+``guard_tolerance`` of its size,
 
     L_i(θ+Δθ) - L*_i > tol · |L*_i|     (right for losses of any sign),
 
