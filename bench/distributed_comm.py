@@ -14,7 +14,9 @@ global G and the update Gᵀw into every rank's gradient:
 Both compute the same M and Gᵀw (checked). The bytes each rank sends are those of ring
 collectives: reduce-scatter and all-gather (R-1)/R of their buffer, all-reduce 2(R-1)/R.
 Writes ``distributed_<device>.json`` (the pytest-benchmark layout the report script reads,
-stamped with device, versions and date).
+stamped with device, versions and date) into OUT_FOLDER, which must be new, empty or a folder
+cost-fast wrote before (``cost_fast.report.MARKER``): a folder of the user's is never written
+into.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cost_fast.bench.stamp import stamp
+from cost_fast.report import MARKER, MARKER_TEXT, check_report_target
 
 REPEATS, WARMUP = 7, 2
 
@@ -113,8 +116,12 @@ def main(argv: list[str] | None = None) -> Path:
     device_type = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= args.world else "cpu"
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29541")
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder = check_report_target(args.out)
+    except ValueError as err:
+        parser.error(str(err))
+    folder.mkdir(exist_ok=True)
+    (folder / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
     raw = folder / ".distributed_rows.json"
     shapes = [(args.tasks, p) for p in args.params]
     mp.spawn(_worker, args=(args.world, shapes, str(raw), device_type), nprocs=args.world)

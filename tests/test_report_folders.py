@@ -201,3 +201,15 @@ def test_fuzz_the_command_line(seed: int, tmp_path: Path, monkeypatch) -> None:
         for name, data in before.items():
             assert now.get(name) == data, f"{argv} changed or removed {name}"
         assert not (tmp_path / ".benchmarks").exists()
+
+
+def test_the_communication_benchmark_never_writes_into_a_users_folder(tmp_path: Path, capsys) -> None:
+    from cost_fast.bench.distributed_comm import main as comm_main
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "distributed_cpu.json").write_text("my own file")
+    with pytest.raises(SystemExit) as exit_info:
+        comm_main([str(mine)])
+    assert exit_info.value.code == 2 and "never overwritten" in capsys.readouterr().err
+    assert (mine / "distributed_cpu.json").read_text() == "my own file"
