@@ -5,8 +5,10 @@ both reductions and every input dtype; the epilogue per padded K) is
 compiled by ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (sm_90: H100/H200), and the
 cubin is read with the ``cuobjdump`` bundled with triton. A configuration fails if it spills
 registers (stack or local memory in use) or needs more shared memory than a block may use
-(``gram.SHARED_MEMORY_LIMIT``), so that a configuration that cannot launch on Hopper, or runs
-slowly there, is caught by CI on CPU.
+(``gram.SHARED_MEMORY_LIMIT``), or, for 16-bit input, if a matrix product's accumulator is the
+loop-carried sum (the compiler folded ``acc + dot(a, b)`` into ``dot(a, b, acc)``, which makes
+the Gram kernel's error grow with P), so that a configuration that cannot launch on Hopper, runs slowly there or
+loses the compensated sum is caught by CI on CPU.
 
     python -m cost_fast.kernels.compile_check      # prints one line per configuration; exit 1 on a failure
 
@@ -36,6 +38,7 @@ class CompiledConfig:
     registers: int
     stack: int  # bytes of stack per thread: > 0 means spills
     local: int  # bytes of local memory per thread
+    loop_carried_dot: bool = False  # a dot accumulates into a value carried by its loop
 
     @property
     def problems(self) -> list[str]:
@@ -47,7 +50,20 @@ class CompiledConfig:
             found.append(f"register spills (stack {self.stack} B, local {self.local} B)")
         if self.shared > SHARED_MEMORY_LIMIT:
             found.append(f"shared memory {self.shared} > {SHARED_MEMORY_LIMIT}")
+        if self.loop_carried_dot:
+            found.append("a matrix product accumulates into the loop-carried sum (add folded into the dot)")
         return found
+
+
+def dot_accumulates_loop_carried(ttgir: str) -> bool:
+    """Whether a matrix product in the TritonGPU IR takes a loop's carried value as its
+    accumulator (C operand): ``scf.for ... iter_args(%x = ...)`` then ``dot %a, %b, %x``."""
+    carried = set(re.findall(r"iter_args\((.*?)\)\s*->", ttgir))
+    names = {name for group in carried for name in re.findall(r"(%[\w#]+) =", group)}
+    accumulators = re.findall(r"(?:tt\.dot|warp_group_dot|ttng\.\w*mma\w*)\s+%[\w#]+,\s*%[\w#]+,\s*(%[\w#]+)", ttgir)
+    if not accumulators:  # a new IR spelling must fail loudly, not pass unchecked
+        raise ValueError("no matrix product found in the TritonGPU IR: update dot_accumulates_loop_carried")
+    return any(acc in names for acc in accumulators)
 
 
 def _cuobjdump() -> str:
@@ -56,7 +72,17 @@ def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
 
 
-def _compile(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: int, kernel: str, config: str):
+def _compile(
+    fn,
+    signature: dict,
+    constexprs: dict,
+    num_warps: int,
+    num_stages: int,
+    kernel: str,
+    config: str,
+    *,
+    unfolded_sum: bool = False,
+):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -75,7 +101,8 @@ def _compile(fn, signature: dict, constexprs: dict, num_warps: int, num_stages: 
     if match is None:
         raise RuntimeError(f"cannot read cuobjdump's resource usage:\n{report}")
     registers, stack, local = map(int, match.groups())
-    return CompiledConfig(kernel, config, compiled.metadata.shared, registers, stack, local)
+    fused = unfolded_sum and dot_accumulates_loop_carried(compiled.asm["ttgir"])
+    return CompiledConfig(kernel, config, compiled.metadata.shared, registers, stack, local, fused)
 
 
 def gram_configs() -> list[CompiledConfig]:
@@ -116,6 +143,7 @@ def gram_configs() -> list[CompiledConfig]:
                         gram.NUM_STAGES,
                         "gram_partial",
                         config,
+                        unfolded_sum=not is_fp32,  # 16-bit input: chunk products added outside the MMA
                     )
                 )
         if is_fp32:  # the epilogue depends on block_k only

@@ -13,8 +13,9 @@ statistic here is a function of the Gram matrix ``M = G Gᵀ`` alone:
     trigger      = finite(M) and dominated ≥ ⌈K/2⌉    (COST, Eq. 4)
 
 So one pass over G that produces M is enough; the statistics are an O(K²) epilogue. The Triton
-path reads every element of G exactly once (fp32 accumulation, two-level: each column chunk's
-product is formed from zero and added with an IEEE fp32 add, so the error does not grow with P)
+path reads every element of G exactly once (fp32 accumulation; for 16-bit G each column chunk's
+product is formed from zero and added with compensated IEEE fp32 adds, so the error does not
+grow with P)
 and computes the epilogue in a second, single-program kernel, so nothing crosses to the host. ``gram_stats_torch`` is the
 same math in plain torch.
 """
@@ -175,7 +176,7 @@ class TritonGramConfig:
 
 
 # Column tile and warps on CUDA per (padded K, fp32 or 16-bit input). Every entry compiles for
-# sm_90 without register spills and within the H100's shared memory (tests/test_gram_sm90.py
+# sm_90 without register spills and within the H100's shared memory (tests/test_kernels_sm90.py
 # compiles each one ahead of time, on CPU): tf32x3 (fp32 input) needs about three times the
 # registers of a 16-bit tile, hence its narrower tiles.
 CUDA_TILES: dict[tuple[int, bool], tuple[int, int]] = {
@@ -262,6 +263,7 @@ if triton is not None:
         row_ptrs = g_ptr + offs_k.to(tl.int64)[:, None] * stride_k
         row_mask = offs_k[:, None] < K
         acc = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)
+        comp = tl.zeros((BLOCK_K, BLOCK_K), dtype=tl.float32)  # Kahan compensation of acc
         for chunk in range(pid, num_chunks, nprog):
             offs_p = chunk * BLOCK_P + tl.arange(0, BLOCK_P)
             tile = tl.load(row_ptrs + offs_p[None, :], mask=row_mask & (offs_p[None, :] < P), other=0.0)
@@ -269,14 +271,32 @@ if triton is not None:
                 # Triton 3.9's interpreter runs tl.dot on the raw bits of bf16; the fp32 products
                 # of bf16/fp16 values are exact, so upcasting first computes the same sums.
                 tile = tile.to(tl.float32)
-            # Each chunk's product starts from zero and is added with an IEEE fp32 add, so the
-            # tensor cores' own accumulation (not round-to-nearest) never spans more than one
-            # chunk, and the error does not grow with P (two-level summation).
-            if IS_FP32 or UPCAST:
+            if IS_FP32:
                 # tf32x3 keeps ~fp32 accuracy while using tensor cores; plain tf32 would not.
+                # Triton folds this add into the product (dot(a, b, acc)); the H200 measured
+                # 2e-7 to 9e-7 relative error up to P = 1e8 all the same.
                 acc += tl.dot(tile, tl.trans(tile), input_precision="tf32x3")
             else:
-                acc += tl.dot(tile, tl.trans(tile))
+                # 16-bit input: each chunk's product starts from zero and is added to acc with
+                # IEEE fp32 adds, so the tensor cores' own accumulation (not round-to-nearest)
+                # never spans more than one chunk and the error does not grow with P. A plain
+                # ``acc += tl.dot(...)`` is folded into dot(a, b, acc), which the H200 measured
+                # as an error growing with P (bf16, K = 40: 4.9e-6 at P = 1e6, 1.0e-3 at 1e8);
+                # the subtractions below are not folded (the sm_90 compile check fails if a
+                # product accumulates into the loop's carried sum).
+                if UPCAST:
+                    part = tl.dot(tile, tl.trans(tile), input_precision="tf32x3")
+                else:
+                    part = tl.dot(tile, tl.trans(tile))
+                if BLOCK_K <= 64:
+                    # compensated (Kahan) sum: the error of the adds stays at fp32 rounding
+                    y = part - comp
+                    total = acc + y
+                    comp = (total - acc) - y
+                    acc = total
+                else:
+                    # a 128 x 128 compensation tile would spill registers: a plain two-level sum
+                    acc = acc - (0.0 - part)
         tile_offs = offs_k[:, None] * BLOCK_K + offs_k[None, :]
         if USE_ATOMIC:
             tl.atomic_add(out_ptr + tile_offs, acc)

@@ -52,3 +52,25 @@ def test_a_forced_tile_too_large_for_hopper_is_refused_before_launch() -> None:
     # the configuration that failed on an H200 with OutOfResources (262144 > 232448 bytes)
     with pytest.raises(ValueError, match="shared memory"):
         triton_gram_config(40, 100_003, torch.device("cuda"), block_p=256, dtype=torch.float32)
+
+
+FOLDED_IR = """
+%acc = scf.for %chunk = %pid to %n step %s iter_args(%acc_18 = %cst) -> (tensor<64x64xf32, #mma>) : i32 {
+  %acc_30 = ttng.warp_group_dot %tile_28, %acc_29, %acc_18 {inputPrecision = 0 : i32, isAsync = true}
+"""
+UNFOLDED_IR = """
+%comp:2 = scf.for %chunk = %pid to %n step %s iter_args(%acc = %cst, %comp_18 = %cst) -> (tensor<64x64xf32, #mma>, tensor<64x64xf32, #mma>) : i32 {
+  %part_29 = ttng.warp_group_dot %tile_28, %part, %cst {inputPrecision = 0 : i32, isAsync = true}
+  %y = arith.subf %part_30#0, %comp_18 : tensor<64x64xf32, #mma>
+"""
+
+
+def test_the_folded_accumulation_is_recognised_in_the_compiled_ir() -> None:
+    # the IR the sm_90 compiler gave for ``acc += tl.dot(...)`` (folded) and for the kernel's
+    # compensated sum (triton 3.9), in the spelling the compile check reads
+    from cost_fast.kernels.compile_check import dot_accumulates_loop_carried
+
+    assert dot_accumulates_loop_carried(FOLDED_IR)
+    assert not dot_accumulates_loop_carried(UNFOLDED_IR)
+    with pytest.raises(ValueError, match="no matrix product"):
+        dot_accumulates_loop_carried("%x = arith.addf %a, %b")
