@@ -19,8 +19,10 @@ $PY -m pip install -q --no-deps --no-build-isolation -e . >/tmp/install.log 2>&1
 } | tee "$OUT/device.txt"
 
 step tests
+# -v (no -q) so that each test is named as it ends: a run cut off by its time limit still
+# says which failed; --timeout (pytest-timeout, on the device image) names a test that hangs.
 # shellcheck disable=SC2086  # TEST_ARGS is a list of arguments
-timeout "${TESTS_S:-150}" $PY -m pytest -q -p no:cacheprovider ${TEST_ARGS:--n 15 -v --tb=short --durations=20 tests} >"$OUT/tests.log" 2>&1
+timeout "${TESTS_S:-150}" $PY -m pytest -p no:cacheprovider ${TEST_ARGS:--n 15 -v --timeout 120 --tb=short --durations=20 tests} >"$OUT/tests.log" 2>&1
 echo "tests exit $?"; grep -E " (passed|failed)" "$OUT/tests.log" | tail -3
 grep -E "(FAILED|ERROR) tests/" "$OUT/tests.log" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | head -40
 
