@@ -8,6 +8,10 @@ implementations use, on the same Gram matrix, with each side's residual recorded
 - Nash-MTL: cvxpy with ECOS on the concave program max Σ log α + Σ log(Mα) - αᵀMα, whose
   stationarity condition is Mα = 1/α (the Nash-MTL code solves a CCCP sequence of cvxpy
   programs; one program is the cheaper yardstick). Residual as FairGrad with α = 1.
+- PCD (τ = 0.1, task 0 primary): scipy ``minimize`` L-BFGS-B on its dual, the non-negative QP
+  min_μ≥0 ½ μᵀQμ + cᵀμ over the normalized Gram matrix (the reference code enumerates working
+  sets instead, exponential in K). Residual: the dual's KKT violation max_j |min(μ_j, (Qμ + c)_j)|,
+  with μ recovered from the weights as w_j / w_0 · s_0 / s_j.
 
 Run:  pytest bench/test_bench_solvers.py --benchmark-json=bench/results/solvers_cpu.json
 Needs the bench extra (cvxpy, ecos) for the Nash-MTL row.
@@ -20,7 +24,7 @@ import pytest
 import torch
 from scipy.optimize import least_squares, minimize
 
-from cost_fast.aggregators import CAGrad, FairGrad, NashMTL
+from cost_fast.aggregators import PCD, CAGrad, FairGrad, NashMTL
 from cost_fast.aggregators.cagrad import cagrad_dual_weights
 
 KS = [2, 3, 10, 40]
@@ -126,3 +130,48 @@ def test_nash_mtl_solve(benchmark, K: int, impl: str) -> None:
         method = NashMTL()
         fn = lambda: method(M).double().numpy()  # noqa: E731
     run(benchmark, f"nash_mtl K={K}", impl, fn, lambda w: fixed_point_residual(M_np, w, 1.0))
+
+
+def pcd_dual(M: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """(Q, c) of PCD's dual for β = 0, ε = 0: the Gram matrix normalized to unit diagonal."""
+    s = 1 / np.sqrt(np.diag(M))
+    N = M * np.outer(s, s)
+    Q = N[1:, 1:]
+    return Q, N[1:, 0] - tau * np.diag(Q)
+
+
+def pcd_kkt_residual(M: np.ndarray, mu: np.ndarray, tau: float) -> float:
+    Q, c = pcd_dual(M, tau)
+    return float(np.max(np.abs(np.minimum(mu, Q @ mu + c))))
+
+
+def scipy_pcd(M: np.ndarray, tau: float) -> np.ndarray:
+    Q, c = pcd_dual(M, tau)
+    K1 = len(c)
+    return minimize(
+        lambda mu: 0.5 * mu @ Q @ mu + c @ mu,
+        np.zeros(K1),
+        jac=lambda mu: Q @ mu + c,
+        bounds=[(0, None)] * K1,
+        method="L-BFGS-B",
+        options={"ftol": 1e-15, "gtol": 1e-12},
+    ).x
+
+
+@pytest.mark.parametrize("impl", ["ours", "reference"])
+@pytest.mark.parametrize("K", KS)
+def test_pcd_solve(benchmark, K: int, impl: str) -> None:
+    M = make_gram(K)
+    M_np = M.numpy()
+    tau = 0.1
+    if impl == "ours":
+        method = PCD(tau=tau, beta=0.0, eps=0.0)
+        s = 1 / np.sqrt(np.diag(M_np))
+
+        def fn() -> np.ndarray:
+            w = method(M).double().numpy()
+            return w[1:] / w[0] * s[0] / s[1:]  # μ_j = w_j / (s_j c) with c = w_0 / s_0
+
+    else:
+        fn = lambda: scipy_pcd(M_np, tau)  # noqa: E731
+    run(benchmark, f"pcd tau={tau} K={K}", impl, fn, lambda mu: pcd_kkt_residual(M_np, mu, tau))

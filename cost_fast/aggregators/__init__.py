@@ -10,16 +10,21 @@ from cost_fast.aggregators.config import ConFIG
 from cost_fast.aggregators.conicgrad import ConicGrad
 from cost_fast.aggregators.dual_cone import DualProj, UPGrad
 from cost_fast.aggregators.elementwise import GradDrop, MoCo
+from cost_fast.aggregators.excess import ExcessMTL
 from cost_fast.aggregators.gradvac import GradVac
 from cost_fast.aggregators.imtl import IMTLG
 from cost_fast.aggregators.linear import Constant, Mean, Random, Sum
 from cost_fast.aggregators.mgda import MGDA
 from cost_fast.aggregators.nash import FairGrad, NashMTL
+from cost_fast.aggregators.pcd import PCD
 from cost_fast.aggregators.pcgrad import PCGrad
 from cost_fast.aggregators.robust import Krum, TrimmedMean
+from cost_fast.aggregators.stochastic import CRMOGM, MoDo, SDMGrad
 
 __all__ = [
+    "CRMOGM",
     "MGDA",
+    "PCD",
     "Aggregator",
     "AlignedMTL",
     "CAGrad",
@@ -27,6 +32,7 @@ __all__ = [
     "Constant",
     "ConicGrad",
     "DualProj",
+    "ExcessMTL",
     "FairGrad",
     "GradDrop",
     "GradVac",
@@ -34,9 +40,11 @@ __all__ = [
     "Krum",
     "Mean",
     "MoCo",
+    "MoDo",
     "NashMTL",
     "PCGrad",
     "Random",
+    "SDMGrad",
     "Sum",
     "TrimmedMean",
     "UPGrad",

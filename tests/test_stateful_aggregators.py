@@ -1,0 +1,260 @@
+"""PCD, MoDo, SDMGrad, CR-MOGM and ExcessMTL: each one's defining property, written from its
+paper's equations (scipy solves the problems; nothing is shared with the methods' solvers), and
+a state that round-trips: a method restored from ``state_dict`` continues exactly as the original."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from cost_fast import get_aggregator
+
+
+def gradients(K: int, P: int = 12, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    G = torch.randn(K, P, generator=gen, dtype=torch.float64) + 0.3 * torch.randn(
+        1, P, generator=gen, dtype=torch.float64
+    )
+    G[1] = -0.8 * G[0] + 0.3 * G[1]  # a secondary task in conflict with the primary one
+    return G
+
+
+def simplex_projection(v: np.ndarray) -> np.ndarray:
+    """argmin_{w ≥ 0, Σw = 1} ‖w − v‖², by scipy."""
+    K = len(v)
+    return minimize(
+        lambda w: 0.5 * np.sum((w - v) ** 2),
+        np.full(K, 1 / K),
+        jac=lambda w: w - v,
+        bounds=[(0, None)] * K,
+        constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 500},
+    ).x
+
+
+def min_norm_weights(M: np.ndarray) -> np.ndarray:
+    """MGDA's weights argmin_{w ∈ simplex} wᵀMw, by scipy."""
+    K = len(M)
+    return minimize(
+        lambda w: w @ M @ w,
+        np.full(K, 1 / K),
+        jac=lambda w: 2 * M @ w,
+        bounds=[(0, None)] * K,
+        constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
+        method="SLSQP",
+        options={"ftol": 1e-15, "maxiter": 500},
+    ).x
+
+
+def assert_resumes(name: str, inputs: list[torch.Tensor], **hparams) -> None:
+    """Run ``name`` on the first half of ``inputs``; a fresh one loaded with its state_dict gives
+    the same outputs on the second half."""
+    call = "aggregate" if name in ("excess_mtl",) else "weights"
+    original = get_aggregator(name, **hparams)
+    half = len(inputs) // 2
+    for x in inputs[:half]:
+        getattr(original, call)(x)
+    restored = get_aggregator(name, **hparams)
+    restored.load_state_dict(original.state_dict())
+    for x in inputs[half:]:
+        torch.testing.assert_close(getattr(restored, call)(x), getattr(original, call)(x), rtol=0, atol=0)
+
+
+# -- PCD ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(("K", "tau"), [(2, 0.0), (3, 0.02), (5, 0.2)])
+def test_pcd_is_the_constrained_projection_of_the_primary_gradient(K: int, tau: float, seed: int) -> None:
+    G = gradients(K, seed=seed)
+    w = get_aggregator("pcd", tau=tau, beta=0.0, eps=0.0).weights(G @ G.T)  # β = 0: v̂ = ‖g_i‖²
+    Gn = (G / G.norm(dim=1, keepdim=True)).numpy()  # g̃_i = g_i / ‖g_i‖
+    primary = Gn[0]
+    constraints = [
+        {"type": "ineq", "fun": lambda d, j=j: Gn[j] @ d - tau, "jac": lambda d, j=j: Gn[j]} for j in range(1, K)
+    ]
+    solved = minimize(
+        lambda d: 0.5 * np.sum((d - primary) ** 2),
+        primary,
+        jac=lambda d: d - primary,
+        constraints=constraints,
+        method="SLSQP",
+        options={"ftol": 1e-13, "maxiter": 500},
+    )
+    assert solved.success, solved.message
+    d_tilde = solved.x
+    expected = d_tilde * float(G[0].norm()) / np.linalg.norm(d_tilde)
+    d = (G.T @ w).numpy()
+    np.testing.assert_allclose(d, expected, rtol=1e-6, atol=1e-8)
+    # every secondary task keeps its share of progress (after the rescaling, in proportion)
+    assert bool((Gn[1:] @ d_tilde >= tau - 1e-7).all())
+
+
+def test_pcd_special_cases() -> None:
+    g0, g = torch.randn(2, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    aligned = torch.stack([g0, g0 + 0.1 * g])  # no conflict: τ = 0 leaves the primary gradient alone
+    w = get_aggregator("pcd", tau=0.0, beta=0.0).weights(aligned @ aligned.T)
+    torch.testing.assert_close(aligned.T @ w, g0, rtol=1e-9, atol=1e-12)
+    infeasible = torch.stack([g0, g, -g])  # two opposite secondary tasks cannot both progress
+    w = get_aggregator("pcd", tau=0.1, beta=0.0).weights(infeasible @ infeasible.T)
+    torch.testing.assert_close(w, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+    zero_primary = torch.stack([torch.zeros(20, dtype=torch.float64), g])
+    assert torch.equal(
+        get_aggregator("pcd").weights(zero_primary @ zero_primary.T), torch.zeros(2, dtype=torch.float64)
+    )
+    with pytest.raises(ValueError, match="2 values of tau"):
+        get_aggregator("pcd", tau=[0.1, 0.2]).weights(torch.eye(2, dtype=torch.float64))
+    for bad in ({"tau": 1.5}, {"tau": [[0.1]]}, {"beta": 1.0}, {"eps": -1.0}):
+        with pytest.raises(ValueError):
+            get_aggregator("pcd", **bad)
+
+
+def test_pcd_is_invariant_to_a_constant_scale_of_a_secondary_task() -> None:
+    pcd, scaled_pcd = (
+        get_aggregator("pcd", tau=0.3, beta=0.9, eps=0.0),
+        get_aggregator("pcd", tau=0.3, beta=0.9, eps=0.0),
+    )
+    for step in range(5):
+        G = gradients(3, seed=step)
+        scaled = G.clone()
+        scaled[2] *= 1e3
+        d, d_scaled = G.T @ pcd.weights(G @ G.T), scaled.T @ scaled_pcd.weights(scaled @ scaled.T)
+        torch.testing.assert_close(d_scaled, d, rtol=1e-8, atol=1e-10)
+
+
+def test_pcd_state_round_trips() -> None:
+    assert_resumes("pcd", [(G := gradients(4, seed=s)) @ G.T for s in range(6)], tau=0.1, beta=0.5)
+
+
+# -- MoDo and SDMGrad --------------------------------------------------------------------------
+
+
+def test_modo_step_is_the_projected_gradient_step() -> None:
+    G = gradients(4)
+    M = G @ G.T
+    gamma, rho = 0.3, 0.2
+    modo = get_aggregator("modo", gamma=gamma, rho=rho)
+    lam = np.full(4, 0.25)
+    A = (M / M.diagonal().mean()).numpy()  # A / s, s = mean squared norm
+    for _ in range(3):
+        lam = simplex_projection(lam - gamma * (A @ lam + rho * lam))
+        np.testing.assert_allclose(modo.weights(M).numpy(), lam, atol=1e-7)
+
+
+def test_modo_and_sdmgrad_converge_to_mgda_on_a_fixed_gram_matrix() -> None:
+    G = gradients(3)
+    M = G @ G.T
+    expected = min_norm_weights(M.numpy())
+    modo = get_aggregator("modo", gamma=0.2)
+    for _ in range(2000):
+        w = modo.weights(M)
+    np.testing.assert_allclose(w.numpy(), expected, atol=1e-5)
+    sdmgrad = get_aggregator("sdmgrad", lr=0.2, momentum=0.5, iterations=200, lam=0.0)
+    for _ in range(10):
+        w = sdmgrad.weights(M)
+    np.testing.assert_allclose(w.numpy(), expected, atol=1e-5)
+
+
+def test_sdmgrad_moves_toward_its_preference_as_lambda_grows() -> None:
+    G = gradients(4)
+    M = G @ G.T
+    preference = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    distances = []
+    for lam in (0.0, 1.0, 10.0, 1e4):
+        w = get_aggregator("sdmgrad", lr=0.2, iterations=100, lam=lam, preference=preference).weights(M)
+        assert abs(float(w.sum()) - 1) < 1e-12 and bool((w >= 0).all())
+        distances.append(float((w - preference).norm()))
+    assert distances == sorted(distances, reverse=True) and distances[-1] < 1e-3
+    with pytest.raises(ValueError, match="4 preference weights"):
+        get_aggregator("sdmgrad", preference=[0.5, 0.2, 0.2, 0.1]).weights(M[:3, :3])
+
+
+def test_a_cross_batch_matrix_is_used_through_its_symmetric_part() -> None:
+    G1, G2 = gradients(3, seed=1), gradients(3, seed=2)  # two independent batches
+    A = G1 @ G2.T
+    for name in ("modo", "sdmgrad"):
+        a, b = get_aggregator(name), get_aggregator(name)
+        torch.testing.assert_close(a.weights(A), b.weights(0.5 * (A + A.T)))
+
+
+@pytest.mark.parametrize("name", ["modo", "sdmgrad"])
+def test_double_sampling_methods_state_round_trips(name: str) -> None:
+    assert_resumes(name, [(G := gradients(4, seed=s)) @ G.T for s in range(6)])
+    with pytest.raises(ValueError, match="K = 4 tasks, now K = 3"):
+        method = get_aggregator(name)
+        method.weights(torch.eye(4, dtype=torch.float64))
+        method.weights(torch.eye(3, dtype=torch.float64))
+
+
+# -- CR-MOGM -----------------------------------------------------------------------------------
+
+
+def test_cr_mogm_is_a_moving_average_of_its_base_weights() -> None:
+    G = gradients(4)
+    M = G @ G.T
+    base = get_aggregator("mgda").weights(M)
+    alpha = 0.7
+    smoothed = get_aggregator("cr_mogm", base="mgda", alpha=alpha)
+    start = torch.full((4,), 0.25, dtype=torch.float64)
+    for t in range(1, 6):  # λ_t − λ̂ = α^t (λ_0 − λ̂) on a fixed Gram matrix
+        torch.testing.assert_close(smoothed.weights(M), base + alpha**t * (start - base), rtol=1e-10, atol=1e-12)
+    unsmoothed = get_aggregator("cr_mogm", base="upgrad", alpha=0.0)
+    torch.testing.assert_close(unsmoothed.weights(M), get_aggregator("upgrad").weights(M))
+    with pytest.raises(TypeError, match="Gram method"):
+        get_aggregator("cr_mogm", base="moco")
+    with pytest.raises(TypeError, match="Gram method"):
+        get_aggregator("cr_mogm", base=get_aggregator("uw", num_tasks=4))
+    with pytest.raises(ValueError, match="alpha"):
+        get_aggregator("cr_mogm", alpha=1.5)
+
+
+def test_cr_mogm_state_includes_its_base_state() -> None:
+    # the base draws random weights: resuming exactly needs its generator too
+    inputs = [(G := gradients(4, seed=s)) @ G.T for s in range(6)]
+    assert_resumes("cr_mogm", inputs, base="random", alpha=0.5, base_hparams={"seed": 3})
+
+
+# -- ExcessMTL ---------------------------------------------------------------------------------
+
+
+def test_excess_mtl_follows_its_update_equations() -> None:
+    eta, eps = 0.5, 1e-7
+    method = get_aggregator("excess_mtl", step_size=eta, warmup_steps=2, eps=eps)
+    S = torch.zeros(3, 12, dtype=torch.float64)
+    alpha = torch.full((3,), 1 / 3, dtype=torch.float64)
+    warmup = []
+    for step in range(5):
+        G = gradients(3, seed=step) * torch.tensor([[1.0], [0.5**step], [2.0]], dtype=torch.float64)
+        S = S + G**2
+        risks = (G**2 / (S + eps).sqrt()).sum(dim=1)
+        if step < 2:
+            warmup.append(risks)
+        else:
+            baseline = torch.stack(warmup).mean(dim=0)
+            alpha = alpha * torch.exp(eta * risks / baseline)
+            alpha = alpha / alpha.sum()
+        torch.testing.assert_close(method.aggregate(G), G.T @ alpha, rtol=1e-10, atol=1e-12)
+
+
+def test_excess_mtl_shifts_weight_to_the_task_far_from_its_optimum() -> None:
+    # task 0's gradient keeps its size (far from its optimum); task 1's shrinks (converging)
+    method = get_aggregator("excess_mtl")
+    gen = torch.Generator().manual_seed(0)
+    for step in range(8):
+        G = torch.randn(2, 50, generator=gen, dtype=torch.float64) * torch.tensor(
+            [[1.0], [0.6**step]], dtype=torch.float64
+        )
+        method.aggregate(G)
+    alpha = method.log_weights.exp()
+    assert float(alpha[0]) > 0.9 and abs(float(alpha.sum()) - 1) < 1e-12
+
+
+def test_excess_mtl_state_round_trips() -> None:
+    assert_resumes("excess_mtl", [gradients(3, seed=s) for s in range(6)], warmup_steps=1)
+    method = get_aggregator("excess_mtl")
+    method.aggregate(gradients(3))
+    with pytest.raises(ValueError, match="shape"):
+        method.aggregate(gradients(3, P=13))
