@@ -105,6 +105,27 @@ def check_nonnegative(name: str, value: float) -> float:
     return float(value)
 
 
+def check_task_vector(name: str, value: Any) -> torch.Tensor | None:
+    """A hyperparameter with one finite number per task (None passes), as float64."""
+    if value is None:
+        return None
+    vector = torch.as_tensor(value, dtype=torch.float64)
+    if vector.ndim != 1 or not bool(torch.isfinite(vector).all()):
+        raise ValueError(f"{name} must be a 1-D vector of finite numbers, got {vector.tolist()!r}")
+    return vector
+
+
+def task_vector_or_mean(vector: torch.Tensor | None, gram: torch.Tensor, owner: str, what: str) -> torch.Tensor:
+    """``vector`` on the Gram matrix's device and dtype, or 1/K per task when it is None;
+    ``ValueError`` when its length is not K."""
+    K = gram.shape[0]
+    if vector is None:
+        return torch.full((K,), 1.0 / K, dtype=gram.dtype, device=gram.device)
+    if vector.shape[0] != K:
+        raise ValueError(f"{owner} has {vector.shape[0]} {what}, the Gram matrix {K} tasks")
+    return vector.to(dtype=gram.dtype, device=gram.device)
+
+
 def get_aggregator(name: str, **hparams: Any) -> Any:
     """Build the method registered as ``name`` (an ``Aggregator`` or a ``LossWeighting``)."""
     import cost_fast.weighting  # noqa: F401  (registers the loss weightings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, register
+from cost_fast.aggregators.base import Aggregator, check_task_vector, register, task_vector_or_mean
 
 
 @register("mean")
@@ -33,19 +33,10 @@ class Constant(Aggregator):
     """
 
     def __init__(self, weights: torch.Tensor | list[float] | None = None) -> None:
-        if weights is not None:
-            weights = torch.as_tensor(weights, dtype=torch.float64)
-            if weights.ndim != 1 or not bool(torch.isfinite(weights).all()):
-                raise ValueError(f"weights must be a 1-D vector of finite numbers, got {weights.tolist()!r}")
-        self.constant = weights
+        self.constant = check_task_vector("weights", weights)
 
     def _weights(self, gram: torch.Tensor) -> torch.Tensor:
-        K = gram.shape[0]
-        if self.constant is None:
-            return torch.full((K,), 1.0 / K, dtype=gram.dtype, device=gram.device)
-        if self.constant.shape != (K,):
-            raise ValueError(f"Constant has {self.constant.shape[0]} weights, the Gram matrix {K} tasks")
-        return self.constant.to(dtype=gram.dtype, device=gram.device)
+        return task_vector_or_mean(self.constant, gram, "Constant", "weights")
 
 
 @register("random")

@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, check_nonnegative, check_positive, register
+from cost_fast.aggregators.base import (
+    Aggregator,
+    check_nonnegative,
+    check_positive,
+    check_task_vector,
+    register,
+    task_vector_or_mean,
+)
 from cost_fast.aggregators.solvers import project_simplex
 
 
@@ -114,20 +121,10 @@ class SDMGrad(_CarriedWeights):
             raise ValueError(f"iterations must be an int ≥ 1, got {iterations!r}")
         self.iterations = iterations
         self.lam = check_nonnegative("lam", lam)
-        if preference is not None:
-            preference = torch.as_tensor(preference, dtype=torch.float64)
-            if preference.ndim != 1 or not bool(torch.isfinite(preference).all()):
-                raise ValueError(f"preference must be a 1-D vector of finite numbers, got {preference.tolist()!r}")
-        self.preference = preference
+        self.preference = check_task_vector("preference", preference)
 
     def _weights(self, gram: torch.Tensor) -> torch.Tensor:
-        K = gram.shape[0]
-        if self.preference is None:
-            target = torch.full((K,), 1.0 / K, dtype=gram.dtype, device=gram.device)
-        elif self.preference.shape[0] != K:
-            raise ValueError(f"SDMGrad has {self.preference.shape[0]} preference weights, the Gram matrix {K} tasks")
-        else:
-            target = self.preference.to(gram.device, gram.dtype)
+        target = task_vector_or_mean(self.preference, gram, "SDMGrad", "preference weights")
         A = _normalized(gram)
         w = self._previous(gram)
         velocity = torch.zeros_like(w)
