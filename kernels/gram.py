@@ -14,8 +14,8 @@ statistic here is a function of the Gram matrix ``M = G Gᵀ`` alone:
 
 So one pass over G that produces M is enough; the statistics are an O(K²) epilogue. The Triton
 path reads every element of G exactly once (fp32 accumulation; for 16-bit G each column chunk's
-product is formed from zero and added with compensated IEEE fp32 adds, so the error does not
-grow with P)
+product is formed from zero and added with IEEE fp32 adds, compensated for K ≤ 64, so the
+error does not grow with P)
 and computes the epilogue in a second, single-program kernel, so nothing crosses to the host. ``gram_stats_torch`` is the
 same math in plain torch.
 """
