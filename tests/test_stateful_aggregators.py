@@ -52,8 +52,8 @@ def min_norm_weights(M: np.ndarray) -> np.ndarray:
 def assert_resumes(name: str, inputs: list[torch.Tensor], **hparams) -> None:
     """Run ``name`` on the first half of ``inputs``; a fresh one loaded with its state_dict gives
     the same outputs on the second half."""
-    call = "aggregate" if name in ("excess_mtl",) else "weights"
     original = get_aggregator(name, **hparams)
+    call = "aggregate" if original.kind == "grads" else "weights"
     half = len(inputs) // 2
     for x in inputs[:half]:
         getattr(original, call)(x)

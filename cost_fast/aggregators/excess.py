@@ -39,7 +39,7 @@ class ExcessMTL(GradientAggregator):
             raise ValueError(f"warmup_steps must be an int ≥ 0, got {warmup_steps!r}")
         self.warmup_steps = warmup_steps
         self.eps = check_nonnegative("eps", eps)
-        self.sq_grad_sum: torch.Tensor | None = None  # S, float32 (K, P), on G's device
+        self.sq_grad_sum: torch.Tensor | None = None  # S, (K, P) in G's dtype (float32 for 16-bit G)
         self.log_weights: torch.Tensor | None = None  # log α, float64 (K,)
         self.warmup_sum: torch.Tensor | None = None  # Σ of E over the warm-up calls
         self.baseline: torch.Tensor | None = None  # E⁰
@@ -51,19 +51,26 @@ class ExcessMTL(GradientAggregator):
         K = G.shape[0]
         if self.sq_grad_sum is None:
             self.sq_grad_sum = torch.zeros_like(G32)
-            self.log_weights = torch.full((K,), 1.0 / K, dtype=torch.float64).log()
-            self.warmup_sum = torch.zeros(K, dtype=torch.float64)
+            self.log_weights = torch.full((K,), 1.0 / K, dtype=torch.float64, device=G.device).log()
+            self.warmup_sum = torch.zeros(K, dtype=torch.float64, device=G.device)
         elif self.sq_grad_sum.shape != G.shape:
             raise ValueError(
                 f"ExcessMTL accumulates gradients of shape {tuple(self.sq_grad_sum.shape)}, got {tuple(G.shape)}"
             )
+        # The state stays on G's device (moved once if it was loaded elsewhere), so that a step
+        # reads nothing back to the host; no copy when it is already there.
+        self.sq_grad_sum = self.sq_grad_sum.to(G.device, G32.dtype)
+        self.log_weights, self.warmup_sum = self.log_weights.to(G.device), self.warmup_sum.to(G.device)
+        if self.baseline is not None:
+            self.baseline = self.baseline.to(G.device)
         squares = G32 * G32
-        self.sq_grad_sum = self.sq_grad_sum.to(G32.device, G32.dtype) + squares
-        return (squares / (self.sq_grad_sum + self.eps).sqrt()).sum(dim=1).double().cpu()
+        self.sq_grad_sum.add_(squares)  # in place: S is as large as G
+        return (squares / (self.sq_grad_sum + self.eps).sqrt()).sum(dim=1).double()
 
     def aggregate(self, G: torch.Tensor) -> torch.Tensor:
         check_grad_matrix(G)
-        risks = self.excess_risks(G)
+        G_acc = G if G.dtype in (torch.float32, torch.float64) else G.float()  # one upcast for both uses
+        risks = self.excess_risks(G_acc)
         self.steps += 1
         if self.steps <= self.warmup_steps:
             self.warmup_sum += risks
@@ -74,8 +81,7 @@ class ExcessMTL(GradientAggregator):
             positive = self.baseline > 0
             ratios = torch.where(positive, risks / torch.where(positive, self.baseline, 1.0), 0.0)
             self.log_weights = torch.log_softmax(self.log_weights + self.step_size * ratios, dim=0)
-        G_acc = G if G.dtype in (torch.float32, torch.float64) else G.float()
-        return G_acc.T @ self.log_weights.exp().to(G.device, G_acc.dtype)
+        return G_acc.T @ self.log_weights.exp().to(G_acc.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         def copy(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -50,19 +50,18 @@ class PCD(Aggregator):
         self.tau = taus
         self.beta = float(beta)
         self.eps = check_nonnegative("eps", eps)
-        self.sq_norm_average: torch.Tensor | None = None  # v, float64 (K,)
+        self.sq_norm_average: torch.Tensor | None = None  # v, float64 (K,), on the Gram matrix's device
         self.steps = 0
 
     def _scales(self, sq_norms: torch.Tensor) -> torch.Tensor:
         """Advance the moving average with ‖g_i‖² and return s = (v̂ + ε)^(-1/2) (0 where v̂ + ε = 0)."""
         K = sq_norms.shape[0]
         if self.sq_norm_average is None:
-            self.sq_norm_average = torch.zeros(K, dtype=torch.float64)
+            self.sq_norm_average = torch.zeros_like(sq_norms)
         elif self.sq_norm_average.shape[0] != K:
             raise ValueError(f"PCD was used with K = {self.sq_norm_average.shape[0]} tasks, now K = {K}")
-        average = self.sq_norm_average.to(sq_norms.device)
-        average = self.beta * average + (1 - self.beta) * sq_norms
-        self.sq_norm_average = average.cpu()
+        average = self.beta * self.sq_norm_average.to(sq_norms) + (1 - self.beta) * sq_norms
+        self.sq_norm_average = average
         self.steps += 1
         denominators = average / (1 - self.beta**self.steps) + self.eps
         return torch.where(denominators > 0, denominators.rsqrt(), torch.zeros_like(denominators))

@@ -21,6 +21,7 @@ from cost_fast.aggregators.base import (
     check_nonnegative,
     check_positive,
     check_task_vector,
+    get_aggregator,
     register,
     task_vector_or_mean,
 )
@@ -28,9 +29,9 @@ from cost_fast.aggregators.solvers import project_simplex
 
 
 def _normalized(A: torch.Tensor) -> torch.Tensor:
-    """A / s with s = mean_i |A_ii| (A itself when s = 0: all gradients are zero)."""
+    """A / s with s = mean_i |A_ii| (A itself when s = 0: all gradients are zero); no host read."""
     s = A.diagonal().abs().mean()
-    return A / s if s > 0 else A
+    return A / torch.where(s > 0, s, torch.ones_like(s))
 
 
 def _check_rate(name: str, value: float) -> float:
@@ -44,7 +45,7 @@ class _CarriedWeights(Aggregator):
     """Base of methods whose state is one weight vector on the simplex, 1/K before the first call."""
 
     def __init__(self) -> None:
-        self.carried: torch.Tensor | None = None  # float64 (K,), on the CPU
+        self.carried: torch.Tensor | None = None  # float64 (K,), on the Gram matrix's device
 
     def _previous(self, gram: torch.Tensor) -> torch.Tensor:
         K = gram.shape[0]
@@ -84,7 +85,7 @@ class MoDo(_CarriedWeights):
     def _weights(self, gram: torch.Tensor) -> torch.Tensor:
         lam = self._previous(gram)
         lam = project_simplex(lam - self.gamma * (_normalized(gram) @ lam + self.rho * lam))
-        self.carried = lam.detach().to("cpu", torch.float64)
+        self.carried = lam.detach().clone()
         return lam
 
 
@@ -131,7 +132,7 @@ class SDMGrad(_CarriedWeights):
         for _ in range(self.iterations):
             velocity = self.momentum * velocity + A @ (w + self.lam * target)
             w = project_simplex(w - self.lr * velocity)
-        self.carried = w.detach().to("cpu", torch.float64)
+        self.carried = w.detach().clone()
         return (w + self.lam * target) / (1 + self.lam)
 
 
@@ -157,8 +158,6 @@ class CRMOGM(_CarriedWeights):
     ) -> None:
         super().__init__()
         if isinstance(base, str):
-            from cost_fast.aggregators.base import get_aggregator
-
             base = get_aggregator(base, **(base_hparams or {}))
         elif base_hparams:
             raise ValueError("base_hparams are for a base given by name; this base is already built")
@@ -176,7 +175,7 @@ class CRMOGM(_CarriedWeights):
         previous = self._previous(gram)
         fresh = self.base.weights(gram).to(gram.dtype)
         lam = self.alpha * previous + (1 - self.alpha) * fresh
-        self.carried = lam.detach().to("cpu", torch.float64)
+        self.carried = lam.detach().clone()
         return lam
 
     def state_dict(self) -> dict[str, Any]:
