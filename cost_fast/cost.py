@@ -510,7 +510,7 @@ class COST:
                 distributed.all_reduce_([p.grad for p in self.task_params], self.group)
             if not _all_finite([p.grad for p in inputs if p.grad is not None]):
                 return False
-            self.engine.set_direction(self.base.aggregate(self.engine.grads).to(self.engine.grads.dtype))
+            self._direction(losses, stats.gram)
         else:
             saved = copy.deepcopy(self.base.state_dict())  # small: K-sized buffers, generators
             total = self._direction(losses, stats.gram)
