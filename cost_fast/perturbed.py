@@ -36,16 +36,9 @@ def batched_losses(
 ) -> torch.Tensor:
     """(s, K) task losses at the s points θ + ε_j (``noise[j]`` aligned with ``named``) in one
     ``vmap``-ed forward pass, without grad; the model is untouched."""
-    stacked = {
-        f"model.{name}": p.detach() + torch.stack([eps[k] for eps in noise]) for k, (name, p) in enumerate(named)
-    }
-    wrapper = _LossOf(model, loss_fn)
-
-    def losses(substitutes: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.func.functional_call(wrapper, substitutes, (batch,), strict=False)
-
+    stacked = {name: p.detach() + torch.stack([eps[k] for eps in noise]) for k, (name, p) in enumerate(named)}
     with torch.no_grad():
-        return torch.func.vmap(losses, randomness="different")(stacked)
+        return torch.func.vmap(lambda subs: losses_at(model, loss_fn, batch, subs), randomness="different")(stacked)
 
 
 def sample_losses(
