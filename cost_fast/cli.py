@@ -141,17 +141,34 @@ def _device(parser: argparse.ArgumentParser, text: str) -> torch.device:
     return device
 
 
+_TERMINATED: list[int] = []  # the signal that ended the run, once it came
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     # An exception rather than death, so that staging folders are removed on the way out.
+    _TERMINATED.append(signum)
     raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``cost-fast``; returns the exit status."""
+    """Entry point of ``cost-fast``; returns the exit status (128 + the signal after SIGTERM)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if threading.current_thread() is threading.main_thread():  # signals can only be set there
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return _run(parser, args)
+    except BaseException:
+        # Python may hand the handler's SystemExit on as another exception (a RuntimeError when
+        # the signal lands in a class body being created, e.g. during an import), which the
+        # commands would report as an error: the run was terminated all the same.
+        if _TERMINATED:
+            raise SystemExit(128 + _TERMINATED[0]) from None
+        raise
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Run the parsed command; returns the exit status."""
     if args.command == "profile":
         from cost_fast.profile import run_profile
 

@@ -112,6 +112,36 @@ def test_sigterm_removes_the_staging_folder(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_sigterm_that_python_wraps_in_another_exception_still_exits_143(monkeypatch, tmp_path: Path) -> None:
+    # A SIGTERM that lands while a class body is created (e.g. during matplotlib's import)
+    # reaches the command as a RuntimeError from the handler's SystemExit (seen in CI).
+    import cost_fast.cli as cli
+
+    def terminated_inside_an_import(*args, **kwargs):
+        try:
+            cli._exit_on_sigterm(signal.SIGTERM, None)
+        except SystemExit as exit_:
+            raise RuntimeError("Error calling __set_name__ on 'x' instance 'locs' in 'Formatter'") from exit_
+
+    monkeypatch.setattr("cost_fast.reproduce.run_reproduction", terminated_inside_an_import)
+    monkeypatch.setattr(cli, "_TERMINATED", [])
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["reproduce", "--quick", "--out", str(tmp_path / "rep")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exited.value.code == 128 + signal.SIGTERM
+    # an error that is not a termination is not disguised as one
+    monkeypatch.setattr(cli, "_TERMINATED", [])
+    monkeypatch.setattr("cost_fast.reproduce.run_reproduction", lambda *a, **k: 1 / 0)
+    try:
+        with pytest.raises(ZeroDivisionError):
+            cli.main(["reproduce", "--quick", "--out", str(tmp_path / "rep")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 PATHS = [
     "thesis.tex",
     "mydata",
