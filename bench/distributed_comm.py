@@ -102,6 +102,7 @@ def _worker(rank: int, world: int, shapes: list[tuple[int, int]], out: str, devi
     rows = [row for K, P in shapes for row in _measure(K, P, world, rank, device)]
     if rank == 0:
         Path(out).write_text(json.dumps(rows), encoding="utf-8")
+    dist.barrier()  # no rank tears down its connections while another still uses them
     dist.destroy_process_group()
 
 

@@ -69,7 +69,7 @@ def global_losses(local: torch.Tensor, batch_size: int, group: Any) -> tuple[tor
     losses and the batch sizes together."""
     count = torch.full((1,), float(batch_size), dtype=local.dtype, device=local.device)
     summed = _GlobalSum.apply(torch.cat([local * batch_size, count]), group)
-    total = float(summed[-1])
+    total = float(summed[-1].detach())
     if not total > 0:
         raise ValueError("the global batch is empty on every rank")
     return summed[:-1] / total, batch_size / total

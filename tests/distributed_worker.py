@@ -13,7 +13,6 @@ from such a file, at its step, on this run's world size.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
@@ -44,7 +43,10 @@ def train(rank: int, world: int, out: str, method: str, options: dict) -> None:
     dtype = options["dtype"]
     torch.set_num_threads(1)
     if world > 1:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        # A file store, not TCP: rank 0 would host a TCPStore server whose thread can still be
+        # serving the other ranks when rank 0 exits (CI once saw rank 0 abort at exit with
+        # "terminate called without an active exception").
+        dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
     torch.manual_seed(3)
     model = Tug().to(dtype)
     batches = tug_batches(11, 4, dtype, size=BATCH)
@@ -98,6 +100,7 @@ def train(rank: int, world: int, out: str, method: str, options: dict) -> None:
     }
     torch.save(state, f"{out}.rank{rank}")
     if world > 1:
+        dist.barrier()  # no rank tears down its connections while another still uses them
         dist.destroy_process_group()
 
 
@@ -120,7 +123,6 @@ def main(argv: list[str]) -> None:
     if world == 1:
         train(0, *args)
     else:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         mp.spawn(train, args=args, nprocs=world)
 
 

@@ -6,8 +6,6 @@ step; COST's state is the same on every world size, so a checkpoint resumes on a
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,18 +16,9 @@ import torch
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def run(tmp: Path, world: int, method: str, *options: str, name: str | None = None) -> list[dict]:
     out = tmp / (name or f"{method}-{world}-{'-'.join(options) or 'plain'}")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": free_port()}
-    subprocess.run(
-        [sys.executable, str(WORKER), str(out), str(world), method, *options], check=True, timeout=600, env=env
-    )
+    subprocess.run([sys.executable, str(WORKER), str(out), str(world), method, *options], check=True, timeout=600)
     return [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(world)]
 
 
