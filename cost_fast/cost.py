@@ -17,7 +17,9 @@ to the caller):
 5. otherwise the base method's update: Gram-based methods give w from M, loss weightings w from
    the losses, gradient-based ones (GradDrop, MoCo) the backbone update itself; the heads (and a
    loss weighting's learned parameters) get the gradient of the weighted total, the backbone Gᵀw;
-   non-finite results there also change nothing. After the optimizer step a loss weighting
+   non-finite results there also change nothing (a gradient method's non-finite update from
+   finite gradients leaves the parameters and the optimizer as they were; its own state,
+   not snapshotted because it can be K x P, has taken the step). After the optimizer step a loss weighting
    learns (``LossWeighting.after_step``), as in its own training loop. ``BaseStepConfig``
    changes that step to the public code's (unweighted heads, K·Gᵀw, gradient clipping).
 
@@ -57,6 +59,9 @@ from cost_fast.weighting.base import LossWeighting
 
 NONFINITE = "non-finite losses or task gradients"
 NONFINITE_UPDATE = "non-finite weights, update or head gradients"
+# A gradient method's state (MoCo's, ExcessMTL's: K x P) is not snapshotted, so a non-finite
+# update it makes from finite gradients leaves that state one step on.
+NONFINITE_GRADIENT_METHOD_UPDATE = "non-finite update from the gradient method (its state has taken this step)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,9 +464,9 @@ class COST:
                 return self._skip(info, NONFINITE)
             info.stepped_after_teleport = True
         with timer.phase("solve"):
-            updated = self._base_update(losses, stats)
-        if not updated:
-            return self._skip(info, NONFINITE_UPDATE)
+            refused = self._base_update(losses, stats)
+        if refused is not None:
+            return self._skip(info, refused)
         if isinstance(self.base, LossWeighting):
             self._pending_learning = (losses.detach(), stats.norms, batch)
         return info
@@ -471,7 +476,11 @@ class COST:
         for p in self.learned_weighting_params:
             p.grad = None
         if self.nonfinite == "raise":
-            raise FloatingPointError(f"step {info.step}: {reason}; nothing was changed")
+            if reason == NONFINITE_GRADIENT_METHOD_UPDATE:
+                unchanged = "the parameters and the optimizer were not changed"
+            else:
+                unchanged = "nothing was changed"
+            raise FloatingPointError(f"step {info.step}: {reason}; {unchanged}")
         info.skipped = reason
         return info
 
@@ -494,9 +503,11 @@ class COST:
         engine.combine(w, write_grad=False)
         return losses @ w.to(losses)
 
-    def _base_update(self, losses: torch.Tensor, stats: GramStats) -> bool:
-        """Write the base update into ``.grad``; False, with the base method's state as it was,
-        if the weights, the update or the heads' gradients are not finite."""
+    def _base_update(self, losses: torch.Tensor, stats: GramStats) -> str | None:
+        """Write the base update into ``.grad`` and return None; or write nothing and return why
+        (``NONFINITE_UPDATE``: the weights, the update or the heads' gradients are not finite,
+        the base method's state as it was; ``NONFINITE_GRADIENT_METHOD_UPDATE``: a gradient
+        method's update is not finite)."""
         self.optimizer.zero_grad(set_to_none=True)
         inputs = self.task_params + self.learned_weighting_params
         per_task_heads = self.base_step.head_gradients == "per_task"
@@ -509,8 +520,10 @@ class COST:
             if reduce_heads:
                 distributed.all_reduce_([p.grad for p in self.task_params], self.group)
             if not _all_finite([p.grad for p in inputs if p.grad is not None]):
-                return False
+                return NONFINITE_UPDATE
             self._direction(losses, stats.gram)
+            if not _all_finite([self.engine.combined]):
+                return NONFINITE_GRADIENT_METHOD_UPDATE
         else:
             saved = copy.deepcopy(self.base.state_dict())  # small: K-sized buffers, generators
             total = self._direction(losses, stats.gram)
@@ -524,7 +537,7 @@ class COST:
                 distributed.all_reduce_([p.grad for p in self.task_params], self.group)
             if not _all_finite([self.engine.combined] + [p.grad for p in inputs if p.grad is not None]):
                 self.base.load_state_dict(saved)
-                return False
+                return NONFINITE_UPDATE
         if self.base_step.scale_backbone_by_tasks:
             self.engine.combined.mul_(self.engine.num_tasks)
         self.engine.write_update(self.engine.combined)
@@ -532,7 +545,7 @@ class COST:
             params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.base_step.clip_grad_norm)
         self.has_update = True
-        return True
+        return None
 
     def _global_loss_fn(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """``loss_fn``, or with a process group the global losses (the same on every rank)."""

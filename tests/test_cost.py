@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cost_fast import COST, TaskGradients, TeleportConfig, get_aggregator, gram_stats, list_aggregators
+from cost_fast.aggregators.elementwise import GradientAggregator
 from cost_fast.models import MultiTaskMLP, batch_task_losses
 
 K = 4
@@ -203,6 +204,44 @@ def test_nonfinite_raise_option() -> None:
     assert cost.step_count == 0
     with pytest.raises(ValueError, match="nonfinite"):
         make_cost(model, batches, nonfinite="ignore")
+
+
+class OverflowingGradientMethod(GradientAggregator):
+    """A gradient method whose update overflows from finite gradients at its second call."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def aggregate(self, G: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        d = G.float().sum(dim=0)
+        return d * float("inf") if self.calls == 2 else d
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = state["calls"]
+
+
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_a_gradient_methods_non_finite_update_leaves_parameters_and_optimizer(policy: str) -> None:
+    model, batches = setup(7)
+    cost, opt = make_cost(model, batches, OverflowingGradientMethod(), max_teleports_per_epoch=0, nonfinite=policy)
+    cost.step(batch_task_losses(model, batches[0]), batches[0])
+    params, moments = copy.deepcopy(list(model.state_dict().values())), copy.deepcopy(opt.state_dict())
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match="the parameters and the optimizer were not changed"):
+            cost.step(batch_task_losses(model, batches[1]), batches[1])
+    else:
+        info = cost.step(batch_task_losses(model, batches[1]), batches[1])
+        assert info.skipped is not None and "gradient method" in info.skipped
+    assert all(torch.equal(a, b) for a, b in zip(params, model.state_dict().values(), strict=True))
+    assert_same_state(moments, opt.state_dict(), "optimizer")
+    assert all(p.grad is None for p in model.parameters())
+    assert cost.base.calls == 2  # its state has taken the step, as documented
+    info = cost.step(batch_task_losses(model, batches[2]), batches[2])
+    assert info.skipped is None and all(torch.isfinite(p).all() for p in model.parameters())
 
 
 # -- teleports, HTR, epochs ------------------------------------------------------------------
