@@ -10,6 +10,7 @@ import torch
 from scipy.optimize import minimize
 
 from cost_fast import get_aggregator
+from cost_fast.aggregators.solvers import nonnegative_qp, nonnegative_qp_active_set
 
 
 def gradients(K: int, P: int = 12, seed: int = 0) -> torch.Tensor:
@@ -67,7 +68,7 @@ def assert_resumes(name: str, inputs: list[torch.Tensor], **hparams) -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize(("K", "tau"), [(2, 0.0), (3, 0.02), (5, 0.2)])
+@pytest.mark.parametrize(("K", "tau"), [(2, 0.0), (2, 0.3), (3, 0.02), (5, 0.2)])
 def test_pcd_is_the_constrained_projection_of_the_primary_gradient(K: int, tau: float, seed: int) -> None:
     G = gradients(K, seed=seed)
     w = get_aggregator("pcd", tau=tau, beta=0.0, eps=0.0).weights(G @ G.T)  # β = 0: v̂ = ‖g_i‖²
@@ -91,6 +92,19 @@ def test_pcd_is_the_constrained_projection_of_the_primary_gradient(K: int, tau: 
     np.testing.assert_allclose(d, expected, rtol=1e-6, atol=1e-8)
     # every secondary task keeps its share of progress (after the rescaling, in proportion)
     assert bool((Gn[1:] @ d_tilde >= tau - 1e-7).all())
+
+
+def test_the_one_variable_qp_is_solved_in_closed_form() -> None:
+    """K = 1 (PCD with one secondary task) skips the iterative solver: min_{v ≥ 0} ½ q v² + b v
+    is v = −b/q for b < 0, else 0; the same as the active-set solver, q = 0 included."""
+    for q, b in [(2.0, -3.0), (2.0, 3.0), (1e-9, -1e-9), (0.0, 1.0), (5.0, 0.0)]:
+        Q, B = torch.tensor([[q]], dtype=torch.float64), torch.tensor([[b], [-b]], dtype=torch.float64)
+        v = nonnegative_qp(Q, B)
+        expected = torch.stack([nonnegative_qp_active_set(Q, row) for row in B])
+        torch.testing.assert_close(v, expected, rtol=1e-12, atol=0)
+        if q > 0:
+            torch.testing.assert_close(v[:, 0], (-B[:, 0] / q).clamp_min(0), rtol=1e-11, atol=0)
+    assert nonnegative_qp(torch.tensor([[4.0]]), torch.tensor([-2.0])).shape == (1,)
 
 
 def test_pcd_special_cases() -> None:

@@ -99,10 +99,16 @@ def nonnegative_qp(Q: torch.Tensor, B: torch.Tensor, *, tol: float = 1e-9, max_i
     FISTA momentum). Every 10 steps each unfinished problem is solved exactly on the support of
     its iterate and kept if the KKT conditions certify the result (``_certified_on_support``).
     Problems not certified after ``max_iter`` steps are solved by the primal active set.
+    K = 1 is solved in closed form: v = max(0, −b / q).
     """
     single = B.ndim == 1
     B = B[None] if single else B
     n, K = B.shape
+    if K == 1:  # one variable: v = max(0, -b / q), with the active set's ridge for q = 0
+        q = Q[0, 0]
+        ridge = torch.where(q != 0, 1e-12 * q.abs(), torch.ones_like(q) * 1e-12)
+        result = (-B / (q + ridge)).clamp_min(0)
+        return result[0] if single else result
     L = torch.linalg.eigvalsh(Q)[-1].clamp_min(1e-300)
     V = torch.zeros_like(B)
     Y, t = V, 1.0
