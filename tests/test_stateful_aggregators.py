@@ -64,6 +64,46 @@ def assert_resumes(name: str, inputs: list[torch.Tensor], **hparams) -> None:
         torch.testing.assert_close(getattr(restored, call)(x), getattr(original, call)(x), rtol=0, atol=0)
 
 
+# -- the non-negative QP under PCD, MGDA and the dual-cone methods, at small K ---------------
+
+
+def test_the_one_variable_qp_is_solved_in_closed_form() -> None:
+    """K = 1 (PCD with one secondary task) skips the iterative solver: min_{v ≥ 0} ½ q v² + b v
+    is v = −b/q for b < 0, else 0; the same as the active-set solver, q = 0 included."""
+    for q, b in [(2.0, -3.0), (2.0, 3.0), (1e-9, -1e-9), (0.0, 1.0), (5.0, 0.0)]:
+        Q, B = torch.tensor([[q]], dtype=torch.float64), torch.tensor([[b], [-b]], dtype=torch.float64)
+        v = nonnegative_qp(Q, B)
+        expected = torch.stack([nonnegative_qp_active_set(Q, row) for row in B])
+        torch.testing.assert_close(v, expected, rtol=1e-12, atol=0)
+        if q > 0:
+            torch.testing.assert_close(v[:, 0], (-B[:, 0] / q).clamp_min(0), rtol=1e-11, atol=0)
+    assert nonnegative_qp(torch.tensor([[4.0]]), torch.tensor([-2.0])).shape == (1,)
+
+
+def qp_objective(Q: torch.Tensor, B: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((V @ Q) * V).sum(dim=1) + (B * V).sum(dim=1)
+
+
+@pytest.mark.parametrize("rank_deficient", [False, True])
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_small_qps_solved_on_every_support_match_the_active_set(K: int, rank_deficient: bool) -> None:
+    """For K ≤ 3 every support is solved at once (K = 4 iterates); the result is feasible and as low as the
+    active-set solver's, also for singular Q (two equal rows: no unique minimizer)."""
+    gen = torch.Generator().manual_seed(K)
+    for _ in range(20):
+        G = torch.randn(K, 6, dtype=torch.float64, generator=gen)
+        if rank_deficient:
+            G[1] = G[0]
+        Q = G @ G.T
+        B = torch.randn(5, K, dtype=torch.float64, generator=gen)
+        V = nonnegative_qp(Q, B)
+        expected = torch.stack([nonnegative_qp_active_set(Q, b) for b in B])
+        assert bool((V >= 0).all())
+        torch.testing.assert_close(qp_objective(Q, B, V), qp_objective(Q, B, expected), rtol=1e-9, atol=1e-9)
+        if not rank_deficient:
+            torch.testing.assert_close(V, expected, rtol=1e-8, atol=1e-10)
+
+
 # -- PCD ---------------------------------------------------------------------------------------
 
 
@@ -92,19 +132,6 @@ def test_pcd_is_the_constrained_projection_of_the_primary_gradient(K: int, tau: 
     np.testing.assert_allclose(d, expected, rtol=1e-6, atol=1e-8)
     # every secondary task keeps its share of progress (after the rescaling, in proportion)
     assert bool((Gn[1:] @ d_tilde >= tau - 1e-7).all())
-
-
-def test_the_one_variable_qp_is_solved_in_closed_form() -> None:
-    """K = 1 (PCD with one secondary task) skips the iterative solver: min_{v ≥ 0} ½ q v² + b v
-    is v = −b/q for b < 0, else 0; the same as the active-set solver, q = 0 included."""
-    for q, b in [(2.0, -3.0), (2.0, 3.0), (1e-9, -1e-9), (0.0, 1.0), (5.0, 0.0)]:
-        Q, B = torch.tensor([[q]], dtype=torch.float64), torch.tensor([[b], [-b]], dtype=torch.float64)
-        v = nonnegative_qp(Q, B)
-        expected = torch.stack([nonnegative_qp_active_set(Q, row) for row in B])
-        torch.testing.assert_close(v, expected, rtol=1e-12, atol=0)
-        if q > 0:
-            torch.testing.assert_close(v[:, 0], (-B[:, 0] / q).clamp_min(0), rtol=1e-11, atol=0)
-    assert nonnegative_qp(torch.tensor([[4.0]]), torch.tensor([-2.0])).shape == (1,)
 
 
 def test_pcd_special_cases() -> None:

@@ -1,8 +1,9 @@
 """Small K x K solvers in torch (float64, on the device of their input), shared by the aggregators.
 
-- ``nonnegative_qp``: min_v ½ vᵀQv + b_kᵀv  s.t. v ≥ 0 for a batch of b_k, exactly: batched
-  accelerated projected gradient, an exact solve on each identified support certified by the
-  KKT conditions, and a primal active set (``nonnegative_qp_active_set``) as the fallback.
+- ``nonnegative_qp``: min_v ½ vᵀQv + b_kᵀv  s.t. v ≥ 0 for a batch of b_k, exactly: for K ≤ 3
+  an exact solve on every support at once; otherwise batched accelerated projected gradient and
+  an exact solve on each identified support, certified by the KKT conditions, with a primal
+  active set (``nonnegative_qp_active_set``) as the fallback.
 - ``min_norm_simplex``: min_w wᵀMw  s.t. w ≥ 0, Σ w = 1 (MGDA), exactly, through the QP above.
 - ``power_fixed_point``: w > 0 with M w = w^(-1/α) (Nash-MTL for α = 1, FairGrad), by damped
   Newton steps on a strictly convex potential.
@@ -91,6 +92,28 @@ def _certified_on_support(
     return v, positive & stationary
 
 
+# Up to this K, nonnegative_qp solves on all 2^K supports in one batched solve (8 systems of
+# 3 x 3 per problem) instead of iterating: ~25% less time for MGDA, UPGrad and PCD at K = 3 on
+# a CPU; at K = 4 (16 systems) it no longer paid off in the same measurement.
+ENUMERATED_K = 3
+
+
+def _enumerated_supports(Q: torch.Tensor, B: torch.Tensor, tol: float) -> torch.Tensor | None:
+    """Each problem's solution on the first of its 2^K supports that the KKT conditions
+    certify (the QP is convex, so a certified point is a minimizer); None if some problem has
+    no certified support (e.g. a singular Q_SS), for the iterative path to handle."""
+    n, K = B.shape
+    count = 1 << K
+    bits = torch.arange(K, device=B.device)
+    supports = (torch.arange(count, device=B.device)[:, None] >> bits) & 1 == 1  # (2^K, K)
+    v, ok = _certified_on_support(Q, B.repeat_interleave(count, dim=0), supports.repeat(n, 1), tol)
+    ok = ok.view(n, count)
+    if not bool(ok.any(dim=1).all()):
+        return None
+    first = ok.to(torch.int8).argmax(dim=1)
+    return v.view(n, count, K)[torch.arange(n, device=B.device), first]
+
+
 def nonnegative_qp(Q: torch.Tensor, B: torch.Tensor, *, tol: float = 1e-9, max_iter: int = 400) -> torch.Tensor:
     """min_v ½ vᵀQv + bᵀv  s.t. v ≥ 0, for symmetric PSD Q (K x K) and each row b of B (n x K)
     (a single b of shape (K,) is accepted too). Q should be well scaled (e.g. unit diagonal).
@@ -99,7 +122,8 @@ def nonnegative_qp(Q: torch.Tensor, B: torch.Tensor, *, tol: float = 1e-9, max_i
     FISTA momentum). Every 10 steps each unfinished problem is solved exactly on the support of
     its iterate and kept if the KKT conditions certify the result (``_certified_on_support``).
     Problems not certified after ``max_iter`` steps are solved by the primal active set.
-    K = 1 is solved in closed form: v = max(0, −b / q).
+    K = 1 is solved in closed form, v = max(0, −b / q); for K ≤ ``ENUMERATED_K`` every support
+    is tried at once (``_enumerated_supports``) before any iteration.
     """
     single = B.ndim == 1
     B = B[None] if single else B
@@ -109,6 +133,10 @@ def nonnegative_qp(Q: torch.Tensor, B: torch.Tensor, *, tol: float = 1e-9, max_i
         ridge = torch.where(q != 0, 1e-12 * q.abs(), torch.ones_like(q) * 1e-12)
         result = (-B / (q + ridge)).clamp_min(0)
         return result[0] if single else result
+    if K <= ENUMERATED_K:
+        solved = _enumerated_supports(Q, B, tol)
+        if solved is not None:
+            return solved[0] if single else solved
     L = torch.linalg.eigvalsh(Q)[-1].clamp_min(1e-300)
     V = torch.zeros_like(B)
     Y, t = V, 1.0
