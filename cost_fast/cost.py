@@ -18,10 +18,11 @@ to the caller):
    the losses, gradient-based ones (GradDrop, MoCo) the backbone update itself; the heads (and a
    loss weighting's learned parameters) get the gradient of the weighted total, the backbone Gᵀw;
    non-finite results there also change nothing (a gradient method's non-finite update from
-   finite gradients leaves the parameters and the optimizer as they were; its own state,
-   not snapshotted because it can be K x P, has taken the step). After the optimizer step a loss weighting
-   learns (``LossWeighting.after_step``), as in its own training loop. ``BaseStepConfig``
-   changes that step to the public code's (unweighted heads, K·Gᵀw, gradient clipping).
+   finite gradients leaves the parameters and the optimizer as they were; its own state, not
+   snapshotted because it can be K x P, has taken the step). After the optimizer step a loss
+   weighting learns (``LossWeighting.after_step``), as in its own training loop.
+   ``BaseStepConfig`` changes that step to the public code's (unweighted heads, K·Gᵀw,
+   gradient clipping).
 
 Epochs: with ``steps_per_epoch`` (default: the length of the teleport data, when it has one)
 COST counts them itself; otherwise call ``end_epoch()`` after each.

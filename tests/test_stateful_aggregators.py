@@ -87,8 +87,9 @@ def qp_objective(Q: torch.Tensor, B: torch.Tensor, V: torch.Tensor) -> torch.Ten
 @pytest.mark.parametrize("rank_deficient", [False, True])
 @pytest.mark.parametrize("K", [2, 3, 4])
 def test_small_qps_solved_on_every_support_match_the_active_set(K: int, rank_deficient: bool) -> None:
-    """For K ≤ 3 every support is solved at once (K = 4 iterates); the result is feasible and as low as the
-    active-set solver's, also for singular Q (two equal rows: no unique minimizer)."""
+    """For K ≤ 3 every support is solved at once (K = 4 iterates); the result is feasible and
+    as low as the active-set solver's, also for singular Q (two equal rows: no unique
+    minimizer)."""
     gen = torch.Generator().manual_seed(K)
     for _ in range(20):
         G = torch.randn(K, 6, dtype=torch.float64, generator=gen)
