@@ -47,6 +47,7 @@ from torch import nn
 
 from cost_fast import distributed
 from cost_fast.aggregators.base import Aggregator
+from cost_fast.checks import check_int
 from cost_fast.grads import RepresentationGradients, TaskGradients, check_task_losses
 from cost_fast.htr import HistoryReuse, flat_cosine, supports_htr
 from cost_fast.kernels import GramStats
@@ -222,8 +223,7 @@ class COST:
             ("start_epoch", start_epoch),
             ("max_teleports_per_epoch", max_teleports_per_epoch),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int ≥ 0, got {value!r}")
+            check_int(name, value, 0)
         if gradient_mode not in ("loop", "batched", "representation"):
             raise ValueError(f"gradient_mode must be 'loop', 'batched' or 'representation', got {gradient_mode!r}")
         if nonfinite not in ("skip", "raise"):
@@ -234,10 +234,7 @@ class COST:
             raise TypeError(f"base_step must be a BaseStepConfig, got {type(base_step).__name__}")
         if steps_per_epoch is None and hasattr(teleport_data, "__len__"):
             steps_per_epoch = len(teleport_data)
-        if steps_per_epoch is not None and (
-            isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
-        ):
-            raise ValueError(f"steps_per_epoch must be an int ≥ 1 or None, got {steps_per_epoch!r}")
+        check_int("steps_per_epoch", steps_per_epoch, 1, optional=True)
         shared_params = [p for p in shared.parameters() if p.requires_grad]
         if not shared_params:
             raise ValueError("every parameter of the shared backbone is frozen: COST has nothing to train or teleport")

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 
+from cost_fast.checks import check_int
 from cost_fast.kernels import GramStats, gram_stats
 
 Mode = Literal["loop", "batched"]
@@ -237,8 +238,7 @@ class RepresentationGradients(UpdateBuffer):
     """
 
     def __init__(self, backbone: torch.nn.Module, params: Iterable[torch.Tensor], num_tasks: int | None = None) -> None:
-        if num_tasks is not None and (isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1):
-            raise ValueError(f"num_tasks must be an int ≥ 1 or None, got {num_tasks!r}")
+        check_int("num_tasks", num_tasks, 1, optional=True)
         self.params, self.frozen = _collect_parameters(params)
         self.num_tasks = num_tasks
         self._init_update_buffer(self.params)

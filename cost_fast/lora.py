@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from cost_fast.checks import check_int
+
 ADAPTER = "cost_teleport"
 ADAPTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 METHODS = ("lora", "loha")
@@ -79,8 +81,7 @@ class TeleportAdapter:
         from peft.tuners.loha.layer import LoHaLayer
         from peft.tuners.lora.layer import LoraLayer
 
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be an int ≥ 1, got {rank!r}")
+        check_int("rank", rank, 1)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS} (OFT is not supported), got {method!r}")
         if isinstance(backbone, ADAPTED_TYPES):

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 
 import torch
 
+from cost_fast.checks import check_int
 from cost_fast.demo import run_demo
 from cost_fast.report import atomic_report_dir, check_report_target
 from cost_fast.toy import run_toy
@@ -261,8 +262,7 @@ def run_reproduction(
 ) -> list[dict[str, Any]]:
     """Run the experiments of every seed into ``out_dir`` (``seed<s>/demo``, ``seed<s>/toy``,
     ``seed<s>/sharpness_control.json``) and write REPRODUCTION.md there; returns the rows."""
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds must be an int ≥ 1, got {seeds!r}")
+    check_int("seeds", seeds, 1)
     target = check_report_target(out_dir)
     with atomic_report_dir(target) as folder:
         per_seed = []

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cost_fast.checks import check_int
 from cost_fast.grads import TaskGradients
 from cost_fast.kernels import stats_from_gram
 from cost_fast.perturbed import LossFn, losses_at
@@ -91,8 +92,7 @@ class RescalingTeleport:
                 "the rescaling teleport needs an nn.Sequential backbone with two trainable nn.Linear layers "
                 "separated only by ReLU, LeakyReLU or Identity"
             )
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int ≥ 1, got {steps!r}")
+        check_int("steps", steps, 1)
         if not lr > 0 or not max_log_scale > 0:
             raise ValueError("lr and max_log_scale must be > 0")
         self.model, self.backbone = model, backbone

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cost_fast.checks import check_int
 from cost_fast.lora import TeleportAdapter
 from cost_fast.perturbed import LossFn
 from cost_fast.semantics import Semantics
@@ -65,13 +66,8 @@ class TeleportConfig:
         if self.lr is not None and not (isinstance(self.lr, int | float) and 0 < self.lr < float("inf")):
             raise ValueError(f"lr must be a finite number > 0 or None, got {self.lr!r}")
         for name in ("rounds", "num_samples", "samples_per_pass"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int ≥ 1, got {value!r}")
-        if self.max_steps is not None and (
-            isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or self.max_steps < 1
-        ):
-            raise ValueError(f"max_steps must be an int ≥ 1 or None, got {self.max_steps!r}")
+            check_int(name, getattr(self, name), 1)
+        check_int("max_steps", self.max_steps, 1, optional=True)
         if self.guard is not None and not isinstance(self.guard, bool):
             raise ValueError(f"guard must be True, False or None, got {self.guard!r}")
         if not (isinstance(self.guard_tolerance, int | float) and self.guard_tolerance >= 0):

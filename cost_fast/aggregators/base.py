@@ -91,20 +91,6 @@ class Aggregator:
         return f"{type(self).__name__}({params})"
 
 
-def check_positive(name: str, value: float) -> float:
-    """A hyperparameter that must be a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def check_nonnegative(name: str, value: float) -> float:
-    """A hyperparameter that must be a finite number ≥ 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
-    return float(value)
-
-
 def check_task_vector(name: str, value: Any) -> torch.Tensor | None:
     """A hyperparameter with one finite number per task (None passes), as float64."""
     if value is None:

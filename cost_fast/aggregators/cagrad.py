@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, check_nonnegative, register
+from cost_fast.aggregators.base import Aggregator, register
 from cost_fast.aggregators.solvers import minimize_on_simplex
+from cost_fast.checks import check_nonnegative
 
 
 def cagrad_on_support(M: torch.Tensor, b: torch.Tensor, s: torch.Tensor, support: torch.Tensor) -> torch.Tensor | None:

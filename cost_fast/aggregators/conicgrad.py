@@ -8,6 +8,7 @@ import torch
 
 from cost_fast.aggregators.base import Aggregator, register
 from cost_fast.aggregators.solvers import minimize_on_simplex
+from cost_fast.checks import check_rate
 
 
 def cap_support(a: torch.Tensor, v_sq: torch.Tensor, c: float) -> torch.Tensor:
@@ -36,9 +37,7 @@ class ConicGrad(Aggregator):
     """
 
     def __init__(self, c: float = 0.5) -> None:
-        if isinstance(c, bool) or not isinstance(c, int | float) or not 0 <= c < 1:
-            raise ValueError(f"c must be a number with 0 ≤ c < 1, got {c!r}")
-        self.c = float(c)
+        self.c = check_rate("c", c)
 
     def _weights(self, gram: torch.Tensor) -> torch.Tensor:
         K = gram.shape[0]

@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, check_nonnegative, check_positive, register
+from cost_fast.aggregators.base import Aggregator, register
 from cost_fast.aggregators.solvers import project_simplex
+from cost_fast.checks import check_nonnegative, check_positive
 from cost_fast.kernels.gram import check_grad_matrix
 
 

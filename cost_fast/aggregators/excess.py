@@ -6,8 +6,9 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import check_nonnegative, check_positive, register
+from cost_fast.aggregators.base import register
 from cost_fast.aggregators.elementwise import GradientAggregator
+from cost_fast.checks import check_int, check_nonnegative, check_positive
 from cost_fast.kernels.gram import check_grad_matrix
 
 
@@ -35,9 +36,7 @@ class ExcessMTL(GradientAggregator):
 
     def __init__(self, step_size: float = 1.0, warmup_steps: int = 1, eps: float = 1e-7) -> None:
         self.step_size = check_positive("step_size", step_size)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int ≥ 0, got {warmup_steps!r}")
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self.eps = check_nonnegative("eps", eps)
         self.sq_grad_sum: torch.Tensor | None = None  # S, (K, P) in G's dtype (float32 for 16-bit G)
         self.log_weights: torch.Tensor | None = None  # log α, float64 (K,)

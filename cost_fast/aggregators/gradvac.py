@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, check_positive, register
+from cost_fast.aggregators.base import Aggregator, register
+from cost_fast.checks import check_positive
 
 
 @register("gradvac")

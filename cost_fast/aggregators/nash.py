@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, check_positive, register
+from cost_fast.aggregators.base import Aggregator, register
 from cost_fast.aggregators.solvers import power_fixed_point
+from cost_fast.checks import check_positive
 
 
 @register("nash_mtl")

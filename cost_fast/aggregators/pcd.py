@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, check_nonnegative, register
+from cost_fast.aggregators.base import Aggregator, register
 from cost_fast.aggregators.solvers import nonnegative_qp
+from cost_fast.checks import check_nonnegative, check_rate
 
 # A constraint counts as met when violated by at most this share of the largest normalized
 # squared norm (the normalized Gram matrix has a diagonal near 1).
@@ -45,10 +46,8 @@ class PCD(Aggregator):
         taus = torch.as_tensor(tau, dtype=torch.float64)
         if taus.ndim > 1 or not bool(((taus >= 0) & (taus <= 1)).all()):
             raise ValueError(f"tau must be a number or a vector of numbers in [0, 1], got {tau!r}")
-        if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < 1:
-            raise ValueError(f"beta must be in [0, 1), got {beta!r}")
         self.tau = taus
-        self.beta = float(beta)
+        self.beta = check_rate("beta", beta)
         self.eps = check_nonnegative("eps", eps)
         self.sq_norm_average: torch.Tensor | None = None  # v, float64 (K,), on the Gram matrix's device
         self.steps = 0

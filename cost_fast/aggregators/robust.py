@@ -7,6 +7,7 @@ import torch
 
 from cost_fast.aggregators.base import Aggregator, register
 from cost_fast.aggregators.elementwise import GradientAggregator
+from cost_fast.checks import check_int
 from cost_fast.kernels.gram import check_grad_matrix
 
 
@@ -24,10 +25,8 @@ class Krum(Aggregator):
     """
 
     def __init__(self, n_byzantine: int = 0, n_selected: int = 1) -> None:
-        for name, value, low in (("n_byzantine", n_byzantine, 0), ("n_selected", n_selected, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int ≥ {low}, got {value!r}")
-        self.n_byzantine, self.n_selected = n_byzantine, n_selected
+        self.n_byzantine = check_int("n_byzantine", n_byzantine, 0)
+        self.n_selected = check_int("n_selected", n_selected, 1)
 
     def _weights(self, gram: torch.Tensor) -> torch.Tensor:
         K = gram.shape[0]
@@ -62,9 +61,7 @@ class TrimmedMean(GradientAggregator):
     """
 
     def __init__(self, trim_number: int = 1) -> None:
-        if isinstance(trim_number, bool) or not isinstance(trim_number, int) or trim_number < 0:
-            raise ValueError(f"trim_number must be an int ≥ 0, got {trim_number!r}")
-        self.trim_number = trim_number
+        self.trim_number = check_int("trim_number", trim_number, 0)
 
     def aggregate(self, G: torch.Tensor) -> torch.Tensor:
         check_grad_matrix(G)

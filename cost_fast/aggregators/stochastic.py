@@ -16,29 +16,15 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import (
-    Aggregator,
-    check_nonnegative,
-    check_positive,
-    check_task_vector,
-    get_aggregator,
-    register,
-    task_vector_or_mean,
-)
+from cost_fast.aggregators.base import Aggregator, check_task_vector, get_aggregator, register, task_vector_or_mean
 from cost_fast.aggregators.solvers import project_simplex
+from cost_fast.checks import check_int, check_nonnegative, check_positive, check_rate
 
 
 def _normalized(A: torch.Tensor) -> torch.Tensor:
     """A / s with s = mean_i |A_ii| (A itself when s = 0: all gradients are zero); no host read."""
     s = A.diagonal().abs().mean()
     return A / torch.where(s > 0, s, torch.ones_like(s))
-
-
-def _check_rate(name: str, value: float) -> float:
-    """A rate in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return float(value)
 
 
 class _CarriedWeights(Aggregator):
@@ -117,10 +103,8 @@ class SDMGrad(_CarriedWeights):
     ) -> None:
         super().__init__()
         self.lr = check_positive("lr", lr)
-        self.momentum = _check_rate("momentum", momentum)
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-            raise ValueError(f"iterations must be an int ≥ 1, got {iterations!r}")
-        self.iterations = iterations
+        self.momentum = check_rate("momentum", momentum)
+        self.iterations = check_int("iterations", iterations, 1)
         self.lam = check_nonnegative("lam", lam)
         self.preference = check_task_vector("preference", preference)
 

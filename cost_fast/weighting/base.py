@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from cost_fast.checks import check_int
 from cost_fast.grads import check_task_losses
 
 
@@ -37,9 +38,7 @@ class LossWeighting(nn.Module):
 
     def __init__(self, num_tasks: int) -> None:
         super().__init__()
-        if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
-            raise ValueError(f"num_tasks must be an int ≥ 1, got {num_tasks!r}")
-        self.num_tasks = num_tasks
+        self.num_tasks = check_int("num_tasks", num_tasks, 1)
 
     def check_losses(self, losses: torch.Tensor) -> None:
         """Raise ``TypeError``/``ValueError`` naming what is wrong with the losses."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cost_fast.aggregators.base import check_nonnegative, check_positive, register
+from cost_fast.aggregators.base import register
+from cost_fast.checks import check_int, check_nonnegative, check_positive
 from cost_fast.weighting.base import LossWeighting
 
 
@@ -160,9 +161,7 @@ class STCH(LossWeighting):
     def __init__(self, num_tasks: int, mu: float = 1.0, warmup_steps: int = 0) -> None:
         super().__init__(num_tasks)
         self.mu = check_positive("mu", mu)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int ≥ 0, got {warmup_steps!r}")
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.register_buffer("nadir_sum", torch.zeros(num_tasks, dtype=torch.float64))
 

@@ -1,0 +1,35 @@
+"""Argument checks shared by every constructor and config of the package: each raises
+``ValueError`` naming the argument and the value it got, before any work starts."""
+
+from __future__ import annotations
+
+
+def check_positive(name: str, value: float) -> float:
+    """A hyperparameter that must be a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_nonnegative(name: str, value: float) -> float:
+    """A hyperparameter that must be a finite number ≥ 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+    return float(value)
+
+
+def check_rate(name: str, value: float) -> float:
+    """A hyperparameter that must be a number in [0, 1) (a decay, a momentum, a cosine bound)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_int(name: str, value: int | None, minimum: int, *, optional: bool = False) -> int | None:
+    """An int ≥ ``minimum`` (a bool is refused), or None where ``optional``."""
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        alternative = " or None" if optional else ""
+        raise ValueError(f"{name} must be an int ≥ {minimum}{alternative}, got {value!r}")
+    return value
