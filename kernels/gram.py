@@ -93,6 +93,11 @@ def check_grad_matrix(G: torch.Tensor) -> None:
         raise TypeError(f"gradients must be float32, float16, bfloat16 or float64, got {G.dtype}")
 
 
+def upcast_16bit(G: torch.Tensor) -> torch.Tensor:
+    """G in the dtype sums over it accumulate in: float32 for 16-bit G (a copy), else G itself."""
+    return G if G.dtype in (torch.float32, torch.float64) else G.float()
+
+
 def stats_from_gram(gram: torch.Tensor) -> GramStats:
     """All conflict statistics from a Gram matrix ``M`` (K x K), in plain torch, on M's device.
 
@@ -135,7 +140,7 @@ def gram_torch(G: torch.Tensor) -> torch.Tensor:
     of G, no copy for fp32) stays near 1e-7 and was faster on CPU in our measurements.
     """
     K, P = G.shape
-    G_acc = G if G.dtype in (torch.float32, torch.float64) else G.float()  # the accumulation dtype
+    G_acc = upcast_16bit(G)
     n = P // TORCH_GRAM_CHUNK
     tail = G_acc[:, n * TORCH_GRAM_CHUNK :]
     gram = tail @ tail.T

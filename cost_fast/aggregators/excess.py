@@ -9,7 +9,7 @@ import torch
 from cost_fast.aggregators.base import register
 from cost_fast.aggregators.elementwise import GradientAggregator
 from cost_fast.checks import check_int, check_nonnegative, check_positive
-from cost_fast.kernels.gram import check_grad_matrix
+from cost_fast.kernels.gram import check_grad_matrix, upcast_16bit
 
 
 @register("excess_mtl")
@@ -46,7 +46,7 @@ class ExcessMTL(GradientAggregator):
 
     def excess_risks(self, G: torch.Tensor) -> torch.Tensor:
         """Add G ∘ G to S and return E (float64, (K,))."""
-        G32 = G if G.dtype in (torch.float32, torch.float64) else G.float()
+        G32 = upcast_16bit(G)  # no copy when aggregate has upcast it already
         K = G.shape[0]
         if self.sq_grad_sum is None:
             self.sq_grad_sum = torch.zeros_like(G32)
@@ -68,7 +68,7 @@ class ExcessMTL(GradientAggregator):
 
     def aggregate(self, G: torch.Tensor) -> torch.Tensor:
         check_grad_matrix(G)
-        G_acc = G if G.dtype in (torch.float32, torch.float64) else G.float()  # one upcast for both uses
+        G_acc = upcast_16bit(G)  # one upcast for both uses
         risks = self.excess_risks(G_acc)
         self.steps += 1
         if self.steps <= self.warmup_steps:

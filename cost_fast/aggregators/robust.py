@@ -8,7 +8,7 @@ import torch
 from cost_fast.aggregators.base import Aggregator, register
 from cost_fast.aggregators.elementwise import GradientAggregator
 from cost_fast.checks import check_int
-from cost_fast.kernels.gram import check_grad_matrix
+from cost_fast.kernels.gram import check_grad_matrix, upcast_16bit
 
 
 @register("krum")
@@ -68,6 +68,5 @@ class TrimmedMean(GradientAggregator):
         K, t = G.shape[0], self.trim_number
         if K <= 2 * t:
             raise ValueError(f"TrimmedMean with t={t} needs more than {2 * t} tasks, got {K}")
-        G32 = G if G.dtype in (torch.float32, torch.float64) else G.float()
-        ordered = torch.sort(G32, dim=0).values
+        ordered = torch.sort(upcast_16bit(G), dim=0).values
         return ordered[t : K - t].mean(dim=0)
