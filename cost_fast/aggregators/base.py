@@ -91,6 +91,12 @@ class Aggregator:
         return f"{type(self).__name__}({params})"
 
 
+def clone_or_none(value: torch.Tensor | None) -> torch.Tensor | None:
+    """A copy of a state tensor, so that a state dict shares no storage with the method (None
+    stays None: the state before the first call)."""
+    return None if value is None else value.clone()
+
+
 def check_task_vector(name: str, value: Any) -> torch.Tensor | None:
     """A hyperparameter with one finite number per task (None passes), as float64."""
     if value is None:

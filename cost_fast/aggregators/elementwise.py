@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, register
+from cost_fast.aggregators.base import Aggregator, clone_or_none, register
 from cost_fast.aggregators.solvers import project_simplex
 from cost_fast.checks import check_nonnegative, check_positive
 from cost_fast.kernels.gram import check_grad_matrix
@@ -111,11 +111,7 @@ class MoCo(GradientAggregator):
         return Y.T @ self.lam
 
     def state_dict(self) -> dict[str, Any]:
-        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.clone()
-
-        return {"tracked": copy(self.tracked), "lam": copy(self.lam)}
+        return {"tracked": clone_or_none(self.tracked), "lam": clone_or_none(self.lam)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.tracked = None if state["tracked"] is None else state["tracked"].clone()
-        self.lam = None if state["lam"] is None else state["lam"].clone()
+        self.tracked, self.lam = clone_or_none(state["tracked"]), clone_or_none(state["lam"])

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import register
+from cost_fast.aggregators.base import clone_or_none, register
 from cost_fast.aggregators.elementwise import GradientAggregator
 from cost_fast.checks import check_int, check_nonnegative, check_positive
 from cost_fast.kernels.gram import check_grad_matrix, upcast_16bit
@@ -83,19 +83,15 @@ class ExcessMTL(GradientAggregator):
         return G_acc.T @ self.log_weights.exp().to(G_acc.dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        def copy(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.clone()
-
         return {
-            "sq_grad_sum": copy(self.sq_grad_sum),
-            "log_weights": copy(self.log_weights),
-            "warmup_sum": copy(self.warmup_sum),
-            "baseline": copy(self.baseline),
+            "sq_grad_sum": clone_or_none(self.sq_grad_sum),
+            "log_weights": clone_or_none(self.log_weights),
+            "warmup_sum": clone_or_none(self.warmup_sum),
+            "baseline": clone_or_none(self.baseline),
             "steps": self.steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key in ("sq_grad_sum", "log_weights", "warmup_sum", "baseline"):
-            value = state[key]
-            setattr(self, key, None if value is None else value.clone())
+            setattr(self, key, clone_or_none(state[key]))
         self.steps = int(state["steps"])

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, register
+from cost_fast.aggregators.base import Aggregator, clone_or_none, register
 from cost_fast.checks import check_positive
 
 
@@ -73,11 +73,10 @@ class GradVac(Aggregator):
         return C.sum(dim=0)
 
     def state_dict(self) -> dict[str, Any]:
-        targets = None if self.targets is None else self.targets.clone()
-        return {"targets": targets, "rng_state": self._generator.get_state(), "seed": self.seed}
+        return {"targets": clone_or_none(self.targets), "rng_state": self._generator.get_state(), "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.targets = None if state["targets"] is None else state["targets"].clone()
+        self.targets = clone_or_none(state["targets"])
         self._generator.set_state(state["rng_state"])
         self.seed = state["seed"]
 

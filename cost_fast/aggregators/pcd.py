@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, register
+from cost_fast.aggregators.base import Aggregator, clone_or_none, register
 from cost_fast.aggregators.solvers import nonnegative_qp
 from cost_fast.checks import check_nonnegative, check_rate
 
@@ -94,10 +94,8 @@ class PCD(Aggregator):
         return coefficients * s * (sq_norms[0] / sq_norm_direction).sqrt()
 
     def state_dict(self) -> dict[str, Any]:
-        average = None if self.sq_norm_average is None else self.sq_norm_average.clone()
-        return {"sq_norm_average": average, "steps": self.steps}
+        return {"sq_norm_average": clone_or_none(self.sq_norm_average), "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        average = state["sq_norm_average"]
-        self.sq_norm_average = None if average is None else average.clone()
+        self.sq_norm_average = clone_or_none(state["sq_norm_average"])
         self.steps = int(state["steps"])

@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, check_task_vector, get_aggregator, register, task_vector_or_mean
+from cost_fast.aggregators.base import (
+    Aggregator,
+    check_task_vector,
+    clone_or_none,
+    get_aggregator,
+    register,
+    task_vector_or_mean,
+)
 from cost_fast.aggregators.solvers import project_simplex
 from cost_fast.checks import check_int, check_nonnegative, check_positive, check_rate
 
@@ -42,10 +49,10 @@ class _CarriedWeights(Aggregator):
         return self.carried.to(gram.device, gram.dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weights": None if self.carried is None else self.carried.clone()}
+        return {"weights": clone_or_none(self.carried)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.carried = None if state["weights"] is None else state["weights"].clone()
+        self.carried = clone_or_none(state["weights"])
 
 
 @register("modo")
