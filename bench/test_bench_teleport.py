@@ -27,6 +27,7 @@ from cost_fast.yardstick import yardstick_teleport
 DEVICE = bench_device()
 K = 40
 WIDTH, BATCH = (64, 64) if DEVICE.type == "cuda" else (8, 8)
+RANK = 5
 CONFIG = TeleportConfig(lr=1e-3, rounds=2, guard_tolerance=1e9)
 
 
@@ -47,7 +48,7 @@ def test_teleport_speed(benchmark, impl: str) -> None:
     norms = torch.rand(K, generator=gen).to(DEVICE)
     ratios = semantics.ratio_weights(norms)
     if impl.startswith("fast"):
-        adapter = TeleportAdapter(model.backbone, rank=5)
+        adapter = TeleportAdapter(model.backbone, rank=RANK)
         config = dataclasses.replace(CONFIG, samples_per_pass=CONFIG.num_samples if impl == "fast_batched" else 1)
 
         def run() -> None:
@@ -57,9 +58,9 @@ def test_teleport_speed(benchmark, impl: str) -> None:
                 batch_task_losses,
                 data,
                 current,
-                ratios,
-                semantics,
-                config,
+                ratios=ratios,
+                semantics=semantics,
+                config=config,
                 generator=torch.Generator(DEVICE).manual_seed(2),
             )
             synchronize(DEVICE)
@@ -73,15 +74,18 @@ def test_teleport_speed(benchmark, impl: str) -> None:
                 batch_task_losses,
                 data,
                 current,
-                norms,
-                semantics,
-                CONFIG,
+                norms=norms,
+                semantics=semantics,
+                config=CONFIG,
                 lr=CONFIG.lr,
-                rank=5,
+                rank=RANK,
                 generator=torch.Generator(DEVICE).manual_seed(2),
             )
             synchronize(DEVICE)
 
     benchmark.group = f"teleport K={K} width={WIDTH} batch={BATCH} steps=8 n=5"
-    benchmark.extra_info.update(impl=impl, K=K, width=WIDTH, batch=BATCH)
+    # the yardstick builds its LoRA with semantics.lora_alpha; teleport() sets the fast adapter's from it
+    benchmark.extra_info.update(impl=impl, K=K, width=WIDTH, batch=BATCH, lora_scale=semantics.lora_alpha / RANK)
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    if impl.startswith("fast"):  # the rows do the same work: the adapter ran at the semantics' scale
+        assert adapter.alpha == semantics.lora_alpha

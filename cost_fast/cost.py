@@ -37,28 +37,32 @@ process would have on the whole batch. Do not wrap the model in DDP: COST commun
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from cost_fast import distributed
+from cost_fast import checkpoint, distributed
 from cost_fast.aggregators.base import Aggregator
 from cost_fast.checks import check_int
 from cost_fast.grads import RepresentationGradients, TaskGradients, check_task_losses
 from cost_fast.htr import HistoryReuse, flat_cosine, supports_htr
 from cost_fast.kernels import GramStats
-from cost_fast.lora import TeleportAdapter
+from cost_fast.lora import TeleportAdapter, adapted_layers
 from cost_fast.perturbed import LossFn
+from cost_fast.rng import caller_generators_untouched
 from cost_fast.semantics import Semantics, get_semantics
 from cost_fast.symmetry import RescalingTeleport
-from cost_fast.teleport import TeleportConfig, guard_verdict, loss_contour, teleport
+from cost_fast.teleport import TeleportConfig, eval_mode, guard_verdict, loss_contour, teleport
 from cost_fast.timing import PhaseTimer
 from cost_fast.weighting.base import LossWeighting
 
+ADAPTERS = ("lora", "loha", "rescale")
 NONFINITE = "non-finite losses or task gradients"
 NONFINITE_UPDATE = "non-finite weights, update or head gradients"
 # A gradient method's state (MoCo's, ExcessMTL's: K x P) is not snapshotted, so a non-finite
@@ -150,9 +154,12 @@ class COST:
             keeps the plain model's keys. Frozen layers are never changed.
         base: the base method: an ``Aggregator`` (``get_aggregator("fairgrad")``, ...) or a
             ``LossWeighting`` (whose learned parameters must be in ``optimizer``).
-        optimizer: over the model's parameters; Adam/AdamW get HTR, others none.
-        loss_fn: ``loss_fn(model, batch) -> Tensor[K]``, used by the teleport.
-        teleport_data: re-iterable batches for the teleport (the public code: the training loader).
+        optimizer: over the model's parameters; Adam/AdamW get HTR, others none (with a
+            warning when teleports are on).
+        loss_fn: ``loss_fn(model, batch) -> Tensor[K]``, used by the teleport; its output is
+            checked on the first step (one forward pass without grad, in eval mode).
+        teleport_data: re-iterable, non-empty batches for the teleport (the public code: the
+            training loader). Iterating it never moves torch's global generators.
         semantics: ``"public"`` (the public code, default), ``"paper"``, or a ``Semantics``.
         teleport: ``TeleportConfig`` (default ``TeleportConfig()``; its lr defaults to the
             optimizer's first group's).
@@ -163,7 +170,9 @@ class COST:
         rank: adapter rank (default 5; its alpha is the semantics'). adapter: ``"lora"``
             (default), ``"loha"``, or ``"rescale"``: no adapter, the group-action teleport of
             Zhao et al. on the backbone's hidden-unit rescalings (``cost_fast.symmetry``: exact
-            loss invariance, gradient ascent on the gradient norm; MLP backbones).
+            loss invariance, gradient ascent on the gradient norm; MLP backbones). The peft
+            adapter is built when the first teleport needs it (importing peft takes seconds);
+            what it will adapt is checked here.
         adapter_targets: ``targets(name, layer) -> bool`` chooses the adapted layers among the
             backbone's trainable Linear/Conv ones (default: all).
         base_step: ``BaseStepConfig`` (default: the base method's own step).
@@ -172,13 +181,20 @@ class COST:
             gradients of the backbone's output, weights from their Gram matrix; an approximation,
             much cheaper at large K).
         nonfinite: ``"skip"`` (default) or ``"raise"`` on non-finite losses or gradients.
+        scaler: an AMP ``torch.amp.GradScaler``. COST then scales the losses it is given itself
+            (pass the plain losses, not ``scaler.scale(losses)``), solves every method on the
+            unscaled statistics (so the weights never depend on the scale), and leaves the
+            scaled update in ``.grad`` for ``scaler.step``; ``step()`` calls ``scaler.step`` and
+            ``scaler.update``. Non-finite gradients are the scaler's to handle: COST adds NaN
+            into ``.grad`` so that the scaler skips that optimizer step and lowers its scale
+            (``nonfinite="raise"`` is refused with a scaler).
         process_group: data-parallel training over this group (default: torch.distributed's
             default group when it is initialized with several ranks; module docstring).
         batch_size: ``batch_size(batch) -> int``, this rank's samples in a batch, which weight
             its losses in the global ones (default: the first dimension of the batch's first
             tensor); only used with a process group.
         seed: seed of COST's own generator (adapter factors, teleport noise), the same on every
-            rank; torch's global generator is never drawn from.
+            rank; torch's global generators are never drawn from.
     """
 
     def __init__(
@@ -202,6 +218,7 @@ class COST:
         base_step: BaseStepConfig | None = None,
         gradient_mode: Literal["loop", "batched", "representation"] = "loop",
         nonfinite: Literal["skip", "raise"] = "skip",
+        scaler: torch.amp.GradScaler | None = None,
         process_group: Any = None,
         batch_size: Callable[[Any], int] | None = None,
         seed: int = 0,
@@ -218,16 +235,26 @@ class COST:
             raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> Tensor[K]")
         if iter(teleport_data) is teleport_data:
             raise ValueError("teleport_data must be re-iterable (a DataLoader or a list), not a one-shot iterator")
+        if hasattr(teleport_data, "__len__") and len(teleport_data) == 0:
+            raise ValueError("teleport_data is empty: the teleport needs at least one batch")
         for name, value in (
             ("start_step", start_step),
             ("start_epoch", start_epoch),
             ("max_teleports_per_epoch", max_teleports_per_epoch),
         ):
             check_int(name, value, 0)
+        if adapter not in ADAPTERS:
+            raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
         if gradient_mode not in ("loop", "batched", "representation"):
             raise ValueError(f"gradient_mode must be 'loop', 'batched' or 'representation', got {gradient_mode!r}")
         if nonfinite not in ("skip", "raise"):
             raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if scaler is not None and nonfinite == "raise":
+            raise ValueError(
+                "nonfinite='raise' cannot be used with a GradScaler: its overflows are the scaler's to skip"
+            )
         if teleport is not None and not isinstance(teleport, TeleportConfig):
             raise TypeError(f"teleport must be a TeleportConfig, got {type(teleport).__name__}")
         if base_step is not None and not isinstance(base_step, BaseStepConfig):
@@ -259,6 +286,7 @@ class COST:
         self.steps_per_epoch = steps_per_epoch
         self.gradient_mode = gradient_mode
         self.nonfinite = nonfinite
+        self.scaler = scaler
         self.group = distributed.default_group(process_group)
         self.batch_size = batch_size if batch_size is not None else _first_dimension
         if self.group is not None:
@@ -272,71 +300,116 @@ class COST:
         self.symmetry = RescalingTeleport(model, shared) if adapter == "rescale" else None
         if self.symmetry is not None and self.group is not None:
             raise ValueError("the rescaling teleport is not supported with a process group")
-        self.adapter = (
-            None
-            if self.symmetry is not None
-            else TeleportAdapter(
-                shared,
-                rank=rank,
-                alpha=self.semantics.lora_alpha,
-                method=adapter,
-                generator=self.generator,
-                targets=adapter_targets,
-            )
-        )
+        if self.symmetry is None:
+            check_int("rank", rank, 1)
+            adapted_layers(shared, adapter, adapter_targets)  # every error about the adapter, now
+        self._adapter_settings = {"rank": rank, "method": adapter, "targets": adapter_targets}
+        self._adapter: TeleportAdapter | None = None
         shared_ids = {id(p) for p in shared.parameters()}
         self.task_params = [p for p in model.parameters() if id(p) not in shared_ids and p.requires_grad]
         self.learned_weighting_params = (
             [p for p in base.parameters() if p.requires_grad] if isinstance(base, LossWeighting) else []
         )
         self._shared_params = shared_params
+        self._num_params = sum(p.numel() for p in shared_params)
         self.htr = HistoryReuse(optimizer) if supports_htr(optimizer) else None
+        if self.htr is None and max_teleports_per_epoch > 0:
+            warnings.warn(
+                f"HTR is off: it modulates Adam's moments and needs Adam or AdamW, got {type(optimizer).__name__} "
+                "(teleports still run)",
+                UserWarning,
+                stacklevel=2,
+            )
+        # HTR's g' in public semantics is the last base update: kept apart from the engine's buffer,
+        # which a skipped step overwrites.
+        self._keeps_last_update = (
+            self.htr is not None and self.semantics.htr_direction == "last_update" and max_teleports_per_epoch > 0
+        )
         self.engine: TaskGradients | RepresentationGradients | None = None
         if gradient_mode == "representation":  # its hook must see the first forward pass already
             self._representation_engine = RepresentationGradients(shared, shared_params)
+        self._checkpoint_num_tasks: int | None = None
         self._last_update: torch.Tensor | None = None
         self._pending_learning: tuple[torch.Tensor, torch.Tensor, Any] | None = None
         self._base_epoch_due = False  # the base method's end_epoch() waits for its last learning
-        optimizer.register_step_post_hook(self._learn_after_step)
+        self._wrote_gradients = False  # COST added to .grad since the last optimizer step
+        optimizer.register_step_pre_hook(self._before_optimizer_step)
+        optimizer.register_step_post_hook(self._after_optimizer_step)
         self.step_count = 0
         self.epoch = 0
         self.teleports_this_epoch = 0
-        self.has_update = False
+
+    @property
+    def adapter(self) -> TeleportAdapter | None:
+        """The teleport's peft adapter, built on first use (None for the rescaling teleport)."""
+        if self._adapter is None and self.symmetry is None:
+            settings = self._adapter_settings
+            self._adapter = TeleportAdapter(
+                self.shared,
+                rank=settings["rank"],
+                method=settings["method"],
+                generator=self.generator,
+                targets=settings["targets"],
+            )
+        return self._adapter
+
+    @property
+    def num_tasks(self) -> int | None:
+        """K: from the first step's losses, the base method (a loss weighting) or a loaded
+        checkpoint; None before any of them."""
+        if self.engine is not None:
+            return self.engine.num_tasks
+        if isinstance(self.base, LossWeighting):
+            return self.base.num_tasks
+        return self._checkpoint_num_tasks
 
     # -- state ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
         """Counters, COST's generator, the base method's state, the last update (HTR's g') and a
-        pending HTR, so that with the model's and optimizer's state dicts a resumed run
-        continues bit-exactly as an uninterrupted one. Tensors and plain values only
-        (``torch.load(weights_only=True)`` reads it)."""
+        pending HTR (``cost_fast.checkpoint`` lists the fields), so that with the model's and
+        optimizer's state dicts a resumed run continues bit-exactly as an uninterrupted one.
+        Tensors and plain values only (``torch.load(weights_only=True)`` reads it)."""
         return {
+            "format": checkpoint.FORMAT,
             "semantics": self.semantics.name,
+            "method": type(self.base).__name__,
+            "num_tasks": self.num_tasks,
+            "num_params": self._num_params,
             "step_count": self.step_count,
             "epoch": self.epoch,
             "teleports_this_epoch": self.teleports_this_epoch,
-            "has_update": self.has_update,
             "generator": self.generator.get_state(),
             "base": copy.deepcopy(self.base.state_dict()),
-            "last_update": None if self.engine is None else self.engine.combined.clone(),
+            "last_update": None if self._last_update is None else self._last_update.clone(),
             "htr": None if self.htr is None else self.htr.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` returned (the engine is rebuilt at the next step)."""
-        if state["semantics"] != self.semantics.name:
-            raise ValueError(f"the state is of semantics {state['semantics']!r}, this COST {self.semantics.name!r}")
+        """Restore what ``state_dict`` returned. The whole state is checked first (semantics,
+        method, K, P, types; ``cost_fast.checkpoint.check_state``): a state that does not fit
+        raises one ``ValueError`` naming what differs, and nothing is loaded."""
+        state = checkpoint.upgrade(state)
+        checkpoint.check_state(
+            state,
+            semantics=self.semantics.name,
+            method=self.base,
+            num_tasks=self.num_tasks,
+            num_params=self._num_params,
+            generator=self.generator,
+            has_htr=self.htr is not None,
+        )
         self.step_count = state["step_count"]
         self.epoch = state["epoch"]
         self.teleports_this_epoch = state["teleports_this_epoch"]
-        self.has_update = state["has_update"]
         self.generator.set_state(state["generator"])
         self.base.load_state_dict(state["base"])
-        self._last_update = state["last_update"]
-        if self.engine is not None and self._last_update is not None:
-            self.engine.combined.copy_(self._last_update)
-        if self.htr is not None and state["htr"] is not None:
-            self.htr.load_state_dict(state["htr"])
+        self._checkpoint_num_tasks = state["num_tasks"]
+        last = state["last_update"]
+        first = self._shared_params[0]
+        self._last_update = None if last is None else last.to(device=first.device, dtype=first.dtype).clone()
+        if self.htr is not None:
+            self.htr.load_state_dict(state["htr"] if state["htr"] is not None else {"pending_sigma": None})
 
     # -- epochs --------------------------------------------------------------------------------
 
@@ -372,33 +445,45 @@ class COST:
     # -- the step ------------------------------------------------------------------------------
 
     def step(self, losses: torch.Tensor, batch: Any) -> StepInfo:
-        """One training step from the K task losses of ``batch`` (with their graph):
-        ``backward`` and then, when it left gradients, ``optimizer.step()``."""
+        """One whole training step from the K task losses of ``batch`` (with their graph), as
+        ``optimizer.zero_grad(); backward(losses, batch); optimizer.step()``: it starts from
+        zero gradients and, when ``backward`` left any, steps the optimizer (through
+        ``scaler.step`` and ``scaler.update`` with a scaler)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._wrote_gradients = False
         info = self.backward(losses, batch)
-        if info.skipped is None and (not info.attempted_teleport or info.stepped_after_teleport):
+        if self._wrote_gradients:  # a base update, or non-finite gradients for the scaler to skip
             with info.timer.phase("optimizer_step"):
-                self.optimizer.step()
+                if self.scaler is None:
+                    self.optimizer.step()
+                else:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
         return info
 
     def backward(self, losses: torch.Tensor, batch: Any) -> StepInfo:
-        """Everything of ``step`` but ``optimizer.step()``: writes the gradients of a base
-        update into ``.grad`` (or teleports, leaving no gradient), for the caller to step, clip
-        or scale (AMP ``GradScaler``). A pending HTR applies to that optimizer step."""
+        """Everything of ``step`` but ``zero_grad`` and ``optimizer.step()``: adds the base
+        update into ``.grad`` as ``loss.backward()`` does (so several calls before one optimizer
+        step accumulate their micro-batches; a skipped one adds nothing), or teleports, adding
+        nothing. The caller clips, scales or steps. A teleport runs only on a call that starts an
+        accumulation (no gradient of COST's since the last optimizer step): in the middle of
+        one it waits, as it would move the parameters the earlier micro-batches were taken at.
+        A pending HTR applies to the next optimizer step. Call it outside ``torch.autocast``
+        (compute the losses inside it): inside, it raises."""
         if not isinstance(losses, torch.Tensor) or losses.ndim != 1 or losses.shape[0] < 1:
             got = f"shape {tuple(losses.shape)}" if isinstance(losses, torch.Tensor) else type(losses).__name__
             raise ValueError(f"losses must be a non-empty 1-D tensor of the K task losses, got {got}")
-        check_task_losses(losses, losses.shape[0] if self.engine is None else self.engine.num_tasks)
+        if torch.is_autocast_enabled(losses.device.type):
+            raise RuntimeError(
+                "COST.step/backward was called inside torch.autocast: compute the losses inside it, then call COST "
+                "outside it (the Gram matrix, the solves and the teleport's bookkeeping need full precision); for "
+                "mixed-precision teleport forward passes, use autocast inside loss_fn"
+            )
+        num_tasks = self.num_tasks
+        check_task_losses(losses, losses.shape[0] if num_tasks is None else num_tasks)
         if self.engine is None:
-            if self.gradient_mode == "representation":
-                self.engine = self._representation_engine
-            elif self.group is not None:
-                self.engine = distributed.ShardedTaskGradients(
-                    self._shared_params, losses.shape[0], self.group, mode=self.gradient_mode
-                )
-            else:
-                self.engine = TaskGradients(self._shared_params, num_tasks=losses.shape[0], mode=self.gradient_mode)
-            if self._last_update is not None:
-                self.engine.combined.copy_(self._last_update)
+            self._check_loss_fn(batch, losses.shape[0])
+            self.engine = self._build_engine(losses.shape[0])
         if self._base_epoch_due:  # the optimizer step the weighting waited for never came
             self._close_base_epoch()
         self._pending_learning = None
@@ -408,16 +493,59 @@ class COST:
             self._new_epoch()
         return info
 
-    def _backward(self, losses: torch.Tensor, batch: Any) -> StepInfo:
-        timer = PhaseTimer(losses.device)
+    def _build_engine(self, num_tasks: int) -> TaskGradients | RepresentationGradients:
+        if self.gradient_mode == "representation":
+            return self._representation_engine
+        if self.group is not None:
+            return distributed.ShardedTaskGradients(self._shared_params, num_tasks, self.group, mode=self.gradient_mode)
+        return TaskGradients(self._shared_params, num_tasks=num_tasks, mode=self.gradient_mode)
+
+    def _check_loss_fn(self, batch: Any, num_tasks: int) -> None:
+        """``loss_fn(model, batch)`` must give the K losses the step got (the teleport relies on
+        it): one forward pass without grad, in eval mode, the caller's generators untouched."""
+        paused = (
+            self._representation_engine.capture_paused()
+            if self.gradient_mode == "representation"
+            else contextlib.nullcontext()
+        )
+        with eval_mode(self.model), torch.no_grad(), caller_generators_untouched(self.model), paused:
+            out = self.loss_fn(self.model, batch)
+        if not (
+            isinstance(out, torch.Tensor)
+            and out.dtype.is_floating_point
+            and out.ndim == 1
+            and out.shape[0] == num_tasks
+        ):
+            got = f"shape {tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"loss_fn(model, batch) must return the {num_tasks} task losses as a 1-D float tensor, "
+                f"like the losses given to step(); got {got}"
+            )
+
+    def _loss_scale(self, like: torch.Tensor) -> torch.Tensor | None:
+        """The scaler's current scale s as a device tensor (no host read), or None."""
+        if self.scaler is None:
+            return None
+        return self.scaler.scale(torch.ones((), dtype=torch.float32, device=like.device))
+
+    def _task_gradients(self, local: torch.Tensor, batch: Any, timer: PhaseTimer) -> tuple[torch.Tensor, GramStats]:
+        """The global losses (this rank's own without a process group), G of the scaled losses
+        and its statistics, unscaled."""
         engine = self.engine
-        local = losses
+        losses = local
         if self.group is not None:  # the global losses, the same on every rank
             losses, engine.share = distributed.global_losses(local, self.batch_size(batch), self.group)
+        scale = self._loss_scale(local)
         with timer.phase("gradients"):
-            engine.compute(local, retain_graph=True)
+            engine.compute(local if scale is None else local * scale, retain_graph=True)
         with timer.phase("gram"):
             stats = engine.stats()
+        return losses, stats if scale is None else stats.unscaled(scale)
+
+    def _backward(self, local: torch.Tensor, batch: Any) -> StepInfo:
+        timer = PhaseTimer(local.device)
+        losses, stats = self._task_gradients(local, batch, timer)
+        with timer.phase("gram"):
             finite = torch.isfinite(losses).all() & ~stats.nonfinite
             fires = self.semantics.fires(stats) & finite
         # the host read of the decision and the statistics it reports
@@ -443,26 +571,21 @@ class COST:
         )
         if not ok:
             return self._skip(info, NONFINITE)
-        if info.trigger and self._allowed():
+        accumulating = self._wrote_gradients and any(p.grad is not None for p in self._shared_params)
+        if info.trigger and self._allowed() and not accumulating:
             with timer.phase("teleport"):
                 self._teleport(losses, stats, batch, info)
             if not self.base_step.step_after_teleport:
                 return info
             # the public CityScapes trainer: a base step at the teleported point, same batch
-            with timer.phase("gradients"):
-                local = self.loss_fn(self.model, batch)
-                check_task_losses(local, self.engine.num_tasks)
-                losses = local
-                if self.group is not None:
-                    losses, self.engine.share = distributed.global_losses(local, self.batch_size(batch), self.group)
-                self.engine.compute(local, retain_graph=True)
-            with timer.phase("gram"):
-                stats = self.engine.stats()
+            local = self.loss_fn(self.model, batch)
+            check_task_losses(local, self.engine.num_tasks)
+            losses, stats = self._task_gradients(local, batch, timer)
             if not bool(torch.isfinite(losses).all() & ~stats.nonfinite):
                 return self._skip(info, NONFINITE)
             info.stepped_after_teleport = True
         with timer.phase("solve"):
-            refused = self._base_update(losses, stats)
+            refused = self._base_update(losses, stats, self._loss_scale(local))
         if refused is not None:
             return self._skip(info, refused)
         if isinstance(self.base, LossWeighting):
@@ -470,22 +593,26 @@ class COST:
         return info
 
     def _skip(self, info: StepInfo, reason: str) -> StepInfo:
-        self.optimizer.zero_grad(set_to_none=True)
-        for p in self.learned_weighting_params:
-            p.grad = None
+        """A step that adds nothing to ``.grad`` (with a scaler: adds NaN, for the scaler to skip
+        the optimizer step and lower its scale, as it would after a plain backward)."""
         if self.nonfinite == "raise":
             if reason == NONFINITE_GRADIENT_METHOD_UPDATE:
                 unchanged = "the parameters and the optimizer were not changed"
             else:
                 unchanged = "nothing was changed"
             raise FloatingPointError(f"step {info.step}: {reason}; {unchanged}")
+        if self.scaler is not None and self.scaler.is_enabled():
+            self.engine.write_update(torch.full_like(self.engine.combined, float("nan")))
+            self._wrote_gradients = True
+            reason += " (handed to the GradScaler, which skips the optimizer step and lowers its scale)"
         info.skipped = reason
         return info
 
-    def _direction(self, losses: torch.Tensor, gram: torch.Tensor) -> torch.Tensor | None:
+    def _direction(self, losses: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor | None:
         """The base method's update into the engine's ``combined`` buffer (Gᵀw, or a gradient
-        method's own d); returns the total whose gradient the heads get: Σ w_i L_i for Gram
-        methods, the weighting's total for a loss weighting (so its learned parameters get
+        method's own d; times s with a scaler, whose G is s times the gradients), the method
+        solved on unscaled values; returns the total whose gradient the heads get: Σ w_i L_i for
+        Gram methods, the weighting's total for a loss weighting (so its learned parameters get
         theirs too), None for gradient methods (the heads get ∇ Σ L_i)."""
         engine = self.engine
         dtype = engine.grads.dtype
@@ -495,55 +622,65 @@ class COST:
             engine.combine(w.to(dtype), write_grad=False)
             return total
         if self.base.kind == "grads":
-            engine.set_direction(self.base.aggregate(engine.grads).to(dtype))
+            if scale is not None:
+                engine.grads.div_(scale.to(dtype))  # the method (and its state) sees unscaled G
+            direction = self.base.aggregate(engine.grads).to(dtype)
+            engine.set_direction(direction if scale is None else direction * scale.to(dtype))
             return None
         w = self.base.weights(gram).to(dtype)
         engine.combine(w, write_grad=False)
         return losses @ w.to(losses)
 
-    def _base_update(self, losses: torch.Tensor, stats: GramStats) -> str | None:
-        """Write the base update into ``.grad`` and return None; or write nothing and return why
+    def _base_update(self, losses: torch.Tensor, stats: GramStats, scale: torch.Tensor | None) -> str | None:
+        """Add the base update into ``.grad`` and return None; or add nothing and return why
         (``NONFINITE_UPDATE``: the weights, the update or the heads' gradients are not finite,
         the base method's state as it was; ``NONFINITE_GRADIENT_METHOD_UPDATE``: a gradient
-        method's update is not finite)."""
-        self.optimizer.zero_grad(set_to_none=True)
-        inputs = self.task_params + self.learned_weighting_params
-        per_task_heads = self.base_step.head_gradients == "per_task"
-        reduce_heads = self.group is not None and bool(self.task_params)
+        method's update is not finite). Everything is computed and checked before anything is
+        added, so that an accumulated gradient is never spoilt."""
+        heads, learned = self.task_params, self.learned_weighting_params
+
+        def scaled(total: torch.Tensor) -> torch.Tensor:
+            return total if scale is None else total * scale.to(total)
+
         if isinstance(self.base, Aggregator) and self.base.kind == "grads":
             # The heads' gradient (of Σ L_i) does not depend on the method, so it is checked
             # first, and the method's state (MoCo's: K x P) advances only on a step that is taken.
-            if inputs:
-                losses.sum().backward(inputs=inputs)
-            if reduce_heads:
-                distributed.all_reduce_([p.grad for p in self.task_params], self.group)
-            if not _all_finite([p.grad for p in inputs if p.grad is not None]):
+            head_grads, learned_grads = _gradients(scaled(losses.sum()), heads), []
+            self._reduce_heads(head_grads)
+            if not _all_finite(head_grads):
                 return NONFINITE_UPDATE
-            self._direction(losses, stats.gram)
+            self._direction(losses, stats.gram, scale)
             if not _all_finite([self.engine.combined]):
                 return NONFINITE_GRADIENT_METHOD_UPDATE
         else:
             saved = copy.deepcopy(self.base.state_dict())  # small: K-sized buffers, generators
-            total = self._direction(losses, stats.gram)
-            if per_task_heads and self.task_params:
-                losses.sum().backward(inputs=self.task_params, retain_graph=bool(self.learned_weighting_params))
-                if self.learned_weighting_params:
-                    total.backward(inputs=self.learned_weighting_params)
-            elif inputs:
-                total.backward(inputs=inputs)
-            if reduce_heads:  # each rank holds its share of the heads' gradient
-                distributed.all_reduce_([p.grad for p in self.task_params], self.group)
-            if not _all_finite([self.engine.combined] + [p.grad for p in inputs if p.grad is not None]):
+            total = self._direction(losses, stats.gram, scale)
+            if self.base_step.head_gradients == "per_task":
+                head_grads = _gradients(scaled(losses.sum()), heads, retain_graph=bool(learned))
+                learned_grads = _gradients(scaled(total), learned)
+            else:
+                both = _gradients(scaled(total), heads + learned)
+                head_grads, learned_grads = both[: len(heads)], both[len(heads) :]
+            self._reduce_heads(head_grads)
+            if not _all_finite([self.engine.combined, *head_grads, *learned_grads]):
                 self.base.load_state_dict(saved)
                 return NONFINITE_UPDATE
         if self.base_step.scale_backbone_by_tasks:
             self.engine.combined.mul_(self.engine.num_tasks)
         self.engine.write_update(self.engine.combined)
-        if self.base_step.clip_grad_norm is not None:
-            params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.base_step.clip_grad_norm)
-        self.has_update = True
+        _add_into_grad(heads + learned, head_grads + learned_grads)
+        if self._keeps_last_update:
+            if self._last_update is None:
+                self._last_update = self.engine.combined.clone()
+            else:
+                self._last_update.copy_(self.engine.combined)
+        self._wrote_gradients = True
         return None
+
+    def _reduce_heads(self, grads: list[torch.Tensor | None]) -> None:
+        """With a process group each rank holds its share of the heads' gradient: sum them."""
+        if self.group is not None:
+            distributed.all_reduce_(grads, self.group)
 
     def _global_loss_fn(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """``loss_fn``, or with a process group the global losses (the same on every rank)."""
@@ -552,8 +689,17 @@ class COST:
             return losses
         return distributed.global_losses(losses, self.batch_size(batch), self.group)[0]
 
-    def _learn_after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Right before the optimizer step that uses COST's gradients (whoever calls it, after a
+        GradScaler has unscaled them): ``BaseStepConfig.clip_grad_norm`` clips the shared
+        parameters' gradient, as the public code's ``clip_grad_norm_(shared, 1.0)``."""
+        clip = self.base_step.clip_grad_norm
+        if clip is not None and self._wrote_gradients:
+            torch.nn.utils.clip_grad_norm_([p for p in self._shared_params if p.grad is not None], clip)
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """After the optimizer step of a base update: the loss weighting learns from it."""
+        self._wrote_gradients = False
         if self._pending_learning is None:
             return
         losses, norms, batch = self._pending_learning
@@ -568,45 +714,64 @@ class COST:
             self._close_base_epoch()
 
     def _teleport(self, losses: torch.Tensor, stats: GramStats, batch: Any, info: StepInfo) -> None:
-        if self.semantics.htr_direction == "pre_teleport_gradient":
-            # g' (Eq. 12) without advancing the base method's state: it did not take a step
-            saved = copy.deepcopy(self.base.state_dict())
-            self._direction(losses.detach().requires_grad_(), stats.gram)
-            self.base.load_state_dict(saved)
-        if self.symmetry is not None:
-            self._symmetry_teleport(batch, info)
-            return
-        ratios = self.semantics.ratio_weights(stats.norms)
-        result = teleport(
-            self.model,
-            self.adapter,
-            self._global_loss_fn,
-            self.teleport_data,
-            batch,
-            ratios,
-            self.semantics,
-            self.teleport_config,
-            lr=self.optimizer.param_groups[0]["lr"],
-            generator=self.generator,
-            reduce_gradients=None if self.group is None else lambda grads: distributed.all_reduce_(grads, self.group),
-        )
+        """Teleport and report it, then HTR; the caller's generators untouched (iterating a
+        shuffled DataLoader as teleport data draws from them)."""
+        with caller_generators_untouched(self.model):
+            g_prime = self._htr_direction(losses, stats)
+            if self.symmetry is not None:
+                self._symmetry_teleport(batch, info, g_prime)
+                return
+            adapter = self.adapter
+            result = teleport(
+                self.model,
+                adapter,
+                self._global_loss_fn,
+                self.teleport_data,
+                batch,
+                ratios=self.semantics.ratio_weights(stats.norms),
+                semantics=self.semantics,
+                config=self.teleport_config,
+                lr=self.optimizer.param_groups[0]["lr"],
+                generator=self.generator,
+                reduce_gradients=None
+                if self.group is None
+                else lambda grads: distributed.all_reduce_(grads, self.group),
+            )
         info.task_terms, info.sharpness_terms = result.task_terms, result.sharpness_terms
-        self._after_teleport(info, result.steps, result.rollback_reason, self.adapter.base_parameters, result.deltas)
+        self._after_teleport(
+            info, result.steps, result.rollback_reason, adapter.base_parameters, result.deltas, g_prime
+        )
 
-    def _symmetry_teleport(self, batch: Any, info: StepInfo) -> None:
-        """The rescaling teleport, with the same guard (the semantics' default, or the config's)."""
+    def _htr_direction(self, losses: torch.Tensor, stats: GramStats) -> list[torch.Tensor] | None:
+        """g' of HTR as parameter-shaped tensors, or None (no HTR, or no base update yet):
+        the last base update (public semantics), or the base method's direction at the
+        pre-teleport point (Eq. 12), computed without advancing the method's state."""
+        if self.htr is None:
+            return None
+        if self.semantics.htr_direction == "pre_teleport_gradient":
+            saved = copy.deepcopy(self.base.state_dict())
+            self._direction(losses.detach().requires_grad_(), stats.gram, self._loss_scale(losses))
+            self.base.load_state_dict(saved)
+            return self.engine.combined_views
+        if self._last_update is None:
+            return None
+        return _parameter_views(self._last_update, self.engine.params)
+
+    def _symmetry_teleport(self, batch: Any, info: StepInfo, g_prime: list[torch.Tensor] | None) -> None:
+        """The rescaling teleport, with the same guard (the semantics' default, or the config's)
+        and the same refusal of a non-finite result."""
         guard = self.teleport_config.guard_for(self.semantics)
         params = self.symmetry.parameters
         snapshot = [p.detach().clone() for p in params]
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model):
             before = loss_contour(self.model, self.loss_fn, self.teleport_data) if guard else None
             result = self.symmetry.teleport(self.loss_fn, batch)
-            after = loss_contour(self.model, self.loss_fn, self.teleport_data) if guard else None
-        finally:
-            self.model.train(was_training)
-        reason = None if before is None else guard_verdict(before, after, self.teleport_config.guard_tolerance)
+            finite = _all_finite([*params, result.losses_after])
+            after = loss_contour(self.model, self.loss_fn, self.teleport_data) if guard and finite else None
+        if not finite:
+            reason = "non-finite"
+        else:
+            reason = None if before is None else guard_verdict(before, after, self.teleport_config.guard_tolerance)
         deltas = result.deltas
         if reason is not None:
             with torch.no_grad():
@@ -617,24 +782,28 @@ class COST:
             "after": result.conflicts_after,
             "objective": result.objective,
         }
-        self._after_teleport(info, result.steps, reason, params, deltas)
+        self._after_teleport(info, result.steps, reason, params, deltas, g_prime)
 
     def _after_teleport(
-        self, info: StepInfo, steps: int, reason: str | None, params: list[torch.Tensor], deltas: list[torch.Tensor]
+        self,
+        info: StepInfo,
+        steps: int,
+        reason: str | None,
+        params: list[torch.Tensor],
+        deltas: list[torch.Tensor],
+        g_prime: list[torch.Tensor] | None,
     ) -> None:
-        """Count and report the teleport, then HTR from its Δθ."""
+        """Count and report the teleport, then HTR from σ = cos(Δθ, g')."""
         self.teleports_this_epoch += 1
         info.teleported = reason is None
         info.rolled_back = reason is not None
         info.rollback_reason = reason
         info.teleport_steps = steps
-        self.optimizer.zero_grad(set_to_none=True)
-        has_direction = self.has_update or self.semantics.htr_direction == "pre_teleport_gradient"
-        if reason is not None or not has_direction or self.htr is None:
+        if reason is not None or g_prime is None:
             return
         delta_of = {id(p): d for p, d in zip(params, deltas)}
         aligned = [delta_of[id(p)] for p in self.engine.params]
-        sigma = float(flat_cosine(aligned, self.engine.combined_views))
+        sigma = float(flat_cosine(aligned, g_prime))
         info.sigma = sigma
         info.htr = self.htr.arm(max(-1.0, min(1.0, sigma)))
 
@@ -653,8 +822,40 @@ def _first_dimension(batch: Any) -> int:
     raise ValueError("cannot tell the batch size: pass COST(batch_size=...)")
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """True if no tensor holds a NaN or ±inf (one multi-tensor norm, one host read)."""
-    if not tensors:
+def _all_finite(tensors: list[torch.Tensor | None]) -> bool:
+    """True if no tensor holds a NaN or ±inf (one multi-tensor max-norm, one host read; a
+    max-norm cannot overflow for finite entries, whatever their dtype, and propagates NaN)."""
+    present = [t.detach() for t in tensors if t is not None]
+    if not present:
         return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+    peaks = torch._foreach_norm(present, float("inf"))
+    return bool(torch.isfinite(torch.stack([peak.float() for peak in peaks])).all())
+
+
+def _gradients(
+    total: torch.Tensor, params: list[torch.Tensor], *, retain_graph: bool = False
+) -> list[torch.Tensor | None]:
+    """∇total for each of ``params`` (None where it does not reach one), nothing written to ``.grad``."""
+    if not params:
+        return []
+    return list(torch.autograd.grad(total, params, retain_graph=retain_graph, allow_unused=True))
+
+
+def _add_into_grad(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
+    """``.grad`` ← g where it is None, else ``.grad`` + g: what ``backward`` does."""
+    for p, g in zip(params, grads):
+        if g is None:
+            continue
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
+
+
+def _parameter_views(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Parameter-shaped views of a flat (P,) vector laid out in ``params``' order."""
+    views, offset = [], 0
+    for p in params:
+        views.append(flat[offset : offset + p.numel()].view(p.shape))
+        offset += p.numel()
+    return views

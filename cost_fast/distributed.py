@@ -91,7 +91,7 @@ def all_reduce_(tensors: Iterable[torch.Tensor | None], group: Any) -> None:
 class ShardedTaskGradients(UpdateBuffer):
     """``TaskGradients`` across the ranks of ``group`` (module docstring): ``compute`` fills
     this rank's shard of G (K x S columns, S = ⌈P/R⌉, the last shard zero-padded), ``stats`` is
-    the Gram statistics of the whole G (all-reduced K x K), ``combine(w)`` writes the whole
+    the Gram statistics of the whole G (all-reduced K x K), ``combine(w)`` adds the whole
     update Gᵀw into the parameters' ``.grad`` on every rank.
 
     Args:
@@ -134,6 +134,7 @@ class ShardedTaskGradients(UpdateBuffer):
     def set_direction(self, direction: torch.Tensor) -> torch.Tensor:
         """The whole update from this rank's shard of it (all-gathered into ``combined``)."""
         dist.all_gather_into_tensor(self._gathered, direction.contiguous(), group=self.group)
+        self._release_grads()
         return self.combined.copy_(self._gathered[: self.num_params])
 
     def combine(self, weights: torch.Tensor, *, write_grad: bool = True) -> torch.Tensor:

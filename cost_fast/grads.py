@@ -19,7 +19,8 @@ with one matrix-vector product. Two ways to fill G, chosen by ``mode``:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -82,7 +83,14 @@ def _store_gradients(dst: list[torch.Tensor], grads: tuple[torch.Tensor | None, 
 
 class UpdateBuffer:
     """The shared parameters' update d (shape (P,)) in one flat buffer with param-shaped views,
-    written into the parameters' ``.grad`` as views (no copy per step). Base of the engines."""
+    added into the parameters' ``.grad`` as torch's own backward does:
+
+        θ.grad ← d              where θ.grad is None (as a view of the buffer: no copy),
+        θ.grad ← θ.grad + d     otherwise (gradient accumulation).
+
+    Before the buffer is overwritten, a ``.grad`` that is still a view of it (an earlier update
+    that no ``zero_grad`` cleared) is replaced by a copy, so nothing accumulated is lost. Base of
+    the engines."""
 
     def _init_update_buffer(self, params: list[torch.Tensor]) -> None:
         first = params[0]
@@ -96,24 +104,34 @@ class UpdateBuffer:
             offset += n
 
     def write_update(self, update: torch.Tensor) -> torch.Tensor:
-        """Set the shared parameters' ``.grad`` to an update vector d of shape (P,) computed
-        elsewhere (e.g. by GradDrop or MoCo); returns the engine's copy of it.
+        """Add an update vector d of shape (P,) computed elsewhere (e.g. by GradDrop or MoCo)
+        into the shared parameters' ``.grad`` (class docstring); returns the engine's copy of it.
 
-        The ``.grad`` tensors become views of one flat buffer owned by the engine, so an
-        optimizer step reads d directly; an ``optimizer.zero_grad()`` in between is harmless.
+        Where ``.grad`` is None it becomes a view of one flat buffer owned by the engine, so an
+        optimizer step reads d directly, without a copy.
         """
         if not isinstance(update, torch.Tensor) or update.shape != (self.num_params,):
             raise ValueError(f"update must be a tensor of shape ({self.num_params},)")
         if update is not self.combined:
+            self._release_grads()
             self.combined.copy_(update)
         self._attach_grads()
         return self.combined
 
-    def _attach_grads(self) -> None:
-        # Re-attach only where the user's zero_grad(set_to_none=True) dropped our view.
+    def _release_grads(self) -> None:
+        """Before ``combined`` is overwritten: a ``.grad`` still viewing it gets its own copy."""
         for p, view in zip(self.params, self.combined_views):
-            if p.grad is not view:
+            if p.grad is view:
+                p.grad = view.clone()
+
+    def _attach_grads(self) -> None:
+        """θ.grad ← d where it is None (a view, no copy), else θ.grad += d; a ``.grad`` that is
+        already the view holds d."""
+        for p, view in zip(self.params, self.combined_views):
+            if p.grad is None:
                 p.grad = view
+            elif p.grad is not view:
+                p.grad.add_(view)
 
 
 class TaskGradients(UpdateBuffer):
@@ -199,14 +217,15 @@ class TaskGradients(UpdateBuffer):
         return gram_stats(self.grads, **kwargs)
 
     def combine(self, weights: torch.Tensor, *, write_grad: bool = True) -> torch.Tensor:
-        """Return d = Gᵀ w (shape (P,)) and, by default, set each shared parameter's ``.grad`` to
-        its slice of d (see ``write_update``)."""
+        """Return d = Gᵀ w (shape (P,)) and, by default, add each shared parameter's slice of d
+        into its ``.grad`` (class docstring of ``UpdateBuffer``: accumulates as backward does)."""
         if not isinstance(weights, torch.Tensor):
             raise TypeError(f"weights must be a tensor of shape ({self.num_tasks},), got {type(weights).__name__}")
         if weights.shape != (self.num_tasks,):
             raise ValueError(f"weights must have shape ({self.num_tasks},), got {tuple(weights.shape)}")
         if weights.device != self.grads.device:
             raise ValueError(f"weights are on {weights.device} but the gradients on {self.grads.device}")
+        self._release_grads()
         torch.mv(self.grads.T, weights.to(self.grads.dtype), out=self.combined)
         if write_grad:
             self._attach_grads()
@@ -215,6 +234,7 @@ class TaskGradients(UpdateBuffer):
     def set_direction(self, direction: torch.Tensor) -> torch.Tensor:
         """The update from a direction in the rows' space (here the parameters' own, so a
         copy into ``combined``); returns ``combined``."""
+        self._release_grads()
         return self.combined.copy_(direction)
 
 
@@ -245,10 +265,22 @@ class RepresentationGradients(UpdateBuffer):
         self.grads = torch.empty((num_tasks or 0, 0), dtype=self.params[0].dtype, device=self.params[0].device)
         self._captured: torch.Tensor | None = None
         self._representation: torch.Tensor | None = None
+        self._paused = False
         self._hook = backbone.register_forward_hook(self._capture)
 
     def _capture(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        self._captured = output if isinstance(output, torch.Tensor) else None
+        if not self._paused:
+            self._captured = output if isinstance(output, torch.Tensor) else None
+
+    @contextlib.contextmanager
+    def capture_paused(self) -> Iterator[None]:
+        """Forward passes in the block (a check, an evaluation) leave the captured
+        representation as it was."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
 
     def compute(self, losses: torch.Tensor, *, retain_graph: bool = False) -> torch.Tensor:
         """Fill and return the (K, N) matrix Z[i] = ∂losses[i]/∂z for the representation z of
@@ -283,11 +315,12 @@ class RepresentationGradients(UpdateBuffer):
         grads = torch.autograd.grad(
             z, self.params, grad_outputs=direction.to(z.dtype).view_as(z), retain_graph=True, allow_unused=True
         )
+        self._release_grads()
         _store_gradients(self.combined_views, grads)
         return self.combined
 
     def combine(self, weights: torch.Tensor, *, write_grad: bool = True) -> torch.Tensor:
-        """d = J_zᵀ Zᵀ w = Gᵀ w into ``combined`` (and, by default, the parameters' ``.grad``)."""
+        """d = J_zᵀ Zᵀ w = Gᵀ w into ``combined`` (and, by default, added into the parameters' ``.grad``)."""
         self.set_direction(self.grads.T @ weights.to(self.grads.dtype))
         if write_grad:
             self._attach_grads()

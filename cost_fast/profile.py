@@ -99,9 +99,9 @@ def _phases(num_tasks: int, width: int, batch_size: int, device: torch.device) -
             batch_task_losses,
             data,
             data[0],
-            ratios,
-            semantics,
-            config,
+            ratios=ratios,
+            semantics=semantics,
+            config=config,
             generator=torch.Generator(device).manual_seed(1),
         )
 
@@ -112,9 +112,9 @@ def _phases(num_tasks: int, width: int, batch_size: int, device: torch.device) -
             batch_task_losses,
             data,
             data[0],
-            norms,
-            semantics,
-            config,
+            norms=norms,
+            semantics=semantics,
+            config=config,
             lr=1e-3,
             generator=torch.Generator(device).manual_seed(1),
         )

@@ -76,18 +76,16 @@ def sharpness_control(seed: int = 0, *, epochs: int = 3, relative_radius: float 
     for weight in (0.1, 0.0, 10.0):
         moved = copy.deepcopy(model)
         semantics = PaperSemantics(relative_radius=relative_radius, sharpness_weight=weight)
-        adapter = TeleportAdapter(
-            moved.backbone, alpha=semantics.lora_alpha, generator=torch.Generator().manual_seed(seed)
-        )
+        adapter = TeleportAdapter(moved.backbone, generator=torch.Generator().manual_seed(seed))
         result = teleport(
             moved,
             adapter,
             batch_task_losses,
             batches,
             batches[0],
-            semantics.ratio_weights(norms),
-            semantics,
-            TeleportConfig(lr=3e-3, guard=False),
+            ratios=semantics.ratio_weights(norms),
+            semantics=semantics,
+            config=TeleportConfig(lr=3e-3, guard=False),
             generator=torch.Generator().manual_seed(seed + 1),
         )
         runs[str(weight)] = {"task_terms": result.task_terms, "sharpness_terms": result.sharpness_terms}

@@ -263,9 +263,15 @@ SEMANTICS: dict[str, type[Semantics]] = {"public": PublicSemantics, "paper": Pap
 
 
 def get_semantics(semantics: str | Semantics) -> Semantics:
-    """A ``Semantics`` from its name (``"public"`` or ``"paper"``, default settings) or as given."""
+    """A ``Semantics`` from its name (``"public"`` or ``"paper"``, default settings) or as given:
+    the one resolver for every function that takes a semantics."""
     if isinstance(semantics, Semantics):
         return semantics
+    if not isinstance(semantics, str):
+        raise TypeError(
+            f"semantics must be a name ({', '.join(map(repr, sorted(SEMANTICS)))}) or a Semantics, "
+            f"got {type(semantics).__name__}"
+        )
     if semantics == "reference":
         raise ValueError("the public code's semantics is now called 'public' (it was 'reference')")
     if semantics not in SEMANTICS:

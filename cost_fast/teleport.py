@@ -16,14 +16,20 @@ and rolls the backbone back bit-exactly if any task's mean loss rose by more tha
 
 or if anything is non-finite. ``guard=False`` skips that pass, as the public code does.
 
+Guard or no guard, a teleport whose adapter steps (L_t, L_g), contour L* or merged update ΔW
+are not finite (a NaN in the teleport data, an adapter learning rate that diverges) is never
+merged: the backbone is put back bit-exactly and the teleport is reported as rolled back,
+"non-finite". That check reads values the teleport computes anyway (no extra pass).
+
 The adapter is attached to the backbone only while the teleport runs (``TeleportAdapter``), the
-model is in eval mode (as in the public code) and goes back to the mode it had.
+model is in eval mode (as in the public code) and every module goes back to the mode it had.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -32,7 +38,7 @@ from torch import nn
 from cost_fast.checks import check_int
 from cost_fast.lora import TeleportAdapter
 from cost_fast.perturbed import LossFn
-from cost_fast.semantics import Semantics
+from cost_fast.semantics import Semantics, get_semantics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +105,19 @@ class TeleportResult:
         return self.rollback_reason is not None
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the block; then every module gets back its own training flag (a
+    model in train mode may hold modules the user keeps in eval mode, e.g. frozen BatchNorm)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 @torch.no_grad()
 def loss_contour(model: nn.Module, loss_fn: LossFn, data: Iterable[Any]) -> torch.Tensor:
     """L*: the mean of the task losses over ``data``, accumulated and returned in float64 (no
@@ -131,12 +150,13 @@ def teleport(
     loss_fn: LossFn,
     data: Iterable[Any],
     current_batch: Any,
-    ratios: torch.Tensor,
-    semantics: Semantics,
-    config: TeleportConfig,
     *,
+    ratios: torch.Tensor,
+    semantics: str | Semantics,
+    config: TeleportConfig,
     lr: float | None = None,
     generator: torch.Generator | None = None,
+    reset: bool = True,
     progress: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
     reduce_gradients: Callable[[list[torch.Tensor | None]], None] | None = None,
 ) -> TeleportResult:
@@ -144,86 +164,129 @@ def teleport(
 
     Args:
         model: the whole multi-task model (``loss_fn(model, batch)`` gives its K losses).
-        adapter: the ``TeleportAdapter`` built on the shared backbone.
+        adapter: the ``TeleportAdapter`` built on the shared backbone; its scale is set from
+            the semantics (``lora_alpha / rank``).
         data: the teleport data, iterated 1 + ``config.rounds`` (+1 with the guard) times.
         current_batch: the training batch on which L_g is measured.
-        ratios: R (shape (K,)), ``semantics.ratio_weights(norms)``.
-        semantics: the ``Semantics`` giving L_g and the objective's weights.
+        ratios: R (shape (K,)), ``semantics.ratio_weights(norms)`` (keyword-only: the yardstick
+            takes the gradient norms in its place).
+        semantics: ``"public"``, ``"paper"`` or a ``Semantics``: L_g, the objective's weights
+            and the adapter's alpha.
         config: the ``TeleportConfig``.
         lr: the adapter's learning rate when ``config.lr`` is None.
         generator: the source of the perturbation noise (reproducible runs).
+        reset: start from freshly drawn adapter factors (default); False keeps the factors the
+            adapter holds (e.g. set by the caller to compare with another implementation).
         progress: called as progress(step, L_t, L_g) after every adapter step (0-d device
             tensors: reading them synchronizes, so a progress bar should do it sparingly).
         reduce_gradients: called with the adapter's gradients before each adapter step (data
             parallel: their sum over the ranks, ``cost_fast.distributed``).
 
     Draws, in this order, from ``generator``: the adapter's random factors (``adapter.reset``,
-    which uses the adapter's generator: COST gives both the same one), then the semantics'
-    noise. Returns a ``TeleportResult``; the adapter ends detached.
+    which uses the adapter's generator: COST gives both the same one; nothing with
+    ``reset=False``), then the semantics' noise. Returns a ``TeleportResult``; the adapter ends
+    detached.
     """
+    semantics = get_semantics(semantics)
+    if not isinstance(config, TeleportConfig):
+        raise TypeError(f"config must be a TeleportConfig, got {type(config).__name__}")
+    if not isinstance(adapter, TeleportAdapter):
+        raise TypeError(f"adapter must be a TeleportAdapter, got {type(adapter).__name__}")
+    if not isinstance(ratios, torch.Tensor) or ratios.ndim != 1:
+        got = f"shape {tuple(ratios.shape)}" if isinstance(ratios, torch.Tensor) else type(ratios).__name__
+        raise ValueError(f"ratios must be the 1-D tensor R of the K ratio weights, got {got}")
     if iter(data) is data:
         raise ValueError("the teleport data must be re-iterable (a DataLoader or a list), not a one-shot iterator")
     adapter_lr = config.lr if config.lr is not None else lr
     if adapter_lr is None:
         raise ValueError("the adapter's learning rate is unknown: set TeleportConfig(lr=...) or pass lr")
-    was_training = model.training
-    model.eval()
     snapshot = adapter.snapshot()
-    try:
-        contour = loss_contour(model, loss_fn, data)  # the identity adapter would change nothing
-        adapter.reset()
-        with adapter.attached():
-            adapter_ids = {id(p) for p in adapter.adapter_parameters}
-            name_of = {id(p): name for name, p in model.named_parameters()}
-            probe = semantics.sharpness_probe(
-                model,
-                loss_fn,
-                current_batch,
-                ratios,
-                model_parameters=[(n, p) for n, p in model.named_parameters() if id(p) not in adapter_ids],
-                shared_parameters=[(name_of[id(p)], p) for p in adapter.base_parameters],
-                generator=generator,
-                samples_per_pass=config.samples_per_pass,
-                num_samples=config.num_samples,
-            )
-            optimizer = torch.optim.Adam(adapter.adapter_parameters, lr=adapter_lr)
-            task_terms: list[torch.Tensor] = []
-            sharp_terms: list[torch.Tensor] = []
-            steps = 0
-            budget = config.max_steps if config.max_steps is not None else float("inf")
-            for _ in range(config.rounds):
-                for batch in data:
-                    # The probe perturbs parameters in place, so it runs before any graph of
-                    # this step exists (autograd would reject saved tensors that were modified).
-                    sharp_term = probe(steps)
-                    losses = loss_fn(model, batch)
-                    task_term = (losses - contour.to(losses)).abs().mean()
-                    objective = semantics.task_weight * task_term - semantics.sharpness_weight * sharp_term
-                    optimizer.zero_grad(set_to_none=True)
-                    objective.backward(inputs=adapter.adapter_parameters)
-                    if reduce_gradients is not None:
-                        reduce_gradients([p.grad for p in adapter.adapter_parameters])
-                    optimizer.step()
-                    steps += 1
-                    task_terms.append(task_term.detach())
-                    sharp_terms.append(sharp_term.detach())
-                    if progress is not None:
-                        progress(steps, task_terms[-1], sharp_terms[-1])
+    with eval_mode(model):
+        try:
+            contour = loss_contour(model, loss_fn, data)  # the identity adapter would change nothing
+            adapter.set_alpha(semantics.lora_alpha)
+            if reset:
+                adapter.reset()
+            with adapter.attached():
+                adapter_ids = {id(p) for p in adapter.adapter_parameters}
+                name_of = {id(p): name for name, p in model.named_parameters()}
+                probe = semantics.sharpness_probe(
+                    model,
+                    loss_fn,
+                    current_batch,
+                    ratios,
+                    model_parameters=[(n, p) for n, p in model.named_parameters() if id(p) not in adapter_ids],
+                    shared_parameters=[(name_of[id(p)], p) for p in adapter.base_parameters],
+                    generator=generator,
+                    samples_per_pass=config.samples_per_pass,
+                    num_samples=config.num_samples,
+                )
+                optimizer = torch.optim.Adam(adapter.adapter_parameters, lr=adapter_lr)
+                task_terms: list[torch.Tensor] = []
+                sharp_terms: list[torch.Tensor] = []
+                steps = 0
+                budget = config.max_steps if config.max_steps is not None else float("inf")
+                for _ in range(config.rounds):
+                    for batch in data:
+                        # The probe perturbs parameters in place, so it runs before any graph of
+                        # this step exists (autograd would reject saved tensors that were modified).
+                        sharp_term = probe(steps)
+                        losses = loss_fn(model, batch)
+                        task_term = (losses - contour.to(losses)).abs().mean()
+                        objective = semantics.task_weight * task_term - semantics.sharpness_weight * sharp_term
+                        optimizer.zero_grad(set_to_none=True)
+                        objective.backward(inputs=adapter.adapter_parameters)
+                        if reduce_gradients is not None:
+                            reduce_gradients([p.grad for p in adapter.adapter_parameters])
+                        optimizer.step()
+                        steps += 1
+                        task_terms.append(task_term.detach())
+                        sharp_terms.append(sharp_term.detach())
+                        if progress is not None:
+                            progress(steps, task_terms[-1], sharp_terms[-1])
+                        if steps >= budget:
+                            break
                     if steps >= budget:
                         break
-                if steps >= budget:
-                    break
-            deltas = adapter.merge()
-        after = loss_contour(model, loss_fn, data) if config.guard_for(semantics) else None
-        reason = None if after is None else guard_verdict(contour, after, config.guard_tolerance)
-        if reason is not None:
+                deltas = adapter.merge()
+            finite = _finite_teleport(contour, task_terms + sharp_terms, deltas, adapter.adapted_weights)
+            after, reason = None, None
+            if not finite:
+                reason = "non-finite"
+            elif config.guard_for(semantics):
+                after = loss_contour(model, loss_fn, data)
+                reason = guard_verdict(contour, after, config.guard_tolerance)
+            if reason is not None:
+                adapter.restore(snapshot)
+                deltas = [torch.zeros_like(d) for d in deltas]
+            # one host transfer for the whole history (nothing synchronizes inside the loop)
+            history = torch.stack(task_terms + sharp_terms).tolist() if steps else []
+            return TeleportResult(deltas, steps, history[:steps], history[steps:], contour, after, reason)
+        except BaseException:
             adapter.restore(snapshot)
-            deltas = [torch.zeros_like(d) for d in deltas]
-        # one host transfer for the whole history (nothing synchronizes inside the loop)
-        history = torch.stack(task_terms + sharp_terms).tolist() if steps else []
-        return TeleportResult(deltas, steps, history[:steps], history[steps:], contour, after, reason)
-    except BaseException:
-        adapter.restore(snapshot)
-        raise
-    finally:
-        model.train(was_training)
+            raise
+
+
+def _finite_teleport(
+    contour: torch.Tensor, terms: list[torch.Tensor], deltas: list[torch.Tensor], weights: list[torch.Tensor]
+) -> bool:
+    """True when L*, every adapter step's L_t and L_g, ΔW and the merged weights are finite (one
+    host read; max-norms, which cannot overflow for finite entries and propagate NaN)."""
+    tensors = [contour, *terms, *deltas, *weights]
+    peaks = torch._foreach_norm([t.detach() for t in tensors], float("inf"))
+    return bool(torch.isfinite(torch.stack([peak.double() for peak in peaks])).all())
+
+
+# Names of the first release, now methods of the semantics (``cost_fast.semantics``).
+_RENAMED = {
+    "reference_ratio_weights": "PublicSemantics().ratio_weights",
+    "paper_ratio_weights": "PaperSemantics().ratio_weights",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """A removed name raises an ``ImportError`` naming its replacement (an ``AttributeError``
+    would reach ``from cost_fast.teleport import ...`` as a bare "cannot import name")."""
+    if name in _RENAMED:
+        raise ImportError(f"cost_fast.teleport.{name} was removed: use cost_fast.semantics' {_RENAMED[name]}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from cost_fast.aggregators.base import Aggregator
-from cost_fast.semantics import Semantics
+from cost_fast.semantics import Semantics, get_semantics
 from cost_fast.teleport import TeleportConfig
 
 LORA_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -82,19 +82,24 @@ def yardstick_teleport(
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
     data: Iterable[Any],
     current_batch: Any,
-    norms: torch.Tensor,
-    semantics: Semantics,
-    config: TeleportConfig,
     *,
+    norms: torch.Tensor,
+    semantics: str | Semantics,
+    config: TeleportConfig,
     lr: float,
     rank: int = 5,
     generator: torch.Generator,
 ) -> tuple[nn.Module | None, int]:
     """Return (a teleported copy of ``model``, or None when the guard rolls back; the number of
     adapter steps taken); the input is not modified.
-    ``norms`` are the task gradient norms ‖g_i‖; ``backbone_name`` the attribute holding the
-    shared backbone."""
+    ``norms`` are the task gradient norms ‖g_i‖ (keyword-only: ``teleport`` takes the ratio
+    weights R in their place); ``backbone_name`` the attribute holding the shared backbone;
+    ``semantics`` a name or a ``Semantics``."""
     from peft import LoraConfig, get_peft_model
+
+    semantics = get_semantics(semantics)
+    if not isinstance(config, TeleportConfig):
+        raise TypeError(f"config must be a TeleportConfig, got {type(config).__name__}")
 
     model = copy.deepcopy(model)
     model.eval()
@@ -191,8 +196,8 @@ class YardstickCOST:
     """COST's training step written the straightforward way (module docstring).
 
     Args mirror ``COST``'s; ``backbone_name`` names the shared submodule (an attribute of
-    ``model``); ``semantics`` is a ``Semantics`` (only its numbers are read); the base method
-    must be Gram-based.
+    ``model``); ``semantics`` is a name or a ``Semantics`` (only its numbers are read); the base
+    method must be Gram-based.
     """
 
     def __init__(
@@ -204,7 +209,7 @@ class YardstickCOST:
         *,
         loss_fn: Callable[[nn.Module, Any], torch.Tensor],
         teleport_data: Iterable[Any],
-        semantics: Semantics,
+        semantics: str | Semantics,
         teleport: TeleportConfig | None = None,
         start_step: int = 0,
         max_teleports_per_epoch: int = 1,
@@ -214,7 +219,7 @@ class YardstickCOST:
         if not isinstance(base, Aggregator) or base.kind != "gram":
             raise TypeError("the yardstick COST takes a Gram-based aggregator as its base method")
         self.model, self.backbone_name, self.base, self.optimizer = model, backbone_name, base, optimizer
-        self.loss_fn, self.teleport_data, self.semantics = loss_fn, teleport_data, semantics
+        self.loss_fn, self.teleport_data, self.semantics = loss_fn, teleport_data, get_semantics(semantics)
         self.start_step, self.max_teleports_per_epoch, self.rank = start_step, max_teleports_per_epoch, rank
         self.config = teleport or TeleportConfig()
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
@@ -276,9 +281,9 @@ class YardstickCOST:
             self.loss_fn,
             self.teleport_data,
             batch,
-            norms,
-            self.semantics,
-            self.config,
+            norms=norms,
+            semantics=self.semantics,
+            config=self.config,
             lr=self.config.lr if self.config.lr is not None else self.optimizer.param_groups[0]["lr"],
             rank=self.rank,
             generator=self.generator,

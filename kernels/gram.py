@@ -80,6 +80,19 @@ class GramStats:
         """K, the number of tasks."""
         return self.gram.shape[0]
 
+    def unscaled(self, scale: torch.Tensor | float) -> GramStats:
+        """The statistics of G / s, from those of gradients G of losses scaled by s > 0 (an AMP
+        ``GradScaler``'s scale): M / s², ‖g_i‖ / s, g_i·g0 / s², ‖g0‖ / s; the cosines, the
+        counts and the flags do not depend on s. No host read."""
+        s = torch.as_tensor(scale, dtype=self.gram.dtype, device=self.gram.device)
+        return dataclasses.replace(
+            self,
+            gram=self.gram / (s * s),
+            norms=self.norms / s,
+            dot_mean=self.dot_mean / (s * s),
+            mean_norm=self.mean_norm / s,
+        )
+
 
 def check_grad_matrix(G: torch.Tensor) -> None:
     """Raise ``TypeError``/``ValueError`` naming what is wrong with a K x P gradient matrix."""

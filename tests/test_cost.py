@@ -376,6 +376,7 @@ def test_backward_leaves_the_step_to_the_caller_under_autocast() -> None:
     infos = []
     for _ in range(3):
         for batch in batches:
+            optimizer.zero_grad()  # backward() adds into .grad, as torch's does
             info = cost.backward(loss_fn(model, batch), batch)
             infos.append(info)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the caller's own step

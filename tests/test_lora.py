@@ -18,6 +18,26 @@ def small_model(seed: int = 0) -> CelebACNN:
 
 
 METHODS = ["lora", "loha"]
+ALPHA = 3.0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_scale_is_alpha_over_rank_as_set(method: str) -> None:
+    model = small_model()
+    adapter = TeleportAdapter(model.backbone, rank=2, method=method)
+    with torch.no_grad():
+        for p in adapter.adapter_parameters:
+            p.normal_()
+    deltas = {}
+    for alpha in (2.0, 6.0):
+        adapter.set_alpha(alpha)
+        snap = adapter.snapshot()
+        deltas[alpha] = adapter.merge()
+        adapter.restore(snap)
+    for small, large in zip(deltas[2.0], deltas[6.0]):
+        torch.testing.assert_close(large, 3 * small)  # ΔW is linear in the scale alpha / rank
+    with pytest.raises(ValueError, match="alpha"):
+        adapter.set_alpha(0.0)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -31,6 +51,7 @@ def test_building_the_adapter_leaves_the_model_as_it_was(method: str) -> None:
     engine = TaskGradients(params, num_tasks=3)
     rng = torch.get_rng_state()
     adapter = TeleportAdapter(model.backbone, rank=2, method=method)
+    adapter.set_alpha(ALPHA)
     assert torch.equal(torch.get_rng_state(), rng)  # peft's initialization drew from a forked generator
     assert list(model.state_dict()) == keys and [type(m) for m in model.modules()] == modules
     assert not hasattr(model.backbone, "peft_config")
@@ -54,6 +75,7 @@ def test_trained_adapter_merges_exactly(method: str) -> None:
     model = small_model()
     x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 2, (4, 3))
     adapter = TeleportAdapter(model.backbone, rank=2, method=method)
+    adapter.set_alpha(ALPHA)
     with adapter.attached():
         adapter.reset()
         opt = torch.optim.Adam(adapter.adapter_parameters, lr=0.05)
@@ -75,6 +97,7 @@ def test_trained_adapter_merges_exactly(method: str) -> None:
 def test_restore_is_bit_exact(method: str) -> None:
     model = small_model()
     adapter = TeleportAdapter(model.backbone, rank=2, method=method)
+    adapter.set_alpha(ALPHA)
     snap = adapter.snapshot()
     with torch.no_grad():
         for p in adapter.adapter_parameters:
@@ -106,6 +129,7 @@ def test_frozen_layers_are_not_adapted_and_never_change() -> None:
     backbone[2].requires_grad_(False)
     frozen = backbone[2].weight.detach().clone()
     adapter = TeleportAdapter(backbone, rank=2)
+    adapter.set_alpha(ALPHA)
     assert len(adapter.layers) == 2 and all(w is not backbone[2].weight for w in adapter.adapted_weights)
     with torch.no_grad():
         for p in adapter.adapter_parameters:
@@ -124,6 +148,11 @@ def test_bad_backbones() -> None:
         TeleportAdapter(nn.Linear(3, 3))
     backbone = nn.Sequential(nn.Linear(3, 3))
     adapter = TeleportAdapter(backbone)
+    with pytest.raises(RuntimeError, match="alpha is not set"):  # the scale comes from the semantics
+        adapter.merge()
+    with pytest.raises(RuntimeError, match="alpha is not set"):
+        adapter.attached().__enter__()
+    adapter.set_alpha(ALPHA)
     with adapter.attached(), pytest.raises(ValueError, match="already holds LoRA"):
         TeleportAdapter(backbone)
     with adapter.attached(), pytest.raises(RuntimeError, match="already attached"):

@@ -33,7 +33,8 @@ def test_lora_scale_and_merged_delta_equal_peft_with_the_public_defaults() -> No
     straightforward = copy.deepcopy(net)
     semantics = PublicSemantics()
     assert LoraConfig(r=5).lora_alpha == semantics.lora_alpha  # peft's default, which the public code keeps
-    adapter = TeleportAdapter(net.backbone, rank=5, alpha=semantics.lora_alpha)
+    adapter = TeleportAdapter(net.backbone, rank=5)
+    adapter.set_alpha(semantics.lora_alpha)  # what teleport() does
     with adapter.attached():
         adapter.reset()
         with torch.no_grad():
@@ -89,7 +90,8 @@ def test_public_base_step_equals_the_public_codes_step() -> None:
     for batch in batches * 2:
         cost.step(batch_task_losses(model, batch), batch)
         # the public trainer: per-task gradients of the shared part, FairGrad weights, the
-        # backbone gets K·Gᵀw, each head its own unweighted gradient, then clipping to norm 1
+        # backbone gets K·Gᵀw, each head its own unweighted gradient, then the shared part's
+        # gradient clipped to norm 1 (its clip_grad_norm_(shared, max_norm=1.0): heads unclipped)
         opt.zero_grad()
         losses = batch_task_losses(plain, batch)
         G = torch.stack(
@@ -102,7 +104,7 @@ def test_public_base_step_equals_the_public_codes_step() -> None:
         for p in shared:
             p.grad = update[offset : offset + p.numel()].view_as(p).clone()
             offset += p.numel()
-        torch.nn.utils.clip_grad_norm_(plain.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(shared, 1.0)
         opt.step()
         for a, b in zip(model.parameters(), plain.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

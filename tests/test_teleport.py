@@ -13,7 +13,7 @@ from cost_fast.lora import TeleportAdapter
 from cost_fast.models import CelebACNN, batch_task_losses
 from cost_fast.semantics import PaperSemantics, PublicSemantics, get_semantics
 from cost_fast.teleport import TeleportConfig, guard_verdict, teleport
-from cost_fast.yardstick import yardstick_teleport
+from cost_fast.yardstick import YardstickCOST, yardstick_teleport
 
 PUBLIC = PublicSemantics()
 NORMS = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
@@ -31,16 +31,16 @@ def perturbed_losses(model, named, loss_fn, batch, n, generator, samples_per_pas
 K = 3
 
 
-def problem(seed: int = 0):
+def problem(seed: int = 0, dtype: torch.dtype = torch.float64):
     torch.manual_seed(seed)
-    model = CelebACNN(num_tasks=K, width=2).double()
+    model = CelebACNN(num_tasks=K, width=2).to(dtype)
     gen = torch.Generator().manual_seed(seed + 1)
     data = [
-        (torch.randn(4, 3, 16, 16, generator=gen, dtype=torch.float64), torch.randint(0, 2, (4, K), generator=gen))
+        (torch.randn(4, 3, 16, 16, generator=gen, dtype=dtype), torch.randint(0, 2, (4, K), generator=gen))
         for _ in range(2)
     ]
     current = (
-        torch.randn(4, 3, 16, 16, generator=gen, dtype=torch.float64),
+        torch.randn(4, 3, 16, 16, generator=gen, dtype=dtype),
         torch.randint(0, 2, (4, K), generator=gen),
     )
     ratios = PUBLIC.ratio_weights(NORMS)
@@ -53,10 +53,19 @@ def run_fast_and_yardstick(seed: int, semantics, config: TeleportConfig):
     model, data, current, _ = problem(seed)
     yardstick_input = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(7)
-    adapter = TeleportAdapter(model.backbone, rank=2, alpha=semantics.lora_alpha, generator=generator)
+    adapter = TeleportAdapter(model.backbone, rank=2, generator=generator)
     ratios = semantics.ratio_weights(NORMS)
     result = teleport(
-        model, adapter, batch_task_losses, data, current, ratios, semantics, config, lr=1e-2, generator=generator
+        model,
+        adapter,
+        batch_task_losses,
+        data,
+        current,
+        ratios=ratios,
+        semantics=semantics,
+        config=config,
+        lr=1e-2,
+        generator=generator,
     )
     expected, yardstick_steps = yardstick_teleport(
         yardstick_input,
@@ -64,9 +73,9 @@ def run_fast_and_yardstick(seed: int, semantics, config: TeleportConfig):
         batch_task_losses,
         data,
         current,
-        NORMS,
-        semantics,
-        config,
+        norms=NORMS,
+        semantics=semantics,
+        config=config,
         lr=1e-2,
         rank=2,
         generator=torch.Generator().manual_seed(7),
@@ -99,7 +108,7 @@ def test_guard_rolls_back_bit_exactly() -> None:
     before = adapter.snapshot()
     # an absurd step size: the teleport wrecks the losses and the guard must undo it
     config = TeleportConfig(lr=10.0, rounds=1, guard=True)  # on: public semantics has it off by default
-    result = teleport(model, adapter, batch_task_losses, data, current, ratios, PUBLIC, config)
+    result = teleport(model, adapter, batch_task_losses, data, current, ratios=ratios, semantics=PUBLIC, config=config)
     assert result.rolled_back and result.rollback_reason == "loss rose"
     assert all(torch.equal(p, b) for p, b in zip(adapter.adapted_weights, before))
     assert all(float(d.abs().sum()) == 0 for d in result.deltas)
@@ -116,9 +125,9 @@ def test_step_budget_progress_and_bad_data() -> None:
         batch_task_losses,
         data,
         current,
-        ratios,
-        PUBLIC,
-        TeleportConfig(lr=1e-3, rounds=5, max_steps=3, guard_tolerance=1e9),
+        ratios=ratios,
+        semantics=PUBLIC,
+        config=TeleportConfig(lr=1e-3, rounds=5, max_steps=3, guard_tolerance=1e9),
         progress=lambda step, lt, lg: seen.append((step, lt, lg)),
     )
     assert result.steps == 3 and [s for s, _, _ in seen] == [1, 2, 3]
@@ -126,11 +135,13 @@ def test_step_budget_progress_and_bad_data() -> None:
     assert result.sharpness_terms == [float(lg) for _, _, lg in seen]
     config = TeleportConfig(lr=1e-3)
     with pytest.raises(ValueError, match="re-iterable"):
-        teleport(model, adapter, batch_task_losses, iter(data), current, ratios, PUBLIC, config)
+        teleport(model, adapter, batch_task_losses, iter(data), current, ratios=ratios, semantics=PUBLIC, config=config)
     with pytest.raises(ValueError, match="no batch"):
-        teleport(model, adapter, batch_task_losses, [], current, ratios, PUBLIC, config)
+        teleport(model, adapter, batch_task_losses, [], current, ratios=ratios, semantics=PUBLIC, config=config)
     with pytest.raises(ValueError, match="learning rate"):
-        teleport(model, adapter, batch_task_losses, data, current, ratios, PUBLIC, TeleportConfig())
+        teleport(
+            model, adapter, batch_task_losses, data, current, ratios=ratios, semantics=PUBLIC, config=TeleportConfig()
+        )
     with pytest.raises(ValueError, match="rounds"):
         TeleportConfig(rounds=0)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -200,7 +211,7 @@ def test_a_no_op_teleport_at_negative_losses_is_never_rolled_back() -> None:
 
     adapter = TeleportAdapter(model.backbone, rank=2)
     config = TeleportConfig(lr=1e-30, rounds=1, guard=True)
-    result = teleport(model, adapter, negative, data, current, ratios, PUBLIC, config)
+    result = teleport(model, adapter, negative, data, current, ratios=ratios, semantics=PUBLIC, config=config)
     assert bool((result.contour_before < 0).all()) and not result.rolled_back and result.contour_after is not None
 
 
@@ -208,11 +219,25 @@ def test_the_guard_is_off_by_default_in_public_semantics_only() -> None:
     model, data, current, ratios = problem(1)
     adapter = TeleportAdapter(model.backbone, rank=2)
     wreck = TeleportConfig(lr=10.0, rounds=1)
-    assert teleport(model, adapter, batch_task_losses, data, current, ratios, PUBLIC, wreck).contour_after is None
+    assert (
+        teleport(
+            model, adapter, batch_task_losses, data, current, ratios=ratios, semantics=PUBLIC, config=wreck
+        ).contour_after
+        is None
+    )
     model, data, current, _ = problem(1)
     adapter = TeleportAdapter(model.backbone, rank=2)
     paper = PaperSemantics()
-    result = teleport(model, adapter, batch_task_losses, data, current, paper.ratio_weights(NORMS), paper, wreck)
+    result = teleport(
+        model,
+        adapter,
+        batch_task_losses,
+        data,
+        current,
+        ratios=paper.ratio_weights(NORMS),
+        semantics=paper,
+        config=wreck,
+    )
     assert result.contour_after is not None
 
 
@@ -260,10 +285,175 @@ def test_guard_off_skips_the_check() -> None:
 
     # the absurd step size the guard undoes above is kept with the guard off
     config = TeleportConfig(lr=10.0, rounds=1, guard=False)
-    result = teleport(model, adapter, counting_loss, data, current, ratios, PUBLIC, config)
+    result = teleport(model, adapter, counting_loss, data, current, ratios=ratios, semantics=PUBLIC, config=config)
     assert not result.rolled_back and result.contour_after is None
     assert any(not torch.equal(p, b) for p, b in zip(adapter.adapted_weights, before))
     # contour (2 batches) + per step (5 samples + current + teleport batch) x 2 steps: no guard pass
     assert len(calls) == 2 + 2 * 7
     with pytest.raises(ValueError, match="samples_per_pass"):
         TeleportConfig(samples_per_pass=0)
+
+
+def fresh_teleport(seed: int, *, loss_fn=batch_task_losses, data=None, dtype=torch.float64, **kwargs):
+    """A teleport of a fresh problem with separate generators for the factors and the noise."""
+    model, default_data, current, ratios = problem(seed, dtype)
+    adapter = TeleportAdapter(model.backbone, rank=2, generator=torch.Generator().manual_seed(7))
+    kwargs.setdefault("semantics", PUBLIC)
+    kwargs.setdefault("config", TeleportConfig(lr=1e-2, rounds=1, guard_tolerance=1e9))
+    result = teleport(
+        model,
+        adapter,
+        loss_fn,
+        default_data if data is None else data,
+        current,
+        ratios=ratios,
+        generator=torch.Generator().manual_seed(9),
+        **kwargs,
+    )
+    return model, adapter, result
+
+
+def test_a_semantics_is_taken_by_name_everywhere() -> None:
+    by_object = fresh_teleport(0)[0]
+    by_name = fresh_teleport(0, semantics="public")[0]
+    assert all(torch.equal(a, b) for a, b in zip(by_object.parameters(), by_name.parameters()))
+    model, data, current, _ = problem(0)
+    config = TeleportConfig(lr=1e-2, rounds=1, guard_tolerance=1e9)
+    runs = [
+        yardstick_teleport(
+            model,
+            "backbone",
+            batch_task_losses,
+            data,
+            current,
+            norms=NORMS,
+            semantics=semantics,
+            config=config,
+            lr=1e-2,
+            rank=2,
+            generator=torch.Generator().manual_seed(7),
+        )[0]
+        for semantics in ("public", PUBLIC)
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].parameters(), runs[1].parameters()))
+    from cost_fast import get_aggregator
+
+    optimizer = torch.optim.Adam(model.parameters())
+    plain = YardstickCOST(
+        model,
+        "backbone",
+        get_aggregator("mgda"),
+        optimizer,
+        loss_fn=batch_task_losses,
+        teleport_data=data,
+        semantics="paper",
+    )
+    assert plain.semantics == PaperSemantics()
+
+
+def test_the_adapter_runs_at_the_semantics_scale() -> None:
+    _, adapter, _ = fresh_teleport(0)
+    assert adapter.alpha == PUBLIC.lora_alpha == 8.0  # a default adapter at the semantics' alpha (scale 8/r)
+    assert all(layer.scaling["cost_teleport"] == 8.0 / 2 for layer in adapter.layers)
+    _, adapter, _ = fresh_teleport(0, semantics=PublicSemantics(lora_alpha=2.0))
+    assert adapter.alpha == 2.0 and all(layer.scaling["cost_teleport"] == 1.0 for layer in adapter.layers)
+
+
+def test_calls_with_arguments_in_the_wrong_place_say_which() -> None:
+    model, data, current, ratios = problem(0)
+    adapter = TeleportAdapter(model.backbone, rank=2)
+    config = TeleportConfig(lr=1e-2)
+    with pytest.raises(TypeError, match="positional"):  # the first release's positional call
+        teleport(model, adapter, batch_task_losses, data, current, ratios, PUBLIC, config)
+    with pytest.raises(TypeError, match="semantics must be a name"):
+        teleport(model, adapter, batch_task_losses, data, current, ratios=ratios, semantics=config, config=config)
+    with pytest.raises(TypeError, match="config must be a TeleportConfig"):
+        teleport(model, adapter, batch_task_losses, data, current, ratios=ratios, semantics=PUBLIC, config=PUBLIC)
+    with pytest.raises(ValueError, match="ratios must be the 1-D tensor R"):
+        teleport(model, adapter, batch_task_losses, data, current, ratios=1.0, semantics=PUBLIC, config=config)
+    with pytest.raises(TypeError, match="ratios"):  # the yardstick takes the norms, never R
+        yardstick_teleport(
+            model,
+            "backbone",
+            batch_task_losses,
+            data,
+            current,
+            ratios=ratios,
+            semantics=PUBLIC,
+            config=config,
+            lr=1e-2,
+            generator=torch.Generator(),
+        )
+    with pytest.raises(TypeError, match="positional"):
+        yardstick_teleport(
+            model,
+            "backbone",
+            batch_task_losses,
+            data,
+            current,
+            NORMS,
+            PUBLIC,
+            config,
+            lr=1e-2,
+            generator=torch.Generator(),
+        )
+
+
+def test_names_of_the_first_release_point_to_their_replacement() -> None:
+    import importlib
+
+    with pytest.raises(ImportError, match="renamed cost_fast.yardstick"):
+        importlib.import_module("cost_fast.reference")
+    with pytest.raises(ImportError, match=r"PublicSemantics\(\)\.ratio_weights"):
+        from cost_fast.teleport import reference_ratio_weights  # noqa: F401
+    with pytest.raises(ImportError, match=r"PaperSemantics\(\)\.ratio_weights"):
+        from cost_fast.teleport import paper_ratio_weights  # noqa: F401
+
+
+def test_given_adapter_factors_are_kept_with_reset_false() -> None:
+    drawn_inside = fresh_teleport(2)[0]
+    model, data, current, ratios = problem(2)
+    adapter = TeleportAdapter(model.backbone, rank=2, generator=torch.Generator().manual_seed(7))
+    adapter.reset()  # the same factors, drawn by the caller
+    factors = [p.detach().clone() for p in adapter.adapter_parameters]
+
+    def run(model, adapter):
+        return teleport(
+            model,
+            adapter,
+            batch_task_losses,
+            data,
+            current,
+            ratios=ratios,
+            semantics=PUBLIC,
+            config=TeleportConfig(lr=1e-2, rounds=1, guard_tolerance=1e9),
+            generator=torch.Generator().manual_seed(9),
+            reset=False,
+        )
+
+    run(model, adapter)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), drawn_inside.parameters()))
+    other, _, _, _ = problem(2)
+    other_adapter = TeleportAdapter(other.backbone, rank=2)
+    with torch.no_grad():  # other factors: another teleport
+        for p, f in zip(other_adapter.adapter_parameters, factors):
+            p.copy_(2 * f)
+    run(other, other_adapter)
+    assert any(not torch.equal(a, b) for a, b in zip(other.parameters(), drawn_inside.parameters()))
+
+
+@pytest.mark.parametrize("fault", ["nan_batch", "huge_lr"])
+@pytest.mark.parametrize("semantics", ["public", "paper"])
+def test_a_non_finite_teleport_is_never_merged_guard_or_not(fault: str, semantics: str) -> None:
+    model, data, _, _ = problem(3, torch.float32)
+    before = [p.detach().clone() for p in model.parameters()]
+    config = TeleportConfig(lr=1e30 if fault == "huge_lr" else 1e-2, rounds=1, guard=False)
+    if fault == "nan_batch":
+        x, y = data[1]
+        x = x.clone()
+        x[0, 0, 0, 0] = float("nan")  # one NaN feature in one teleport batch
+        data = [data[0], (x, y)]
+    model, adapter, result = fresh_teleport(3, data=data, semantics=semantics, config=config, dtype=torch.float32)
+    assert result.rolled_back and result.rollback_reason == "non-finite"
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(float(d.abs().sum()) == 0 for d in result.deltas)

@@ -124,6 +124,10 @@ def get_aggregator(name: str, **hparams: Any) -> Any:
 
     if name not in REGISTRY:
         raise ValueError(f"unknown aggregator {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    if REGISTRY[name].kind == "loss" and "num_tasks" not in hparams:
+        raise ValueError(
+            f"{name!r} is a loss weighting, built for a number of tasks: get_aggregator({name!r}, num_tasks=K)"
+        )
     return REGISTRY[name](**hparams)
 
 
