@@ -17,6 +17,7 @@ BASELINES = {
     "grads": "reference_loop",
     "solvers": "reference",
     "teleport": "reference",
+    "adapter": "floor",
     "epoch": "base",
     "distributed": "naive_allreduce",
 }

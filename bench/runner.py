@@ -28,7 +28,7 @@ import torch
 from cost_fast.report import MARKER, MARKER_TEXT, check_report_target
 
 HERE = Path(__file__).parent
-SUITES = ("gram", "grads", "solvers", "teleport", "epoch")
+SUITES = ("gram", "grads", "solvers", "teleport", "adapter", "epoch")
 NO_TESTS_COLLECTED = 5  # pytest's exit status when a -k expression selects nothing in a file
 USAGE_ERROR = 4  # pytest's exit status for a malformed -k expression
 
@@ -82,12 +82,16 @@ def run_benchmarks(
                 "-q",
                 "-p",
                 "no:cacheprovider",
+                # nothing of the checkout on sys.path (the suite runs in the staging folder, and
+                # pytest adds no rootdir): its top-level folders would shadow installed packages
+                # of the same name (kernels/: Hugging Face's kernels, which transformers imports)
+                "--import-mode=importlib",
                 f"--benchmark-json={result}",
                 f"--benchmark-storage=file://{staging / 'storage'}",
                 "--benchmark-columns=median,iqr,rounds",
             ] + (["-k", keyword] if keyword else [])
             print(f"== suite {suite} ({tag})", file=stream, flush=True)
-            status = _run_streaming(command, stream)
+            status = _run_streaming(command, stream, cwd=staging)
             if status == NO_TESTS_COLLECTED:
                 print(f"   -k {keyword!r} selects nothing in suite {suite}: skipped", file=stream)
                 result.unlink(missing_ok=True)
@@ -122,9 +126,12 @@ def run_benchmarks(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _run_streaming(command: list[str], stream: TextIO) -> int:
-    """Run ``command``, copying its output to ``stream`` line by line; returns its exit status."""
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+def _run_streaming(command: list[str], stream: TextIO, cwd: Path) -> int:
+    """Run ``command`` in ``cwd``, copying its output to ``stream`` line by line; returns its exit
+    status."""
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, cwd=cwd
+    ) as proc:
         for line in proc.stdout:
             stream.write(line)
             stream.flush()

@@ -15,7 +15,9 @@ public schedule; the row id is kept from earlier results). One epoch = ``STEPS``
 one teleport. Each COST row records its teleports and adapter steps, and a row whose work differs
 from the other rows of its workload and schedule fails: a mismatch is an error, not a row.
 ``extra_info["teleport_in_base_epochs"]`` is (COST epoch - base epoch) / teleports / base epoch,
-measured in the same run.
+measured in the same run; ``teleport_in_base_epochs_paired`` is the same from epochs run back to
+back (a base epoch, then the row's, twice; the median), which a drift of the machine's speed
+between the rows cannot bias.
 
 Run:  pytest bench/test_bench_epoch.py --benchmark-json=bench/results/epoch_<device>.json
 """
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import statistics
+import time
 
 import pytest
 import torch
@@ -180,6 +184,21 @@ def test_epoch_time(benchmark, workload: str, impl: str) -> None:
             )
     base = _BASE_EPOCH.get(workload)
     per_teleport = None if schedule is None or base is None else (median - base) / teleports / base
+    paired = None
+    if schedule is not None:
+        shares = []
+        for _ in range(2):
+            seconds = []
+            for kind_now, schedule_now in (("fast", None), (kind, schedule)):
+                model = copy.deepcopy(pretrained_model)
+                start = time.perf_counter()
+                done = (yardstick_epoch if kind_now == "yardstick" else cost_epoch)(model, data, schedule_now)
+                synchronize(DEVICE)
+                seconds.append(time.perf_counter() - start)
+                if schedule_now is not None and done != (teleports, adapter_steps):
+                    pytest.fail(f"{impl}: a paired epoch did {done}, not {(teleports, adapter_steps)}")
+            shares.append((seconds[1] - seconds[0]) / teleports / seconds[0])
+        paired = statistics.median(shares)
     benchmark.extra_info.update(
         impl=impl,
         workload=workload,
@@ -187,6 +206,7 @@ def test_epoch_time(benchmark, workload: str, impl: str) -> None:
         teleports=teleports,
         adapter_steps=adapter_steps,
         teleport_in_base_epochs=per_teleport,
+        teleport_in_base_epochs_paired=paired,
         K=K,
         width=width,
         batch=batch,

@@ -12,16 +12,27 @@ reads it):
     base                  the base method's own state dict
     last_update           HTR's g' (shape (P,)), or None when no base update was taken
     htr                   {"pending_sigma": σ in (0, 1] or None}, or None without HTR
+    checksum              SHA-256 of everything above (``checksum``): a flipped byte, in a
+                          tensor or elsewhere, is caught on load
 
 ``check_state`` validates all of it against the COST it is loaded into (types, the method, K,
 P, the generator state, the base method's state, which is tried on a copy of the method) and
 raises one ``ValueError`` naming what differs; so a failed load changes nothing. Format 1 (the
-first release: no format, method or sizes; ``has_update`` instead) is read too.
+first release: no format, method, sizes or checksum; ``has_update`` instead) is read too.
+
+``save`` and ``load`` write and read a checkpoint file (any dict of state dicts) atomically and
+with one clear error for a file that is missing, empty, truncated or not a checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +51,7 @@ KEYS = {
         "base",
         "last_update",
         "htr",
+        "checksum",
         *COUNTERS,
     },
 }
@@ -62,6 +74,8 @@ def upgrade(state: Any) -> dict[str, Any]:
         parts = [f"missing {sorted(missing)}"] * bool(missing) + [f"unexpected {sorted(unknown)}"] * bool(unknown)
         raise ValueError(f"not a COST state of format {version}: {'; '.join(parts)}")
     if version == FORMAT:
+        if state["checksum"] != checksum(state):
+            raise ValueError("the COST state is damaged: its checksum does not match its contents (nothing was loaded)")
         return state
     last = state["last_update"] if state["has_update"] is True else None  # format 1 saved it uninitialized
     return {
@@ -76,6 +90,68 @@ def upgrade(state: Any) -> dict[str, Any]:
         "last_update": last,
         "htr": state["htr"],
     }
+
+
+def checksum(state: dict[str, Any]) -> str:
+    """SHA-256 of a state's contents (every key but "checksum"): values, and for tensors their
+    dtype, shape and bytes, in a fixed order."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            digest.update(f"tensor {value.dtype} {tuple(value.shape)}:".encode())
+            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            digest.update(b"{")
+            for key in sorted(value, key=repr):
+                digest.update(repr(key).encode())
+                feed(value[key])
+            digest.update(b"}")
+        elif isinstance(value, list | tuple):
+            digest.update(b"[")
+            for item in value:
+                feed(item)
+            digest.update(b"]")
+        else:
+            digest.update(f"{type(value).__name__} {value!r};".encode())
+
+    feed({key: value for key, value in state.items() if key != "checksum"})
+    return digest.hexdigest()
+
+
+def save(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
+    """``torch.save`` into a temporary file beside ``path``, renamed into place when complete: a
+    kill or a full disk leaves the earlier file whole."""
+    target = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.resolve().parent)
+    os.close(handle)
+    try:
+        torch.save(checkpoint, temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``, or one ``ValueError`` naming the file for one that
+    is missing, empty, truncated or not a checkpoint."""
+    target = Path(path)
+    if not target.is_file():
+        raise ValueError(f"cannot load the checkpoint {target}: no such file")
+    if target.stat().st_size == 0:
+        raise ValueError(f"cannot load the checkpoint {target}: the file is empty")
+    try:
+        loaded = torch.load(target, weights_only=True)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise ValueError(
+            f"cannot load the checkpoint {target}: it is truncated or not a checkpoint "
+            f"({type(err).__name__}: {first_line})"
+        ) from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"cannot load the checkpoint {target}: it holds a {type(loaded).__name__}, not a dict")
+    return loaded
 
 
 def check_state(

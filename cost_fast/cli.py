@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     bench = sub.add_parser(
         "bench",
-        help="run the benchmark suites (kernels vs torch, solvers, teleport, epochs) and write JSON + plots",
+        help="run the benchmark suites (kernels vs torch, solvers, teleport, adapter, epochs) and write JSON + plots",
         description="Run the pytest-benchmark suites on this machine's device (CUDA if present): each kernel "
         "against its plain torch way, the solvers against scipy/cvxpy, one teleport and one epoch, base vs COST "
         "fast vs COST yardstick. Writes <suite>_<device>.json, a PNG each and summary_<device>.md; other files "
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--suites",
         default="all",
-        help="comma-separated suites among gram, grads, solvers, teleport, epoch (default: all)",
+        help="comma-separated suites among gram, grads, solvers, teleport, adapter, epoch (default: all)",
     )
     bench.add_argument("-k", dest="keyword", default=None, help="pytest -k expression selecting benchmarks")
     toy = sub.add_parser(

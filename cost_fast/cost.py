@@ -53,7 +53,7 @@ from cost_fast.checks import check_int
 from cost_fast.grads import RepresentationGradients, TaskGradients, check_task_losses
 from cost_fast.htr import HistoryReuse, flat_cosine, supports_htr
 from cost_fast.kernels import GramStats
-from cost_fast.lora import TeleportAdapter, adapted_layers
+from cost_fast.lora import TeleportAdapter
 from cost_fast.perturbed import LossFn
 from cost_fast.rng import caller_generators_untouched
 from cost_fast.semantics import Semantics, get_semantics
@@ -150,7 +150,7 @@ class COST:
     Args:
         model: the whole multi-task model.
         shared: its shared backbone (a submodule of ``model``). Its trainable Linear/Conv layers
-            get the teleport adapter, attached only during a teleport: ``model.state_dict()``
+            get the teleport adapter, in weight space (never in the model): ``model.state_dict()``
             keeps the plain model's keys. Frozen layers are never changed.
         base: the base method: an ``Aggregator`` (``get_aggregator("fairgrad")``, ...) or a
             ``LossWeighting`` (whose learned parameters must be in ``optimizer``).
@@ -170,9 +170,9 @@ class COST:
         rank: adapter rank (default 5; its alpha is the semantics'). adapter: ``"lora"``
             (default), ``"loha"``, or ``"rescale"``: no adapter, the group-action teleport of
             Zhao et al. on the backbone's hidden-unit rescalings (``cost_fast.symmetry``: exact
-            loss invariance, gradient ascent on the gradient norm; MLP backbones). The peft
-            adapter is built when the first teleport needs it (importing peft takes seconds);
-            what it will adapt is checked here.
+            loss invariance, gradient ascent on the gradient norm; MLP backbones). The adapter
+            works in weight space (``cost_fast.lora``: every teleport forward is a plain
+            forward at W + ΔW) and the model's modules are never swapped.
         adapter_targets: ``targets(name, layer) -> bool`` chooses the adapted layers among the
             backbone's trainable Linear/Conv ones (default: all).
         base_step: ``BaseStepConfig`` (default: the base method's own step).
@@ -300,11 +300,14 @@ class COST:
         self.symmetry = RescalingTeleport(model, shared) if adapter == "rescale" else None
         if self.symmetry is not None and self.group is not None:
             raise ValueError("the rescaling teleport is not supported with a process group")
-        if self.symmetry is None:
-            check_int("rank", rank, 1)
-            adapted_layers(shared, adapter, adapter_targets)  # every error about the adapter, now
-        self._adapter_settings = {"rank": rank, "method": adapter, "targets": adapter_targets}
-        self._adapter: TeleportAdapter | None = None
+        self.adapter = (
+            None
+            if self.symmetry is not None
+            else TeleportAdapter(shared, rank=rank, method=adapter, generator=self.generator, targets=adapter_targets)
+        )
+        if self.group is not None:  # before any hook is registered: a refused COST leaves nothing behind
+            learned = list(base.parameters()) if isinstance(base, LossWeighting) else []
+            distributed.check_agreement(self._settings(), [*model.parameters(), *learned], self.group)
         shared_ids = {id(p) for p in shared.parameters()}
         self.task_params = [p for p in model.parameters() if id(p) not in shared_ids and p.requires_grad]
         self.learned_weighting_params = (
@@ -333,25 +336,34 @@ class COST:
         self._pending_learning: tuple[torch.Tensor, torch.Tensor, Any] | None = None
         self._base_epoch_due = False  # the base method's end_epoch() waits for its last learning
         self._wrote_gradients = False  # COST added to .grad since the last optimizer step
-        optimizer.register_step_pre_hook(self._before_optimizer_step)
-        optimizer.register_step_post_hook(self._after_optimizer_step)
         self.step_count = 0
         self.epoch = 0
         self.teleports_this_epoch = 0
+        optimizer.register_step_pre_hook(self._before_optimizer_step)
+        optimizer.register_step_post_hook(self._after_optimizer_step)
 
-    @property
-    def adapter(self) -> TeleportAdapter | None:
-        """The teleport's peft adapter, built on first use (None for the rescaling teleport)."""
-        if self._adapter is None and self.symmetry is None:
-            settings = self._adapter_settings
-            self._adapter = TeleportAdapter(
-                self.shared,
-                rank=settings["rank"],
-                method=settings["method"],
-                generator=self.generator,
-                targets=settings["targets"],
-            )
-        return self._adapter
+    def _settings(self) -> dict[str, str]:
+        """Everything that must be the same on every rank of a process group, described."""
+        groups = [
+            {**{k: v for k, v in group.items() if k != "params"}, "parameters": len(group["params"])}
+            for group in self.optimizer.param_groups
+        ]
+        method = repr(self.base) if isinstance(self.base, Aggregator) else type(self.base).__name__
+        return {
+            "base method": method,
+            "semantics": repr(self.semantics),
+            "teleport config": repr(self.teleport_config),
+            "base step": repr(self.base_step),
+            "schedule": f"start_step={self.start_step}, start_epoch={self.start_epoch}, "
+            f"max_teleports_per_epoch={self.max_teleports_per_epoch}, steps_per_epoch={self.steps_per_epoch}",
+            "adapter": "rescale"
+            if self.adapter is None
+            else f"{self.adapter.method} rank {self.adapter.rank} on {self.adapter.names}",
+            "optimizer": f"{type(self.optimizer).__name__} {groups}",
+            "gradients": f"gradient_mode={self.gradient_mode}, nonfinite={self.nonfinite}, "
+            f"scaler={self.scaler is not None}",
+            "seed": str(self.generator.initial_seed()),
+        }
 
     @property
     def num_tasks(self) -> int | None:
@@ -369,8 +381,9 @@ class COST:
         """Counters, COST's generator, the base method's state, the last update (HTR's g') and a
         pending HTR (``cost_fast.checkpoint`` lists the fields), so that with the model's and
         optimizer's state dicts a resumed run continues bit-exactly as an uninterrupted one.
-        Tensors and plain values only (``torch.load(weights_only=True)`` reads it)."""
-        return {
+        Tensors and plain values only (``torch.load(weights_only=True)`` reads it), with a
+        checksum that ``load_state_dict`` verifies."""
+        state = {
             "format": checkpoint.FORMAT,
             "semantics": self.semantics.name,
             "method": type(self.base).__name__,
@@ -384,6 +397,8 @@ class COST:
             "last_update": None if self._last_update is None else self._last_update.clone(),
             "htr": None if self.htr is None else self.htr.state_dict(),
         }
+        state["checksum"] = checkpoint.checksum(state)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned. The whole state is checked first (semantics,

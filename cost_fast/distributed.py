@@ -21,10 +21,16 @@ weighting's total, a teleport's L_t and L_g) backpropagates to each rank's part,
 ranks' parameter gradients (``all_reduce_``) gives the single-process gradient. Decisions (the
 trigger, a non-finite step, the guard, HTR) are computed from reduced values, so every rank
 takes the same one.
+
+``check_agreement`` runs once, when COST is built with a process group: one small collective
+compares a fingerprint of everything that must match on every rank (the settings and the
+parameters' values), and every rank raises the same error naming what differs, instead of
+hanging in mismatched collectives or silently training apart.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -35,6 +41,10 @@ import torch.distributed as dist
 from cost_fast.grads import TaskGradients, UpdateBuffer, check_task_losses
 from cost_fast.kernels import GramStats, stats_from_gram
 from cost_fast.kernels.gram import gram_torch
+
+# torch 2.13 renamed the single-tensor collectives (the old names warn); earlier versions have only those.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def default_group(group: Any = None) -> Any:
@@ -122,7 +132,7 @@ class ShardedTaskGradients(UpdateBuffer):
             begin, end = r * self.shard, min((r + 1) * self.shard, self.num_params)
             if end > begin:
                 torch.mul(local[:, begin:end], self.share, out=self._packed[r, :, : end - begin])
-        dist.reduce_scatter_tensor(self.grads.view(-1), self._packed.view(-1), group=self.group)
+        _reduce_scatter_single(self.grads.view(-1), self._packed.view(-1), group=self.group)
         return self.grads
 
     def stats(self) -> GramStats:
@@ -133,7 +143,7 @@ class ShardedTaskGradients(UpdateBuffer):
 
     def set_direction(self, direction: torch.Tensor) -> torch.Tensor:
         """The whole update from this rank's shard of it (all-gathered into ``combined``)."""
-        dist.all_gather_into_tensor(self._gathered, direction.contiguous(), group=self.group)
+        _all_gather_single(self._gathered, direction.contiguous(), group=self.group)
         self._release_grads()
         return self.combined.copy_(self._gathered[: self.num_params])
 
@@ -143,3 +153,38 @@ class ShardedTaskGradients(UpdateBuffer):
         if write_grad:
             self._attach_grads()
         return self.combined
+
+
+def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
+    """A SHA-256 digest of the tensors' values, shapes and dtypes (copied to the host once)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_agreement(settings: dict[str, str], tensors: Iterable[torch.Tensor], group: Any) -> None:
+    """Raise the same ``ValueError`` on every rank of ``group`` unless all ranks have the same
+    ``settings`` (name: description) and the same ``tensors`` (by ``fingerprint``); it names the
+    settings that differ and the ranks that differ from rank 0. One ``all_gather_object``."""
+    mine = {name: hashlib.sha256(text.encode()).hexdigest() for name, text in settings.items()}
+    mine["parameters"] = fingerprint(tensors)
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, (mine, settings), group=group)
+    reference, described = everyone[0]
+    differ = {
+        name: [r for r, (theirs, _) in enumerate(everyone) if theirs.get(name) != digest]
+        for name, digest in reference.items()
+    }
+    differ = {name: ranks for name, ranks in differ.items() if ranks}
+    if differ:
+        parts = []
+        for name, ranks in differ.items():
+            which = ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
+            if name == "parameters":
+                parts.append(f"the parameters' values ({which} differ from rank 0: initialize or load them alike)")
+            else:
+                theirs = everyone[ranks[0]][1].get(name)
+                parts.append(f"{name} (rank 0: {described[name]}; {which}: {theirs})")
+        raise ValueError("the ranks of the process group do not agree on " + "; ".join(parts))

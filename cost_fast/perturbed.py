@@ -12,13 +12,17 @@ points are evaluated in one of two ways, with the same result:
 
 ``sample_losses`` chooses between them and falls back to one per pass, with a warning, for a
 loss that ``vmap`` cannot trace. ``losses_at`` evaluates the losses out of place at substituted
-parameters, differentiably.
+parameters, differentiably; ``EffectivePoint`` is the model at an adapter step's effective
+weights W + ΔW, both ways: differentiably (``losses``) and in place for no-grad passes
+(``applied``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -121,3 +125,27 @@ def losses_at(model: nn.Module, loss_fn: LossFn, batch: Any, substitutes: dict[s
     out of place: differentiable through those tensors, the model itself untouched."""
     renamed = {f"model.{name}": t for name, t in substitutes.items()}
     return torch.func.functional_call(_LossOf(model, loss_fn), renamed, (batch,), strict=False)
+
+
+@dataclasses.dataclass
+class EffectivePoint:
+    """The model at one adapter step's effective weights: ``substitutes`` maps parameter names
+    to W + ΔW (differentiable in the adapter's factors); ``applied()`` writes them into the
+    parameters in place (detached) for a block of passes without grad and puts the parameters
+    back bit-exactly after it."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    substitutes: dict[str, torch.Tensor]
+    applied: Callable[[], AbstractContextManager[None]]
+
+    def losses(self, batch: Any, moved: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The task losses at the effective weights (and at ``moved`` where given, by name),
+        differentiable: one plain forward pass."""
+        return losses_at(
+            self.model, self.loss_fn, batch, self.substitutes if moved is None else {**self.substitutes, **moved}
+        )
+
+    def value(self, name: str, parameter: torch.Tensor) -> torch.Tensor:
+        """The effective value of the parameter ``name``: W + ΔW for an adapted weight, else itself."""
+        return self.substitutes.get(name, parameter)

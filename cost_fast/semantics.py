@@ -54,10 +54,10 @@ from torch import nn
 
 from cost_fast.kernels import GramStats
 from cost_fast.kernels.perturb import sphere_noise, sphere_perturb_
-from cost_fast.perturbed import LossFn, in_place_losses, losses_at, sample_losses
+from cost_fast.perturbed import EffectivePoint, LossFn, in_place_losses, sample_losses
 
-# L_g as a function of the adapter step t (differentiable w.r.t. the adapter).
-SharpnessProbe = Callable[[int], torch.Tensor]
+# L_g as a function of the adapter step t and its effective point (differentiable w.r.t. the adapter).
+SharpnessProbe = Callable[[int, EffectivePoint], torch.Tensor]
 Named = list[tuple[str, torch.Tensor]]
 
 
@@ -110,9 +110,10 @@ class Semantics:
         samples_per_pass: int,
         num_samples: int,
     ) -> SharpnessProbe:
-        """L_g at adapter step t on ``batch``, as a function of t. ``model_parameters``: every
-        parameter of the model but the adapter's; ``shared_parameters``: the backbone's trainable
-        ones; ``num_samples``: n perturbations per step, ``samples_per_pass`` of them per forward."""
+        """L_g on ``batch`` as a function of the adapter step t and its ``EffectivePoint`` (the
+        weights W + ΔW of that step). ``model_parameters``: every parameter of the model;
+        ``shared_parameters``: the backbone's trainable ones; ``num_samples``: n perturbations
+        per step, ``samples_per_pass`` of them per forward."""
         raise NotImplementedError
 
 
@@ -174,10 +175,11 @@ class PublicSemantics(Semantics):
     ) -> SharpnessProbe:
         params = [p for _, p in model_parameters]
 
-        def probe(step: int) -> torch.Tensor:
+        def probe(step: int, point: EffectivePoint) -> torch.Tensor:
             draws = [lambda: self.noise(params, generator)] * num_samples
-            perturbed = sample_losses(model, loss_fn, batch, model_parameters, draws, samples_per_pass)
-            unperturbed = loss_fn(model, batch)
+            with point.applied():  # the merged weights W + ΔW, perturbed as the public code does
+                perturbed = sample_losses(model, loss_fn, batch, model_parameters, draws, samples_per_pass)
+            unperturbed = point.losses(batch)
             return self.sharpness(unperturbed, perturbed, ratios.to(unperturbed))
 
         return probe
@@ -240,9 +242,9 @@ class PaperSemantics(Semantics):
         device = generator.device if generator is not None else "cpu"
         base_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
 
-        def probe(step: int) -> torch.Tensor:
+        def probe(step: int, point: EffectivePoint) -> torch.Tensor:
             seeds = [base_seed + step * num_samples + j for j in range(num_samples)]
-            with torch.no_grad():
+            with torch.no_grad(), point.applied():
                 base = loss_fn(model, batch)
                 if samples_per_pass > 1:
                     draws = [lambda seed=seed: sphere_noise(params, seed, radius) for seed in seeds]
@@ -251,10 +253,10 @@ class PaperSemantics(Semantics):
                     perturbs = [lambda seed=seed: sphere_perturb_(params, seed, radius) for seed in seeds]
                     perturbed = in_place_losses(model, loss_fn, batch, params, perturbs)
                 best = int(self.sharpness_term(base, perturbed, ratios).argmax())
-            unperturbed = loss_fn(model, batch)
+            unperturbed = point.losses(batch)
             noise = sphere_noise(params, seeds[best], radius)
-            moved = {name: p + e for (name, p), e in zip(shared_parameters, noise)}
-            return self.sharpness_term(unperturbed, losses_at(model, loss_fn, batch, moved), ratios)
+            moved = {name: point.value(name, p) + e for (name, p), e in zip(shared_parameters, noise)}
+            return self.sharpness_term(unperturbed, point.losses(batch, moved), ratios)
 
         return probe
 

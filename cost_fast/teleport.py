@@ -21,8 +21,10 @@ are not finite (a NaN in the teleport data, an adapter learning rate that diverg
 merged: the backbone is put back bit-exactly and the teleport is reported as rolled back,
 "non-finite". That check reads values the teleport computes anyway (no extra pass).
 
-The adapter is attached to the backbone only while the teleport runs (``TeleportAdapter``), the
-model is in eval mode (as in the public code) and every module goes back to the mode it had.
+The adapter lives in weight space (``TeleportAdapter``): per adapter step its update ΔW is formed
+once, and every forward pass of the step, with grad or without, is a plain forward pass of the
+model at W + ΔW (``EffectivePoint``). The model is in eval mode (as in the public code) and every
+module goes back to the mode it had.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from torch import nn
 
 from cost_fast.checks import check_int
 from cost_fast.lora import TeleportAdapter
-from cost_fast.perturbed import LossFn
+from cost_fast.perturbed import EffectivePoint, LossFn
 from cost_fast.semantics import Semantics, get_semantics
 
 
@@ -184,8 +186,7 @@ def teleport(
 
     Draws, in this order, from ``generator``: the adapter's random factors (``adapter.reset``,
     which uses the adapter's generator: COST gives both the same one; nothing with
-    ``reset=False``), then the semantics' noise. Returns a ``TeleportResult``; the adapter ends
-    detached.
+    ``reset=False``), then the semantics' noise. Returns a ``TeleportResult``.
     """
     semantics = get_semantics(semantics)
     if not isinstance(config, TeleportConfig):
@@ -207,48 +208,54 @@ def teleport(
             adapter.set_alpha(semantics.lora_alpha)
             if reset:
                 adapter.reset()
-            with adapter.attached():
-                adapter_ids = {id(p) for p in adapter.adapter_parameters}
-                name_of = {id(p): name for name, p in model.named_parameters()}
-                probe = semantics.sharpness_probe(
-                    model,
-                    loss_fn,
-                    current_batch,
-                    ratios,
-                    model_parameters=[(n, p) for n, p in model.named_parameters() if id(p) not in adapter_ids],
-                    shared_parameters=[(name_of[id(p)], p) for p in adapter.base_parameters],
-                    generator=generator,
-                    samples_per_pass=config.samples_per_pass,
-                    num_samples=config.num_samples,
-                )
-                optimizer = torch.optim.Adam(adapter.adapter_parameters, lr=adapter_lr)
-                task_terms: list[torch.Tensor] = []
-                sharp_terms: list[torch.Tensor] = []
-                steps = 0
-                budget = config.max_steps if config.max_steps is not None else float("inf")
-                for _ in range(config.rounds):
-                    for batch in data:
-                        # The probe perturbs parameters in place, so it runs before any graph of
-                        # this step exists (autograd would reject saved tensors that were modified).
-                        sharp_term = probe(steps)
-                        losses = loss_fn(model, batch)
-                        task_term = (losses - contour.to(losses)).abs().mean()
-                        objective = semantics.task_weight * task_term - semantics.sharpness_weight * sharp_term
-                        optimizer.zero_grad(set_to_none=True)
-                        objective.backward(inputs=adapter.adapter_parameters)
-                        if reduce_gradients is not None:
-                            reduce_gradients([p.grad for p in adapter.adapter_parameters])
-                        optimizer.step()
-                        steps += 1
-                        task_terms.append(task_term.detach())
-                        sharp_terms.append(sharp_term.detach())
-                        if progress is not None:
-                            progress(steps, task_terms[-1], sharp_terms[-1])
-                        if steps >= budget:
-                            break
+            name_of = {id(p): name for name, p in model.named_parameters()}
+            probe = semantics.sharpness_probe(
+                model,
+                loss_fn,
+                current_batch,
+                ratios,
+                model_parameters=list(model.named_parameters()),
+                shared_parameters=[(name_of[id(p)], p) for p in adapter.base_parameters],
+                generator=generator,
+                samples_per_pass=config.samples_per_pass,
+                num_samples=config.num_samples,
+            )
+            weight_names = [name_of[id(w)] for w in adapter.adapted_weights]
+            optimizer = torch.optim.Adam(adapter.adapter_parameters, lr=adapter_lr)
+            task_terms: list[torch.Tensor] = []
+            sharp_terms: list[torch.Tensor] = []
+            steps = 0
+            budget = config.max_steps if config.max_steps is not None else float("inf")
+            for _ in range(config.rounds):
+                for batch in data:
+                    deltas = adapter.deltas()  # once per step: every forward below is a plain one
+                    point = EffectivePoint(
+                        model,
+                        loss_fn,
+                        dict(zip(weight_names, [w + d for w, d in zip(adapter.adapted_weights, deltas)])),
+                        lambda deltas=deltas: adapter.applied(deltas),
+                    )
+                    # The probe's no-grad passes write W + ΔW (+ ε) into the weights in place and
+                    # put them back before any forward pass with grad of this step runs.
+                    sharp_term = probe(steps, point)
+                    losses = point.losses(batch)
+                    task_term = (losses - contour.to(losses)).abs().mean()
+                    objective = semantics.task_weight * task_term - semantics.sharpness_weight * sharp_term
+                    optimizer.zero_grad(set_to_none=True)
+                    objective.backward(inputs=adapter.adapter_parameters)
+                    if reduce_gradients is not None:
+                        reduce_gradients([p.grad for p in adapter.adapter_parameters])
+                    optimizer.step()
+                    steps += 1
+                    task_terms.append(task_term.detach())
+                    sharp_terms.append(sharp_term.detach())
+                    if progress is not None:
+                        progress(steps, task_terms[-1], sharp_terms[-1])
                     if steps >= budget:
                         break
-                deltas = adapter.merge()
+                if steps >= budget:
+                    break
+            deltas = adapter.merge()
             finite = _finite_teleport(contour, task_terms + sharp_terms, deltas, adapter.adapted_weights)
             after, reason = None, None
             if not finite:

@@ -2,18 +2,22 @@
 
     python distributed_worker.py OUT WORLD METHOD [--uneven] [--nan-rank R --nan-step S] [--semantics S]
                                  [--float32] [--no-teleport] [--save-at S] [--resume CHECKPOINT]
+                                 [--mismatch WHAT]
 
 The global batches of the tug-of-war problem (float64, or float32) are split by rows across the ranks
 (evenly, or unevenly with --uneven); every rank trains its part with COST (teleports from step
 1 on, one per 3-step epoch). Each rank writes OUT.rank<r>: its parameters, Adam's moments and
 its step infos. WORLD = 1 runs one plain process on the whole batches. ``--save-at S``: rank 0
 also writes OUT.ckpt before step S (model, optimizer and COST state dicts); ``--resume``: start
-from such a file, at its step, on this run's world size.
+from such a file, at its step, on this run's world size. ``--mismatch WHAT``: the last rank
+is built differently (``lr``, ``semantics``, ``seed``, ``init`` or ``method``); each rank writes
+the error COST raised to OUT.rank<r>.error. Every warning is an error in the ranks.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -41,39 +45,50 @@ def split(batch, world: int, rank: int, uneven: bool):
 def train(rank: int, world: int, out: str, method: str, options: dict) -> None:
     uneven, nan_rank, nan_step = options["uneven"], options["nan_rank"], options["nan_step"]
     dtype = options["dtype"]
+    odd = options["mismatch"] if rank == world - 1 and world > 1 else None
     torch.set_num_threads(1)
+    warnings.simplefilter("error")  # no warning from COST's calls (e.g. deprecated collectives)
     if world > 1:
         # A file store, not TCP: rank 0 would host a TCPStore server whose thread can still be
         # serving the other ranks when rank 0 exits (CI once saw rank 0 abort at exit with
         # "terminate called without an active exception").
         dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world)
-    torch.manual_seed(3)
+    torch.manual_seed(4 if odd == "init" else 3)
     model = Tug().to(dtype)
     batches = tug_batches(11, 4, dtype, size=BATCH)
     local = [split(b, world, rank, uneven) for b in batches]
     hparams = {"num_tasks": K} if method == "uw" else {"seed": 2} if method == "pcgrad" else {}
-    base = get_aggregator(method, **hparams)
+    base = get_aggregator("mgda" if odd == "method" else method, **hparams)
     params = list(model.parameters()) + (list(base.parameters()) if method == "uw" else [])
-    optimizer = torch.optim.Adam(params, lr=1e-2)
+    optimizer = torch.optim.Adam(params, lr=2e-2 if odd == "lr" else 1e-2)
 
     def loss_fn(m, batch):
         x, y = batch
         return m.task_losses(x, y)
 
-    cost = COST(
-        model,
-        model.backbone,
-        base,
-        optimizer,
-        loss_fn=loss_fn,
-        teleport_data=local[:2],
-        semantics=options["semantics"],
-        max_teleports_per_epoch=0 if options["no_teleport"] else 1,
-        start_step=1,
-        steps_per_epoch=3,
-        teleport=TeleportConfig(rounds=1),
-        seed=5,
-    )
+    try:
+        cost = COST(
+            model,
+            model.backbone,
+            base,
+            optimizer,
+            loss_fn=loss_fn,
+            teleport_data=local[:2],
+            semantics="paper" if odd == "semantics" else options["semantics"],
+            max_teleports_per_epoch=0 if options["no_teleport"] else 1,
+            start_step=1,
+            steps_per_epoch=3,
+            teleport=TeleportConfig(rounds=1),
+            seed=6 if odd == "seed" else 5,
+        )
+    except ValueError as err:
+        if options["mismatch"] is None:
+            raise
+        with open(f"{out}.rank{rank}.error", "w", encoding="utf-8") as file:
+            file.write(str(err))
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     start = 0
     if options["resume"] is not None:
         saved = torch.load(options["resume"], weights_only=True)
@@ -118,6 +133,7 @@ def main(argv: list[str]) -> None:
         "no_teleport": "--no-teleport" in argv,
         "save_at": int(argv[argv.index("--save-at") + 1]) if "--save-at" in argv else -1,
         "resume": argv[argv.index("--resume") + 1] if "--resume" in argv else None,
+        "mismatch": argv[argv.index("--mismatch") + 1] if "--mismatch" in argv else None,
     }
     args = (world, out, method, options)
     if world == 1:

@@ -2,12 +2,15 @@
 the whole batch: the same decisions (teleports, HTR) and the same parameters (float64: 1e-10;
 float32: 1e-5) for a Gram method (FairGrad), a stateful one (PCGrad), a loss weighting (UW), the
 paper semantics with its guard, uneven batches; a rank with NaN losses makes every rank skip the
-step; COST's state is the same on every world size, so a checkpoint resumes on any of them."""
+step; COST's state is the same on every world size, so a checkpoint resumes on any of them; ranks
+built differently get the same error on every rank, at once; no warning from COST's calls (the
+worker turns warnings into errors)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,24 @@ def test_a_checkpoint_from_rank_0_resumes_on_another_world_size(tmp_path: Path) 
         assert state["infos"] == reference["infos"][3:]
         for a, b in zip(state["params"] + state["adam"], reference["params"] + reference["adam"], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    ("mismatch", "named"),
+    [
+        ("lr", "optimizer"),
+        ("semantics", "semantics"),
+        ("seed", "seed"),
+        ("init", "the parameters' values"),
+        ("method", "base method"),
+    ],
+)
+def test_ranks_built_differently_get_the_same_error_at_once(tmp_path: Path, mismatch: str, named: str) -> None:
+    start = time.monotonic()
+    out = tmp_path / mismatch
+    command = [sys.executable, str(WORKER), str(out), "2", "fairgrad", "--mismatch", mismatch]
+    subprocess.run(command, check=True, timeout=120)
+    assert time.monotonic() - start < 60  # no rank waits for a collective the other never joins
+    errors = [Path(f"{out}.rank{r}.error").read_text(encoding="utf-8") for r in range(2)]
+    assert errors[0] == errors[1] and errors[0].startswith("the ranks of the process group do not agree on")
+    assert named in errors[0] and "rank 1" in errors[0]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tug import K, Tug, tug_batches
 
-from cost_fast import COST, BaseStepConfig, TeleportConfig, get_aggregator, list_aggregators
+from cost_fast import COST, BaseStepConfig, TeleportConfig, checkpoint, get_aggregator, list_aggregators
 from cost_fast.models import batch_task_losses
 
 METHODS = sorted(list_aggregators())
@@ -358,13 +358,14 @@ def test_a_state_that_does_not_fit_is_refused_whole() -> None:
         loss_fn=batch_task_losses,
         teleport_data=batches,
     )
-    cases = {
-        "base method 'PCGrad'": {**good, "method": "PCGrad", "base": other_method["base"]},
-        "step_count must be an int": {**good, "step_count": "3"},
-        "3 tasks, this COST 4": {**good, "num_tasks": 3},
+    cases = {  # each with its checksum, as another COST would have written it
+        "base method 'PCGrad'": stamped({**good, "method": "PCGrad", "base": other_method["base"]}),
+        "step_count must be an int": stamped({**good, "step_count": "3"}),
+        "3 tasks, this COST 4": stamped({**good, "num_tasks": 3}),
         "not a COST state": {k: v for k, v in good.items() if k != "generator"},
-        "generator state": {**good, "generator": torch.zeros(3)},
-        "refuses": {**good, "base": {"tracked": None}},
+        "generator state": stamped({**good, "generator": torch.zeros(3)}),
+        "refuses": stamped({**good, "base": {"tracked": None}}),
+        "damaged": {**good, "step_count": good["step_count"] + 1},  # a changed byte, checksum as it was
     }
     for expected, state in cases.items():
         target_model, target_batches, target, _ = build("moco", seed=1, max_teleports_per_epoch=1, start_step=100)
@@ -379,6 +380,48 @@ def test_a_state_that_does_not_fit_is_refused_whole() -> None:
             assert torch.equal(a, b) if isinstance(a, torch.Tensor) else repr(a) == repr(b), key
     with pytest.raises(ValueError, match="shared parameters, this backbone"):
         wider.load_state_dict(good)
+
+
+def stamped(state: dict) -> dict:
+    return {**state, "checksum": checkpoint.checksum(state)}
+
+
+def test_a_flipped_byte_in_a_saved_state_is_caught(tmp_path) -> None:
+    model, batches, cost, opt = build("moco", max_teleports_per_epoch=1, start_step=100)
+    cost.step(batch_task_losses(model, batches[0]), batches[0])
+    path = tmp_path / "run.pt"
+    checkpoint.save(path, {"cost": cost.state_dict()})
+    data = bytearray(path.read_bytes())
+    last = cost.state_dict()["last_update"]
+    offset = bytes(data).find(last.numpy().tobytes()[:16])  # inside the tensor's stored bytes
+    assert offset > 0
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    _, _, fresh, _ = build("moco", max_teleports_per_epoch=1, start_step=100)
+    with pytest.raises(ValueError, match="damaged"):
+        fresh.load_state_dict(checkpoint.load(path)["cost"])
+    assert fresh.step_count == 0
+
+
+def test_checkpoint_files_are_written_whole_and_read_with_one_error(tmp_path) -> None:
+    path = tmp_path / "run.pt"
+    checkpoint.save(path, {"step": 1})
+    with pytest.raises(Exception):  # noqa: B017 - whatever torch.save raises for an object it cannot write
+        checkpoint.save(path, {"step": 2, "bad": lambda: None})
+    assert checkpoint.load(path) == {"step": 1}  # the earlier file is whole
+    assert [p.name for p in tmp_path.iterdir()] == ["run.pt"]  # no temporary file left behind
+    whole = path.read_bytes()
+    cases = {"truncated": whole[: len(whole) // 2], "empty": b"", "not a checkpoint": b"plain text\n"}
+    for name, content in cases.items():
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=f"cannot load the checkpoint {path}") as refused:
+            checkpoint.load(path)
+        assert "\n" not in str(refused.value), name  # one line
+    with pytest.raises(ValueError, match="no such file"):
+        checkpoint.load(tmp_path / "missing.pt")
+    torch.save([1, 2], path)
+    with pytest.raises(ValueError, match="not a dict"):
+        checkpoint.load(path)
 
 
 def test_a_state_of_the_first_format_still_loads() -> None:
@@ -402,7 +445,8 @@ def test_a_state_of_the_first_format_still_loads() -> None:
 # -- 9. start-up -----------------------------------------------------------------------------
 
 
-def test_peft_is_imported_only_when_a_teleport_needs_the_adapter() -> None:
+def test_the_fast_path_never_imports_peft() -> None:
+    """Importing peft takes seconds (it imports transformers): only the yardstick uses it."""
     script = """
 import sys, torch
 from tug import Tug, tug_batches
@@ -414,11 +458,12 @@ gram_stats(engine.compute(batch_task_losses(model, batches[0])))
 def cost(**kwargs):
     return COST(model, model.backbone, get_aggregator("fairgrad"), torch.optim.Adam(model.parameters()),
                 loss_fn=batch_task_losses, teleport_data=batches, **kwargs)
-with_teleports = cost()  # the adapter is checked, not built
-assert "peft" not in sys.modules, "peft imported by COST's constructor"
 without = cost(max_teleports_per_epoch=0)
 without.step(batch_task_losses(model, batches[0]), batches[0])
-assert "peft" not in sys.modules, "peft imported by a step without a teleport"
+with_teleports = cost()
+infos = [with_teleports.step(batch_task_losses(model, b), b) for b in batches * 4]
+assert any(info.attempted_teleport for info in infos), "no teleport ran"
+assert "peft" not in sys.modules, "peft was imported"
 print("ok")
 """
     tests = str(__import__("pathlib").Path(__file__).parent)
