@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cost_fast.bench.stamp import stamp
-from cost_fast.report import MARKER, MARKER_TEXT, check_report_target
+from cost_fast.report import check_report_target, mark
 
 REPEATS, WARMUP = 7, 2
 
@@ -118,11 +118,11 @@ def main(argv: list[str] | None = None) -> Path:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29541")
     try:
-        folder = check_report_target(args.out)
+        folder = check_report_target(args.out, merge=True)
     except ValueError as err:
         parser.error(str(err))
     folder.mkdir(exist_ok=True)
-    (folder / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
+    mark(folder, [])
     raw = folder / ".distributed_rows.json"
     shapes = [(args.tasks, p) for p in args.params]
     mp.spawn(_worker, args=(args.world, shapes, str(raw), device_type), nprocs=args.world)
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> Path:
     path = folder / f"distributed_{device_type}.json"
     device = torch.device("cuda" if device_type == "cuda" else "cpu")
     path.write_text(json.dumps({"stamp": stamp(device), "benchmarks": benchmarks}, indent=1), encoding="utf-8")
+    mark(folder, [path.name])
     print(f"wrote {path}")
     return path
 

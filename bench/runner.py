@@ -25,7 +25,7 @@ from typing import TextIO
 
 import torch
 
-from cost_fast.report import MARKER, MARKER_TEXT, check_report_target
+from cost_fast.report import add_files, check_report_target
 
 HERE = Path(__file__).parent
 SUITES = ("gram", "grads", "solvers", "teleport", "adapter", "epoch")
@@ -65,7 +65,7 @@ def run_benchmarks(
         raise ValueError(f"suites must be distinct names among {', '.join(SUITES)}; got {', '.join(suites) or 'none'}")
     if importlib.util.find_spec("pytest_benchmark") is None:
         raise ValueError("the benchmarks need pytest-benchmark: pip install 'cost_fast[dev]'")
-    out = check_report_target(out)
+    out = check_report_target(out, merge=True)
     from cost_fast.bench.report import plot, table
 
     tag = device_tag()
@@ -107,18 +107,13 @@ def run_benchmarks(
         if not tables:
             raise ValueError(f"-k {keyword!r} selects no benchmark in suites {', '.join(suites)}")
         shutil.rmtree(staging / "storage", ignore_errors=True)
-        out.mkdir(exist_ok=True)
-        (out / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
-        written = []
-        for path in sorted(staging.iterdir()):
-            os.replace(path, out / path.name)
-            written.append(out / path.name)
+        names = sorted(path.name for path in staging.iterdir())
+        add_files(staging, out, names)  # checked again now: the folder may have changed hands
         # the summary covers every suite's result of this device in the folder, earlier runs included
-        summary = staging / "summary.md"
         results = [out / f"{suite}_{tag}.json" for suite in SUITES if (out / f"{suite}_{tag}.json").exists()]
-        summary.write_text("\n\n".join(table(path) for path in results) + "\n")
-        os.replace(summary, out / f"summary_{tag}.md")
-        written.append(out / f"summary_{tag}.md")
+        (staging / f"summary_{tag}.md").write_text("\n\n".join(table(path) for path in results) + "\n")
+        add_files(staging, out, [f"summary_{tag}.md"])
+        written = [out / name for name in [*names, f"summary_{tag}.md"]]
         print("\n\n".join(tables), file=stream)
         print(f"wrote {len(written)} files to {out}", file=stream)
         return written

@@ -9,6 +9,7 @@ import threading
 
 import torch
 
+from cost_fast import report
 from cost_fast.semantics import SEMANTICS
 from cost_fast.toy import PROTOCOLS
 
@@ -20,6 +21,17 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """A seed torch's generators take: an int in [0, 2**63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an int: {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {text}")
     return value
 
 
@@ -58,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--hidden", type=_positive_int, default=16, help="shared backbone width (default: 16)")
     demo.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default: 64)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    demo.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
     demo.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     prof = sub.add_parser(
@@ -102,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="nash-mtl: 5 starts, 3000 steps at lr 0.01 (default); cagrad: CAGrad's 3 starts, 100000 steps at lr 1e-3",
     )
     toy.add_argument("--steps", type=_positive_int, default=None, help="Adam steps per run (default: the protocol's)")
-    toy.add_argument("--seed", type=int, default=0, help="seed of COST's generator (default: 0)")
+    toy.add_argument("--seed", type=_seed, default=0, help="seed of COST's generator (default: 0)")
     toy.add_argument(
         "--steps-per-epoch",
         type=_positive_int,
@@ -154,16 +166,30 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``cost-fast``; returns the exit status (128 + the signal after SIGTERM)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    report.begin_run()  # what an earlier command of this process saw at its target does not count
     if threading.current_thread() is threading.main_thread():  # signals can only be set there
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return _run(parser, args)
-    except BaseException:
+    except BaseException as err:
         # Python may hand the handler's SystemExit on as another exception (a RuntimeError when
         # the signal lands in a class body being created, e.g. during an import), which the
         # commands would report as an error: the run was terminated all the same.
         if _TERMINATED:
+            print(
+                f"cost-fast {args.command}: terminated (signal {_TERMINATED[0]}); no report was written",
+                file=sys.stderr,
+            )
             raise SystemExit(128 + _TERMINATED[0]) from None
+        if isinstance(err, KeyboardInterrupt):  # the staging folder is gone already
+            print(f"cost-fast {args.command}: interrupted; no report was written", file=sys.stderr)
+            return 128 + signal.SIGINT
+        if isinstance(err, OSError):  # a full disk, a busy or vanished folder: one line, not a traceback
+            where = f" ({err.filename})" if err.filename else ""
+            print(
+                f"cost-fast {args.command}: error: {err.strerror or err}{where}; no report was written", file=sys.stderr
+            )
+            return 1
         raise
 
 

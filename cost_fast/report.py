@@ -2,24 +2,44 @@
 
 A report command (demo, toy, profile, reproduce) writes its folder under a temporary name beside
 the target and renames it into place only when it is complete, so nobody finds it half written.
-Every report carries a marker file (``MARKER``); an existing target is replaced only when it
-carries that marker (a previous report of ours) or is an empty folder, and only after the new one
-is complete. Anything else there (a file, a folder with the user's files, a symbolic link, the
-current folder or one above it) is refused by ``check_report_target`` before any work starts.
+Every report carries a marker file (``MARKER``) with a report id and the list of the files the
+report wrote (its manifest). An existing target is replaced only when it is an empty folder or a
+report of ours that holds nothing but the files its manifest lists, only after the new one is
+complete, and then only those files are deleted. Anything else there (a file, a folder with the
+user's files, a report beside which the user put a file, a symbolic link, a mount point, the
+current folder or one above it, a disk without room for a report) is refused by
+``check_report_target`` before any work starts, and checked again at the swap.
+
+Runs that meet at the same target: the first ``check_report_target`` of a run notes which report
+(by id) was there; at the swap, under a lock on the parent folder, a run whose target changed
+meanwhile (another run finished first, someone put files there) keeps its own report under a
+free name beside it and says so. The swap is two renames (the old report out of the way, the new
+one in); a run killed between them leaves its staging folders named with its process id, and the
+next run to that target finishes the swap (or puts the old report back when the new one is
+incomplete) and removes what killed runs left. Nothing else is deleted.
+
+``mark(folder, written)`` is for outputs that add files to a folder of ours rather than replace
+it (``cost-fast bench``): it adds the names to the folder's manifest.
 A staging folder is removed on any error, SIGTERM included (the CLI turns it into an exit).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 MARKER = ".cost_fast_report"
-MARKER_TEXT = "Written by cost-fast; the next report to this folder replaces it whole.\n"
+MARKER_TEXT = "Written by cost-fast; the next report to this folder replaces only the files listed below.\n"
+# Room a report needs (plots and JSON: a few MB at most), checked before any work.
+REPORT_BYTES = 64 * 2**20
+# What each run's first check saw at its target: {resolved target: report id, or None}.
+_SEEN_AT_START: dict[Path, str | None] = {}
 
 
 def is_our_report(path: Path) -> bool:
@@ -27,11 +47,63 @@ def is_our_report(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and (path / MARKER).is_file()
 
 
-def check_report_target(target: str | os.PathLike) -> Path:
+def _marker_lines(path: Path) -> list[str]:
+    return (path / MARKER).read_text(encoding="utf-8").splitlines()
+
+
+def report_id(path: Path) -> str | None:
+    """The id of the report of ours at ``path`` (its marker's content for an earlier release's),
+    or None when there is none."""
+    if not is_our_report(path):
+        return None
+    lines = _marker_lines(path)
+    return lines[1] if len(lines) > 1 and lines[1].startswith("id ") else "\n".join(lines)
+
+
+def manifest(path: Path) -> list[str] | None:
+    """The files (relative paths) the report of ours at ``path`` lists, or None when it lists
+    none (an earlier release's marker: every file in it counts as ours)."""
+    lines = _marker_lines(path)
+    if not lines or lines[0] + "\n" != MARKER_TEXT:
+        return None
+    return [line for line in lines[2:] if line.strip()]
+
+
+def foreign_files(path: Path) -> list[str]:
+    """What the report of ours at ``path`` holds that its manifest does not list."""
+    listed = manifest(path)
+    if listed is None:
+        return []
+    listed_set = set(listed)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        links = [d for d in dirnames if (Path(dirpath) / d).is_symlink()]
+        for name in filenames + links:
+            relative = str((Path(dirpath) / name).relative_to(path))
+            if relative != MARKER and relative not in listed_set:
+                found.append(relative)
+    return sorted(found)
+
+
+def _refuse_foreign(path: Path) -> None:
+    foreign = foreign_files(path)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(
+            f"{path} is an earlier report beside which files were put that cost-fast did not write ({shown}); "
+            "they are never deleted: move them, or give another folder"
+        )
+
+
+def check_report_target(target: str | os.PathLike, *, merge: bool = False) -> Path:
     """Return ``Path(target)`` if a report may be written there, else raise ``ValueError`` naming
     why. Allowed: a path that does not exist yet, in a writable existing folder; an empty folder;
-    a previous report of ours. Refused: an empty name, the current folder or one above it, a file,
-    a symbolic link, a folder holding anything else, an unwritable or missing parent."""
+    a previous report of ours holding only its own files. Refused: an empty name, the current
+    folder or one above it, a file, a symbolic link, a mount point, a folder holding anything
+    else, an unwritable or missing parent, a disk with less than ``REPORT_BYTES`` free. A
+    killed run's unfinished swap at this target is finished first (module docstring).
+    ``merge=True`` for outputs that add files to a folder of ours and delete nothing (``add_files``):
+    files of someone else's beside them are then no reason to refuse."""
     text = os.fspath(target)
     if not text.strip():
         raise ValueError("the report folder name is empty")
@@ -42,51 +114,181 @@ def check_report_target(target: str | os.PathLike) -> Path:
         raise ValueError(f"{text!r} is the current folder or one above it: give a new folder for the report")
     if path.is_symlink():
         raise ValueError(f"{path} is a symbolic link: give a real folder for the report")
+    parent = resolved.parent
+    if parent.is_dir():
+        with _locked(parent):
+            recover(path)
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"{path} exists and is not a folder: give a new folder for the report")
+        if os.path.ismount(path):
+            raise ValueError(f"{path} is a mount point: give a new folder inside it")
         if not is_our_report(path) and any(path.iterdir()):
             raise ValueError(
                 f"{path} is a folder with files that cost-fast did not write; it is never overwritten: "
                 "give a new or empty folder"
             )
-    parent = resolved.parent
+        if is_our_report(path) and not merge:
+            _refuse_foreign(path)
     if not parent.is_dir():
         raise ValueError(f"cannot write the report folder {path}: {parent} is not a folder")
     try:  # the real test of writability (os.access says yes to root on read-only mounts)
         os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.check.", dir=parent))
     except OSError as err:
         raise ValueError(f"cannot write the report folder {path}: {parent} is not writable ({err.strerror})") from None
+    free = shutil.disk_usage(parent).free
+    if free < REPORT_BYTES:
+        raise ValueError(
+            f"cannot write the report folder {path}: {free / 2**20:.1f} MB free on its disk, "
+            f"a report needs up to {REPORT_BYTES / 2**20:.0f} MB"
+        )
+    _SEEN_AT_START.setdefault(resolved, report_id(path))
     return path
 
 
 @contextlib.contextmanager
 def atomic_report_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a staging folder beside ``target`` (checked by ``check_report_target``); when the
-    block succeeds it becomes ``target``, replacing a previous report of ours or an empty folder
-    only now that the new one is complete. On any error the staging folder is removed and
-    ``target`` is left as it was. If another run put something at ``target`` in the meantime,
-    nothing of it is touched: this run's report is kept under another name, said in the error."""
+    block succeeds it becomes ``target``, replacing an empty folder or the report of ours that
+    was there when this run first checked the target, only now that the new one is complete. On
+    any error the staging folder is removed and ``target`` is left as it was. If the target
+    changed in the meantime (another run finished first, someone put files there), nothing of it
+    is touched: this run's report is kept under a free name, said in the error."""
     path = check_report_target(target)
     parent = path.resolve().parent
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=parent))
+    seen = _SEEN_AT_START.pop(path.resolve(), None)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", dir=parent))
     try:
         yield staging
-        (staging / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
+        written = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file() or p.is_symlink())
+        _write_marker(staging, f"id {uuid.uuid4().hex}", written)
         staging.chmod(0o755)  # mkdtemp creates it private
-        _move_into_place(staging, path)
+        with _locked(parent):
+            _move_into_place(staging, path, seen)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
-def _move_into_place(staging: Path, path: Path) -> None:
+def mark(folder: Path, written: Iterable[str]) -> None:
+    """Add ``written`` (names relative to ``folder``) to the manifest of the folder of ours
+    (a new marker where there is none; an earlier release's marker lists everything in it)."""
+    listed: list[str] = []
+    if is_our_report(folder):
+        listed = manifest(folder)
+        if listed is None:  # an earlier release's folder: what is in it now was ours
+            listed = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER]
+    _write_marker(folder, f"id {uuid.uuid4().hex}", sorted(set(listed) | set(written)))
+
+
+def add_files(staging: Path, folder: Path, names: list[str]) -> None:
+    """Move the files ``names`` from ``staging`` into ``folder`` (new, empty or ours) and add them
+    to its manifest, the parent folder locked. Checked again now, not only at the start: if the
+    folder has become someone else's, or one of the names is a file there that the manifest does
+    not list, nothing is moved and the files are kept in a free name beside it, said in the
+    error."""
+    with _locked(folder.resolve().parent):
+        if folder.exists() or folder.is_symlink():
+            if folder.is_symlink() or not folder.is_dir():
+                raise _kept_elsewhere(staging, folder)
+            if not is_our_report(folder) and any(folder.iterdir()):
+                raise _kept_elsewhere(staging, folder)
+            listed = manifest(folder) if is_our_report(folder) else []
+            if listed is not None and any((folder / n).exists() and n not in listed for n in names):
+                raise _kept_elsewhere(staging, folder)
+        folder.mkdir(exist_ok=True)
+        for name in names:
+            os.replace(staging / name, folder / name)
+        mark(folder, names)
+
+
+def _write_marker(folder: Path, ident: str, written: list[str]) -> None:
+    (folder / MARKER).write_text(
+        MARKER_TEXT + ident + "\n" + "".join(f"{name}\n" for name in written), encoding="utf-8"
+    )
+
+
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (flock on the folder itself: no lock file is left), or
+    none where the file system refuses one."""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(handle)
+
+
+def begin_run() -> None:
+    """Forget what earlier runs of this process saw at their targets (a command starts)."""
+    _SEEN_AT_START.clear()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner(name: str, prefix: str) -> int | None:
+    """The process id in a staging name ``{prefix}{pid}.{random}``, else None."""
+    if not name.startswith(prefix):
+        return None
+    pid, _, rest = name[len(prefix) :].partition(".")
+    return int(pid) if pid.isdigit() and rest else None
+
+
+def recover(path: Path) -> None:
+    """Finish or revert the swap that a killed run left at ``path``, and remove the staging
+    folders of killed runs there (call with the parent folder locked)."""
+    parent = path.resolve().parent
+    staging_prefix, old_prefix = f".{path.name}.", f".{path.name}.old."
+    entries = list(parent.iterdir())
+    for old in entries:
+        pid = _owner(old.name, old_prefix)
+        if pid is None or _alive(pid) or not old.is_dir():
+            continue
+        report = old / "report"
+        if is_our_report(report) and not (path.exists() or path.is_symlink()):
+            finished = [
+                s
+                for s in entries
+                if _owner(s.name, staging_prefix) == pid and not s.name.startswith(old_prefix) and is_our_report(s)
+            ]
+            if finished:  # the new report was complete: finish the swap
+                os.rename(finished[0], path)
+            else:  # put the old report back
+                os.rename(report, path)
+        if is_our_report(report):
+            _delete_report(report)
+        with contextlib.suppress(OSError):
+            old.rmdir()
+    for staging in parent.iterdir():
+        pid = _owner(staging.name, staging_prefix)
+        if pid is not None and not staging.name.startswith(old_prefix) and not _alive(pid) and staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(staging: Path, path: Path, seen: str | None) -> None:
+    """Swap ``staging`` in at ``path`` (the parent folder locked); keep it elsewhere if ``path``
+    is no longer what this run saw at its start, or holds anything not ours."""
     old = None
     if path.exists() or path.is_symlink():
-        if is_our_report(path):
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=staging.parent))
-            os.replace(path, old / "report")  # out of the way; deleted once the new one is in place
-        elif path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        ours = is_our_report(path)
+        if ours and report_id(path) == seen and not foreign_files(path):
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.{os.getpid()}.", dir=staging.parent))
+            os.replace(path, old / "report")  # out of the way; its files deleted once the new one is in
+        elif not ours and path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
             path.rmdir()
         else:
             raise _kept_elsewhere(staging, path)
@@ -98,7 +300,26 @@ def _move_into_place(staging: Path, path: Path) -> None:
             old.rmdir()
         raise _kept_elsewhere(staging, path) from None
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete_report(old / "report")
+        with contextlib.suppress(OSError):  # not empty: a file of someone else's appeared, kept there
+            old.rmdir()
+
+
+def _delete_report(path: Path) -> None:
+    """Delete the files a report of ours lists and its marker, then its folders where empty; a
+    file it does not list stays (an earlier release's report, which lists none, goes whole)."""
+    listed = manifest(path)
+    if listed is None:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for name in listed:
+        (path / name).unlink(missing_ok=True)
+    (path / MARKER).unlink(missing_ok=True)
+    for folder in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 def _free_name(path: Path) -> Path:
@@ -113,6 +334,6 @@ def _kept_elsewhere(staging: Path, path: Path) -> ValueError:
     kept = _free_name(path)
     os.rename(staging, kept)
     return ValueError(
-        f"{path} was created by someone else while this run worked (another run to the same folder?); "
-        f"it was left as it is and this run's report is in {kept}"
+        f"{path} was written or changed by someone else while this run worked (another run to the same "
+        f"folder?); it was left as it is and this run's report is in {kept}"
     )

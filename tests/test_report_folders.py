@@ -84,7 +84,7 @@ def test_a_previous_report_is_replaced_only_when_the_new_one_is_complete(tmp_pat
 
 def test_a_folder_created_meanwhile_by_someone_else_is_left_alone(tmp_path: Path) -> None:
     target = tmp_path / "report"
-    with pytest.raises(ValueError, match="created by someone else") as err:
+    with pytest.raises(ValueError, match="changed by someone else") as err:
         with atomic_report_dir(target) as folder:
             (folder / "ours.txt").write_text("ours")
             target.mkdir()  # e.g. another tool, between our check and our rename
@@ -94,7 +94,8 @@ def test_a_folder_created_meanwhile_by_someone_else_is_left_alone(tmp_path: Path
     assert str(kept) in str(err.value) and (kept / "ours.txt").read_text() == "ours"
 
 
-def test_sigterm_removes_the_staging_folder(tmp_path: Path) -> None:
+def signalled_reproduction(tmp_path: Path, signum: int) -> tuple[int, str]:
+    """(exit status, stderr) of ``cost-fast reproduce --quick`` sent ``signum`` once it writes."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "cost_fast.cli", "reproduce", "--quick", "--out", str(tmp_path / "rep")],
         stdout=subprocess.DEVNULL,
@@ -105,10 +106,57 @@ def test_sigterm_removes_the_staging_folder(tmp_path: Path) -> None:
     while time.time() < deadline and not any(p.name.startswith(".rep.") for p in tmp_path.iterdir()):
         time.sleep(0.05)  # wait until the run has started writing
     assert any(p.name.startswith(".rep.") for p in tmp_path.iterdir()), "the run never started"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "Traceback" not in err
+    return proc.returncode, err
+
+
+def test_sigterm_removes_the_staging_folder(tmp_path: Path) -> None:
+    returncode, err = signalled_reproduction(tmp_path, signal.SIGTERM)
+    assert returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        "cost-fast reproduce: terminated (signal 15); no report was written"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigint_ends_the_run_with_one_line_and_nothing_left_behind(tmp_path: Path) -> None:
+    returncode, err = signalled_reproduction(tmp_path, signal.SIGINT)
+    assert returncode == 128 + signal.SIGINT, err
+    assert err.strip().splitlines() == ["cost-fast reproduce: interrupted; no report was written"], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from cost_fast import report
+
+    def full_disk(staging: Path, path: Path, *_) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(report, "_move_into_place", full_disk)
+    code, err = run_cli(["toy", "--steps", "5", "--out", str(tmp_path / "toy")])
+    assert code == 1 and err.strip().splitlines() == [
+        f"cost-fast toy: error: No space left on device ({tmp_path / 'toy'}); no report was written"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_disk_without_room_a_mount_point_and_an_absurd_seed_are_refused_up_front(tmp_path: Path, monkeypatch) -> None:
+    from cost_fast import report
+
+    real = report.shutil.disk_usage
+    monkeypatch.setattr(report.shutil, "disk_usage", lambda path: real(path)._replace(free=2**20))
+    code, err = run_cli(["toy", "--steps", "5", "--out", str(tmp_path / "toy")])
+    assert code == 2 and "1.0 MB free on its disk" in err and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    if os.path.ismount("/proc"):
+        with pytest.raises(ValueError, match="mount point"):
+            check_report_target("/proc")
+    for seed in (str(2**70), "-1", "x"):
+        code, err = run_cli(["toy", "--steps", "5", "--seed", seed, "--out", str(tmp_path / "toy")])
+        assert code == 2 and "--seed" in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -243,3 +291,90 @@ def test_the_communication_benchmark_never_writes_into_a_users_folder(tmp_path: 
         comm_main([str(mine)])
     assert exit_info.value.code == 2 and "never overwritten" in capsys.readouterr().err
     assert (mine / "distributed_cpu.json").read_text() == "my own file"
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited (a killed run's)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_file_put_beside_an_earlier_report_is_never_deleted(tmp_path: Path) -> None:
+    target = tmp_path / "report"
+    with atomic_report_dir(target) as folder:
+        (folder / "a.txt").write_text("first")
+    (target / "my_notes.txt").write_text("mine")
+    code, err = run_cli(["toy", "--steps", "5", "--out", str(target)])
+    assert code == 2 and "my_notes.txt" in err and "Traceback" not in err
+    assert (target / "my_notes.txt").read_text() == "mine" and (target / "a.txt").read_text() == "first"
+    # a file that appears while a run works is found again at the swap: the run keeps its report apart
+    (target / "my_notes.txt").unlink()
+    with pytest.raises(ValueError, match="this run's report is in") as kept:
+        with atomic_report_dir(target) as folder:
+            (folder / "b.txt").write_text("second")
+            (target / "late.txt").write_text("mine too")
+    assert (target / "late.txt").read_text() == "mine too" and (target / "a.txt").read_text() == "first"
+    assert (tmp_path / "report-1" / "b.txt").read_text() == "second" and "report-1" in str(kept.value)
+
+
+def test_of_two_runs_to_one_folder_the_second_to_finish_keeps_its_report_apart(tmp_path: Path) -> None:
+    from cost_fast import report
+
+    target = tmp_path / "report"
+    report.begin_run()
+    check_report_target(target)  # both runs start while the folder does not exist
+    with atomic_report_dir(target) as folder:  # the first run finishes
+        (folder / "a.txt").write_text("first run")
+    report._SEEN_AT_START[target.resolve()] = None  # the second run's start saw no folder either
+    with pytest.raises(ValueError, match="this run's report is in") as second:
+        with atomic_report_dir(target) as folder:
+            (folder / "a.txt").write_text("second run")
+    assert (target / "a.txt").read_text() == "first run"
+    assert (tmp_path / "report-1" / "a.txt").read_text() == "second run" and "report-1" in str(second.value)
+
+
+@pytest.mark.parametrize("new_was_complete", [True, False])
+def test_a_swap_cut_by_a_kill_is_finished_or_undone_by_the_next_run(tmp_path: Path, new_was_complete: bool) -> None:
+    from cost_fast import report
+
+    target = tmp_path / "report"
+    with atomic_report_dir(target) as folder:
+        (folder / "a.txt").write_text("old report")
+    pid = dead_pid()  # the killed run: its old report moved out of the way, the new one not yet in
+    old = tmp_path / f".report.old.{pid}.x1"
+    old.mkdir()
+    os.rename(target, old / "report")
+    staging = tmp_path / f".report.{pid}.x2"
+    staging.mkdir()
+    (staging / "b.txt").write_text("new report")
+    if new_was_complete:
+        report._write_marker(staging, "id killed", ["b.txt"])
+    leftover = tmp_path / f".report.{dead_pid()}.x3"  # another killed run's staging folder
+    leftover.mkdir()
+    (leftover / "half.txt").write_text("half")
+    (tmp_path / "theirs.txt").write_text("not ours")
+    check_report_target(target)
+    expected = {"b.txt": "new report"} if new_was_complete else {"a.txt": "old report"}
+    assert {p.name: p.read_text() for p in target.iterdir() if p.name != MARKER} == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "theirs.txt"]
+
+
+def test_a_folder_made_by_someone_else_during_a_bench_run_is_left_alone(tmp_path: Path, monkeypatch) -> None:
+    from cost_fast.bench import runner
+
+    out = tmp_path / "results"
+    real = runner._run_streaming
+
+    def meanwhile(command, stream, cwd):  # the user makes the folder and a file while the suite runs
+        out.mkdir(exist_ok=True)
+        (out / "summary_cpu.md").write_text("mine")
+        return real(command, stream, cwd)
+
+    monkeypatch.setattr(runner, "_run_streaming", meanwhile)
+    code, err = run_cli(["bench", "--out", str(out), "--suites", "solvers", "-k", "fairgrad_solve and 3-2.0"])
+    assert code == 2 and "this run's report is in" in err and "Traceback" not in err
+    assert (out / "summary_cpu.md").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == [
+        "summary_cpu.md"
+    ]
+    assert (tmp_path / "results-1" / "solvers_cpu.json").is_file()
