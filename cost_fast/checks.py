@@ -1,7 +1,10 @@
 """Argument checks shared by every constructor and config of the package: each raises
-``ValueError`` naming the argument and the value it got, before any work starts."""
+``ValueError`` naming the argument and the value it got, before any work starts. And
+``all_finite``, the one finiteness test of tensors that COST's step and teleport decide by."""
 
 from __future__ import annotations
+
+import torch
 
 
 def check_positive(name: str, value: float) -> float:
@@ -33,3 +36,14 @@ def check_int(name: str, value: int | None, minimum: int, *, optional: bool = Fa
         alternative = " or None" if optional else ""
         raise ValueError(f"{name} must be an int ≥ {minimum}{alternative}, got {value!r}")
     return value
+
+
+def all_finite(tensors: list[torch.Tensor | None]) -> bool:
+    """True if no tensor holds a NaN or ±inf (None entries skipped): one multi-tensor max-norm
+    and one host read. A max-norm cannot overflow for finite entries, whatever their dtype, and
+    propagates NaN; the peaks are compared in float64, which holds any finite peak."""
+    present = [t.detach() for t in tensors if t is not None]
+    if not present:
+        return True
+    peaks = torch._foreach_norm(present, float("inf"))
+    return bool(torch.isfinite(torch.stack([peak.double() for peak in peaks])).all())

@@ -49,7 +49,7 @@ from torch import nn
 
 from cost_fast import checkpoint, distributed
 from cost_fast.aggregators.base import Aggregator
-from cost_fast.checks import check_int
+from cost_fast.checks import all_finite, check_int
 from cost_fast.grads import RepresentationGradients, TaskGradients, check_task_losses
 from cost_fast.htr import HistoryReuse, flat_cosine, supports_htr
 from cost_fast.kernels import GramStats
@@ -525,17 +525,12 @@ class COST:
         )
         with eval_mode(self.model), torch.no_grad(), caller_generators_untouched(self.model), paused:
             out = self.loss_fn(self.model, batch)
-        if not (
-            isinstance(out, torch.Tensor)
-            and out.dtype.is_floating_point
-            and out.ndim == 1
-            and out.shape[0] == num_tasks
-        ):
-            got = f"shape {tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        try:
+            check_task_losses(out, num_tasks)
+        except (TypeError, ValueError) as err:
             raise ValueError(
-                f"loss_fn(model, batch) must return the {num_tasks} task losses as a 1-D float tensor, "
-                f"like the losses given to step(); got {got}"
-            )
+                f"loss_fn(model, batch) must return the {num_tasks} task losses, like the losses given to step(): {err}"
+            ) from None
 
     def _loss_scale(self, like: torch.Tensor) -> torch.Tensor | None:
         """The scaler's current scale s as a device tensor (no host read), or None."""
@@ -543,9 +538,11 @@ class COST:
             return None
         return self.scaler.scale(torch.ones((), dtype=torch.float32, device=like.device))
 
-    def _task_gradients(self, local: torch.Tensor, batch: Any, timer: PhaseTimer) -> tuple[torch.Tensor, GramStats]:
-        """The global losses (this rank's own without a process group), G of the scaled losses
-        and its statistics, unscaled."""
+    def _task_gradients(
+        self, local: torch.Tensor, batch: Any, timer: PhaseTimer
+    ) -> tuple[torch.Tensor, GramStats, torch.Tensor | None]:
+        """The global losses (this rank's own without a process group), G of the scaled losses,
+        its statistics unscaled, and the scale (None without a scaler)."""
         engine = self.engine
         losses = local
         if self.group is not None:  # the global losses, the same on every rank
@@ -555,11 +552,11 @@ class COST:
             engine.compute(local if scale is None else local * scale, retain_graph=True)
         with timer.phase("gram"):
             stats = engine.stats()
-        return losses, stats if scale is None else stats.unscaled(scale)
+        return losses, stats if scale is None else stats.unscaled(scale), scale
 
     def _backward(self, local: torch.Tensor, batch: Any) -> StepInfo:
         timer = PhaseTimer(local.device)
-        losses, stats = self._task_gradients(local, batch, timer)
+        losses, stats, scale = self._task_gradients(local, batch, timer)
         with timer.phase("gram"):
             finite = torch.isfinite(losses).all() & ~stats.nonfinite
             fires = self.semantics.fires(stats) & finite
@@ -589,18 +586,18 @@ class COST:
         accumulating = self._wrote_gradients and any(p.grad is not None for p in self._shared_params)
         if info.trigger and self._allowed() and not accumulating:
             with timer.phase("teleport"):
-                self._teleport(losses, stats, batch, info)
+                self._teleport(losses, stats, scale, batch, info)
             if not self.base_step.step_after_teleport:
                 return info
             # the public CityScapes trainer: a base step at the teleported point, same batch
             local = self.loss_fn(self.model, batch)
             check_task_losses(local, self.engine.num_tasks)
-            losses, stats = self._task_gradients(local, batch, timer)
+            losses, stats, scale = self._task_gradients(local, batch, timer)
             if not bool(torch.isfinite(losses).all() & ~stats.nonfinite):
                 return self._skip(info, NONFINITE)
             info.stepped_after_teleport = True
         with timer.phase("solve"):
-            refused = self._base_update(losses, stats, self._loss_scale(local))
+            refused = self._base_update(losses, stats, scale)
         if refused is not None:
             return self._skip(info, refused)
         if isinstance(self.base, LossWeighting):
@@ -662,10 +659,10 @@ class COST:
             # first, and the method's state (MoCo's: K x P) advances only on a step that is taken.
             head_grads, learned_grads = _gradients(scaled(losses.sum()), heads), []
             self._reduce_heads(head_grads)
-            if not _all_finite(head_grads):
+            if not all_finite(head_grads):
                 return NONFINITE_UPDATE
             self._direction(losses, stats.gram, scale)
-            if not _all_finite([self.engine.combined]):
+            if not all_finite([self.engine.combined]):
                 return NONFINITE_GRADIENT_METHOD_UPDATE
         else:
             saved = copy.deepcopy(self.base.state_dict())  # small: K-sized buffers, generators
@@ -677,7 +674,7 @@ class COST:
                 both = _gradients(scaled(total), heads + learned)
                 head_grads, learned_grads = both[: len(heads)], both[len(heads) :]
             self._reduce_heads(head_grads)
-            if not _all_finite([self.engine.combined, *head_grads, *learned_grads]):
+            if not all_finite([self.engine.combined, *head_grads, *learned_grads]):
                 self.base.load_state_dict(saved)
                 return NONFINITE_UPDATE
         if self.base_step.scale_backbone_by_tasks:
@@ -728,11 +725,13 @@ class COST:
         if self._base_epoch_due:
             self._close_base_epoch()
 
-    def _teleport(self, losses: torch.Tensor, stats: GramStats, batch: Any, info: StepInfo) -> None:
+    def _teleport(
+        self, losses: torch.Tensor, stats: GramStats, scale: torch.Tensor | None, batch: Any, info: StepInfo
+    ) -> None:
         """Teleport and report it, then HTR; the caller's generators untouched (iterating a
         shuffled DataLoader as teleport data draws from them)."""
         with caller_generators_untouched(self.model):
-            g_prime = self._htr_direction(losses, stats)
+            g_prime = self._htr_direction(losses, stats, scale)
             if self.symmetry is not None:
                 self._symmetry_teleport(batch, info, g_prime)
                 return
@@ -757,7 +756,9 @@ class COST:
             info, result.steps, result.rollback_reason, adapter.base_parameters, result.deltas, g_prime
         )
 
-    def _htr_direction(self, losses: torch.Tensor, stats: GramStats) -> list[torch.Tensor] | None:
+    def _htr_direction(
+        self, losses: torch.Tensor, stats: GramStats, scale: torch.Tensor | None
+    ) -> list[torch.Tensor] | None:
         """g' of HTR as parameter-shaped tensors, or None (no HTR, or no base update yet):
         the last base update (public semantics), or the base method's direction at the
         pre-teleport point (Eq. 12), computed without advancing the method's state."""
@@ -765,7 +766,7 @@ class COST:
             return None
         if self.semantics.htr_direction == "pre_teleport_gradient":
             saved = copy.deepcopy(self.base.state_dict())
-            self._direction(losses.detach().requires_grad_(), stats.gram, self._loss_scale(losses))
+            self._direction(losses.detach().requires_grad_(), stats.gram, scale)
             self.base.load_state_dict(saved)
             return self.engine.combined_views
         if self._last_update is None:
@@ -781,7 +782,7 @@ class COST:
         with eval_mode(self.model):
             before = loss_contour(self.model, self.loss_fn, self.teleport_data) if guard else None
             result = self.symmetry.teleport(self.loss_fn, batch)
-            finite = _all_finite([*params, result.losses_after])
+            finite = all_finite([*params, result.losses_after])
             after = loss_contour(self.model, self.loss_fn, self.teleport_data) if guard and finite else None
         if not finite:
             reason = "non-finite"
@@ -835,16 +836,6 @@ def _first_dimension(batch: Any) -> int:
         except ValueError:
             continue
     raise ValueError("cannot tell the batch size: pass COST(batch_size=...)")
-
-
-def _all_finite(tensors: list[torch.Tensor | None]) -> bool:
-    """True if no tensor holds a NaN or ±inf (one multi-tensor max-norm, one host read; a
-    max-norm cannot overflow for finite entries, whatever their dtype, and propagates NaN)."""
-    present = [t.detach() for t in tensors if t is not None]
-    if not present:
-        return True
-    peaks = torch._foreach_norm(present, float("inf"))
-    return bool(torch.isfinite(torch.stack([peak.float() for peak in peaks])).all())
 
 
 def _gradients(

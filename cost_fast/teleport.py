@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cost_fast.checks import check_int
+from cost_fast.checks import all_finite, check_int
 from cost_fast.lora import TeleportAdapter
 from cost_fast.perturbed import EffectivePoint, LossFn
 from cost_fast.semantics import Semantics, get_semantics
@@ -256,7 +256,8 @@ def teleport(
                 if steps >= budget:
                     break
             deltas = adapter.merge()
-            finite = _finite_teleport(contour, task_terms + sharp_terms, deltas, adapter.adapted_weights)
+            # L*, every step's L_t and L_g, ΔW and the merged weights: one host read
+            finite = all_finite([contour, *task_terms, *sharp_terms, *deltas, *adapter.adapted_weights])
             after, reason = None, None
             if not finite:
                 reason = "non-finite"
@@ -272,16 +273,6 @@ def teleport(
         except BaseException:
             adapter.restore(snapshot)
             raise
-
-
-def _finite_teleport(
-    contour: torch.Tensor, terms: list[torch.Tensor], deltas: list[torch.Tensor], weights: list[torch.Tensor]
-) -> bool:
-    """True when L*, every adapter step's L_t and L_g, ΔW and the merged weights are finite (one
-    host read; max-norms, which cannot overflow for finite entries and propagate NaN)."""
-    tensors = [contour, *terms, *deltas, *weights]
-    peaks = torch._foreach_norm([t.detach() for t in tensors], float("inf"))
-    return bool(torch.isfinite(torch.stack([peak.double() for peak in peaks])).all())
 
 
 # Names of the first release, now methods of the semantics (``cost_fast.semantics``).
