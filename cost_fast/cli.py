@@ -35,6 +35,17 @@ def _seed(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    """A finite float ≥ 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``cost-fast`` and its subcommands."""
     parser = argparse.ArgumentParser(
@@ -126,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(SEMANTICS),
         default="public",
         help="COST semantics (default: public, the public code's)",
+    )
+    toy.add_argument(
+        "--level-set-tolerance",
+        type=_non_negative_float,
+        default=None,
+        help="make every teleport loss-preserving: merge the largest share of its update that changes "
+        "no task loss by more than this share of its size (default: merge the whole update, as the public code)",
     )
     rep = sub.add_parser(
         "reproduce",
@@ -240,6 +258,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 steps_per_epoch=args.steps_per_epoch,
                 semantics=args.semantics,
                 seed=args.seed,
+                level_set_tolerance=args.level_set_tolerance,
                 stream=sys.stdout,
             )
         except ValueError as err:

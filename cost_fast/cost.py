@@ -58,7 +58,7 @@ from cost_fast.perturbed import LossFn
 from cost_fast.rng import caller_generators_untouched
 from cost_fast.semantics import Semantics, get_semantics
 from cost_fast.symmetry import RescalingTeleport
-from cost_fast.teleport import TeleportConfig, eval_mode, guard_verdict, loss_contour, teleport
+from cost_fast.teleport import TeleportConfig, eval_mode, guard_verdict, level_set_error, loss_contour, teleport
 from cost_fast.timing import PhaseTimer
 from cost_fast.weighting.base import LossWeighting
 
@@ -130,6 +130,10 @@ class StepInfo:
     symmetry: dict[str, Any] | None = None
     task_terms: list[float] = dataclasses.field(default_factory=list)  # L_t per adapter step
     sharpness_terms: list[float] = dataclasses.field(default_factory=list)  # L_g per adapter step
+    # max_i |L_i(after) - L*_i| / max(|L*_i|, floor) on the teleport data (cost_fast.teleport),
+    # at the point merged (or last tried, if rolled back); None if not measured
+    level_set_error: float | None = None
+    merged_fraction: float | None = None  # t of W + t·ΔW (below 1 only with level_set_tolerance)
     timer: PhaseTimer | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -752,6 +756,7 @@ class COST:
                 else lambda grads: distributed.all_reduce_(grads, self.group),
             )
         info.task_terms, info.sharpness_terms = result.task_terms, result.sharpness_terms
+        info.level_set_error, info.merged_fraction = result.level_set_error, result.fraction
         self._after_teleport(
             info, result.steps, result.rollback_reason, adapter.base_parameters, result.deltas, g_prime
         )
@@ -774,20 +779,28 @@ class COST:
         return _parameter_views(self._last_update, self.engine.params)
 
     def _symmetry_teleport(self, batch: Any, info: StepInfo, g_prime: list[torch.Tensor] | None) -> None:
-        """The rescaling teleport, with the same guard (the semantics' default, or the config's)
-        and the same refusal of a non-finite result."""
-        guard = self.teleport_config.guard_for(self.semantics)
+        """The rescaling teleport, with the same measures as the LoRA teleport: its level-set
+        error, the guard (the semantics' default, or the config's), ``level_set_tolerance`` as a
+        check (a rescaling has no ΔW to shrink) and the refusal of a non-finite result."""
+        config = self.teleport_config
+        measure = config.evaluates_after(self.semantics)
         params = self.symmetry.parameters
         snapshot = [p.detach().clone() for p in params]
         with eval_mode(self.model):
-            before = loss_contour(self.model, self.loss_fn, self.teleport_data) if guard else None
+            before = loss_contour(self.model, self.loss_fn, self.teleport_data) if measure else None
             result = self.symmetry.teleport(self.loss_fn, batch)
             finite = all_finite([*params, result.losses_after])
-            after = loss_contour(self.model, self.loss_fn, self.teleport_data) if guard and finite else None
-        if not finite:
-            reason = "non-finite"
-        else:
-            reason = None if before is None else guard_verdict(before, after, self.teleport_config.guard_tolerance)
+            after = loss_contour(self.model, self.loss_fn, self.teleport_data) if measure and finite else None
+        reason = None if finite else "non-finite"
+        if after is not None:
+            info.level_set_error = level_set_error(before, after, config.level_set_floor)
+            if info.level_set_error == float("inf"):
+                reason = "non-finite"
+            elif config.level_set_tolerance is not None and info.level_set_error > config.level_set_tolerance:
+                reason = "left the level set"
+            elif config.guard_for(self.semantics):
+                reason = guard_verdict(before, after, config.guard_tolerance)
+        info.merged_fraction = 1.0
         deltas = result.deltas
         if reason is not None:
             with torch.no_grad():

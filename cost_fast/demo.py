@@ -117,6 +117,8 @@ def train(
                         "htr": info.htr,
                         "task_terms": info.task_terms,
                         "sharpness_terms": info.sharpness_terms,
+                        "level_set_error": info.level_set_error,
+                        "merged_fraction": info.merged_fraction,
                     }
                 )
             if progress is not None:
@@ -135,6 +137,10 @@ def train(
         "seconds": seconds,
         "steps": step_stats,  # per step: [step, min cos(g_i, g0), conflicting pairs, ‖g0‖]
     }
+
+
+def _error_text(error: float | None) -> str:
+    return "not measured" if error is None else f"{error:.2g}"
 
 
 def plot_specs(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -168,7 +174,8 @@ def plot_specs(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "xlabel": "adapter step",
             "ylabel": ("L_t (loss invariance)", "L_g (sharpness)"),
             "series": {
-                f"epoch {e['epoch']}" + (f" (rolled back: {e['rollback_reason']})" if e["rolled_back"] else ""): (
+                f"epoch {e['epoch']}, level-set error {_error_text(e.get('level_set_error'))}"
+                + (f" (rolled back: {e['rollback_reason']})" if e["rolled_back"] else ""): (
                     e["task_terms"],
                     e["sharpness_terms"],
                 )
@@ -348,7 +355,11 @@ def run_demo(
     if stream is not None:
         for name, run in runs.items():
             acc = sum(run["test_accuracy"]) / NUM_TASKS
-            kinds = [("rolled back" if e["rolled_back"] else f"HTR {e['htr']}") for e in run["teleports"]]
+            kinds = [
+                ("rolled back" if e["rolled_back"] else f"HTR {e['htr']}")
+                + f", level-set error {_error_text(e.get('level_set_error'))}"
+                for e in run["teleports"]
+            ]
             print(
                 f"{name:>10}: mean test accuracy {acc:.4f}, final train loss "
                 f"{sum(run['train_loss'][-1]) / NUM_TASKS:.4f}, conflict ratio (last epoch) "

@@ -19,7 +19,7 @@ layer's own op at W + ΔW, with autograd reaching the factors through ΔW:
   the model untouched;
 - ``applied(deltas)``: W ← W + ΔW in place for a block of no-grad passes, then W put back
   bit-exactly (also on error);
-- ``merge()``: W ← W + ΔW for good, returning Δθ.
+- ``merge(fraction=1)``: W ← W + t·ΔW for good, returning Δθ.
 
 The model is never modified otherwise: no module is swapped or wrapped, so ``model.state_dict()``
 keeps the plain model's keys, optimizers and ``TaskGradients`` that hold the backbone's Parameter
@@ -175,11 +175,17 @@ class TeleportAdapter:
             self.restore(saved)
 
     @torch.no_grad()
-    def merge(self) -> list[torch.Tensor]:
-        """W ← W + ΔW for every adapted layer (one multi-tensor add). Returns Δθ aligned with
-        ``base_parameters`` (zeros for parameters the adapter does not touch, e.g. biases and
-        norms). The factors are left as they are: the next teleport starts with ``reset()``."""
+    def merge(self, fraction: float = 1.0) -> list[torch.Tensor]:
+        """W ← W + t·ΔW for every adapted layer (one multi-tensor add), t = ``fraction`` (default
+        1: the whole update; the teleport's ``level_set_tolerance`` merges less). Returns Δθ = t·ΔW
+        aligned with ``base_parameters`` (zeros for parameters the adapter does not touch, e.g.
+        biases and norms). The factors are left as they are: the next teleport starts with
+        ``reset()``."""
+        if not (isinstance(fraction, int | float) and 0 < fraction <= 1):
+            raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
         deltas = [d.detach() for d in self.deltas()]
+        if fraction != 1:
+            torch._foreach_mul_(deltas, fraction)
         torch._foreach_add_(self.adapted_weights, deltas)
         delta_of = {id(w): d for w, d in zip(self.adapted_weights, deltas)}
         return [delta_of[id(p)] if id(p) in delta_of else torch.zeros_like(p) for p in self.base_parameters]

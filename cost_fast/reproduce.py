@@ -1,17 +1,21 @@
 """``cost-fast reproduce``: the COST paper's qualitative claims beside what this engine measures.
 
 For each of several seeds (5 by default) it runs the digits demo (``cost_fast.demo``), the CAGrad
-toy (``cost_fast.toy``) and a controlled paper-semantics teleport (``sharpness_control``: the
-same teleport with the sharpness term at the paper's weight and switched off) into one folder,
-and writes ``REPRODUCTION.md``: per claim, the paper's statement, the verdict over the seeds with
-its spread (held in k of n), seed 0's measurement and the figure that shows it, then every
-seed's measurement. Every number comes from the runs just made; nothing is copied from elsewhere.
+toy (``cost_fast.toy``) twice, with the public code's teleports (the trained ΔW merged whole) and
+with loss-preserving ones (``TeleportConfig(level_set_tolerance=LEVEL_SET_TOLERANCE)``), and a
+controlled paper-semantics teleport (``sharpness_control``: the same teleport with the sharpness
+term at the paper's weight and switched off) into one folder, and writes ``REPRODUCTION.md``: per
+claim, the paper's statement, the rule of its verdict, the verdict over the seeds with its spread
+(held in k of n), seed 0's measurement and the figure that shows it, then every seed's
+measurement. Every number comes from the runs just made; nothing is copied from elsewhere.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import statistics
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,6 +27,7 @@ from cost_fast.report import atomic_report_dir, check_report_target
 from cost_fast.toy import run_toy
 
 WINDOW = 3  # steps before/after a teleport compared for the "right after" claim
+LEVEL_SET_TOLERANCE = 0.05  # of the loss-preserving toy run: no merged teleport moves a loss by more
 
 
 def _mean(values: list[float]) -> float:
@@ -92,8 +97,40 @@ def sharpness_control(seed: int = 0, *, epochs: int = 3, relative_radius: float 
     return {"relative_radius": relative_radius, "epochs": epochs, "runs": runs}
 
 
-def assess(demo: dict[str, Any], toy: dict[str, Any], control: dict[str, Any] | None = None) -> list[dict[str, str]]:
-    """The claims (module docstring) with measurement and verdict, from the reports of one seed."""
+def toy_claim(toy: dict[str, Any], teleports: str, folder: str) -> dict[str, Any]:
+    """Fig. 6 on one toy report: held only if LS + COST reaches the front from some start where LS
+    misses it and misses it from no start where LS reaches it (a regression counts against)."""
+    runs = toy["runs"]
+    rescued = [tuple(r["LS"]["init"]) for r in runs if not r["LS"]["reaches_front"] and r["LS+COST"]["reaches_front"]]
+    lost = [tuple(r["LS"]["init"]) for r in runs if r["LS"]["reaches_front"] and not r["LS+COST"]["reaches_front"]]
+    attempted = [t for r in runs for t in r["LS+COST"]["teleports"]]
+    errors = [t["level_set_error"] for t in attempted if not t["rolled_back"] and t.get("level_set_error") is not None]
+    spread = f"median {statistics.median(errors):.2g}, max {max(errors):.2g}" if errors else "none measured"
+    return {
+        "claim": f"On CAGrad's toy, LS gets stuck where LS + COST reaches the Pareto front (paper Fig. 6), with {teleports}",
+        "rule": "held if LS + COST reaches the front from a start where LS misses it, and misses it from no start "
+        "where LS reaches it",
+        "measured": f"LS reaches the front from {sum(r['LS']['reaches_front'] for r in runs)}/{len(runs)} starts, "
+        f"LS + COST from {sum(r['LS+COST']['reaches_front'] for r in runs)}/{len(runs)}; rescued "
+        f"{', '.join(map(str, rescued)) or 'none'}; lost {', '.join(map(str, lost)) or 'none'}; "
+        f"{len(attempted)} attempted teleports ({sum(t['rolled_back'] for t in attempted)} rolled back), "
+        f"level-set error of the merged ones: {spread}",
+        "verdict": "held" if rescued and not lost else "not held",
+        "figure": f"{folder}/toy.png, {folder}/toy_table.md",
+    }
+
+
+def assess(
+    demo: dict[str, Any],
+    toy: dict[str, Any],
+    control: dict[str, Any] | None = None,
+    toy_level_set: dict[str, Any] | None = None,
+    load: float | None = None,
+) -> list[dict[str, Any]]:
+    """The claims (module docstring) with the rule of each verdict, the measurement and the
+    verdict, from the reports of one seed (``toy_level_set``: the loss-preserving toy run;
+    ``load``: the machine's 1-minute load average right after the demo, its own work included,
+    reported beside its time)."""
     base, cost = demo["runs"]["base"], demo["runs"]["base+COST"]
     claims = []
 
@@ -103,6 +140,7 @@ def assess(demo: dict[str, Any], toy: dict[str, Any], control: dict[str, Any] | 
             "claim": "COST lowers the conflict ratio (paper: 0.007-0.011 over 600 iterations on CelebA)",
             "measured": f"share of steps with some cos(g_i, g0) < 0, epochs 2+: {ratio_cost:.3f} with COST, "
             f"{ratio_base:.3f} without",
+            "rule": "held if the share is lower with COST",
             "verdict": "held" if ratio_cost < ratio_base else "not held",
             "figure": "demo/conflict_ratio.png",
         }
@@ -114,6 +152,7 @@ def assess(demo: dict[str, Any], toy: dict[str, Any], control: dict[str, Any] | 
     claims.append(
         {
             "claim": "During a teleport L_t falls and L_g rises (paper Fig. 5b)",
+            "rule": "held if, over the attempted teleports, L_t fell in more than half and L_g rose in more than half",
             "measured": f"of {len(events)} teleports, L_t fell (last vs first third of the steps) in {falls} "
             f"and L_g rose in {rises}",
             "verdict": "not measurable here"
@@ -136,13 +175,23 @@ def assess(demo: dict[str, Any], toy: dict[str, Any], control: dict[str, Any] | 
             norm_before.append(_mean([s[3] for s in before]))
             norm_after.append(_mean([s[3] for s in after]))
     n = len(pairs_before)
+    merged_errors = [
+        e["level_set_error"] for e in cost["teleports"] if not e["rolled_back"] and e.get("level_set_error") is not None
+    ]
+    level_set = (
+        f"; level-set error of the merged teleports: median {statistics.median(merged_errors):.2g}, "
+        f"max {max(merged_errors):.2g}"
+        if merged_errors
+        else ""
+    )
     fewer = sum(a < b for a, b in zip(pairs_after, pairs_before))
     larger = sum(a > b for a, b in zip(norm_after, norm_before))
     claims.append(
         {
             "claim": "Right after a teleport: fewer conflicts, larger gradient norms (paper Fig. 8)",
+            "rule": "held if both hold in more than half of the merged teleports",
             "measured": f"over {n} merged teleports, {WINDOW} steps after vs before: fewer conflicting pairs in "
-            f"{fewer}, larger ‖g0‖ in {larger}",
+            f"{fewer}, larger ‖g0‖ in {larger}{level_set}",
             "verdict": "not measurable here"
             if n == 0
             else ("held" if 2 * fewer > n and 2 * larger > n else "not held"),
@@ -150,21 +199,12 @@ def assess(demo: dict[str, Any], toy: dict[str, Any], control: dict[str, Any] | 
         }
     )
 
-    stuck_then_reached = [r for r in toy["runs"] if not r["LS"]["reaches_front"] and r["LS+COST"]["reaches_front"]]
-    toy_teleports = sum(len(r["LS+COST"]["teleports"]) for r in toy["runs"])
-    toy_rolled_back = sum(t.get("rolled_back", False) for r in toy["runs"] for t in r["LS+COST"]["teleports"])
-    starts = len(toy["runs"])
-    ls_reach = sum(r["LS"]["reaches_front"] for r in toy["runs"])
-    cost_reach = sum(r["LS+COST"]["reaches_front"] for r in toy["runs"])
-    claims.append(
-        {
-            "claim": "On CAGrad's toy, LS gets stuck where LS + COST reaches the Pareto front (paper Fig. 6)",
-            "measured": f"LS reaches the front from {ls_reach}/{starts} starts, LS + COST from {cost_reach}/{starts}; "
-            f"{toy_teleports} attempted teleports in all ({toy_rolled_back} rolled back)",
-            "verdict": "held" if stuck_then_reached else "not held",
-            "figure": "toy/toy.png, toy/toy_table.md",
-        }
-    )
+    claims.append(toy_claim(toy, "the public code's teleports (ΔW merged whole)", "toy"))
+    if toy_level_set is not None:
+        tolerance = toy_level_set["level_set_tolerance"]
+        claims.append(
+            toy_claim(toy_level_set, f"loss-preserving teleports (level-set error ≤ {tolerance:g})", "toy_level_set")
+        )
 
     if control is not None:
         rise = {
@@ -176,6 +216,7 @@ def assess(demo: dict[str, Any], toy: dict[str, Any], control: dict[str, Any] | 
         claims.append(
             {
                 "claim": "In paper semantics the sharpness term raises L_g during a teleport (Eq. 11: L_t - 0.1 L_g)",
+                "rule": "held if L_g rises more at weight 0.1 than with the term off, by over 10% of the latter",
                 "measured": f"rise of L_g (last vs first third of the steps), δ = {control['relative_radius']}·‖θ‖: "
                 f"{paper:.2e} at weight 0.1, {off:.2e} with the term off, {strong:.2e} at weight 10",
                 # held only if the term itself adds at least 10% to what the drift alone does
@@ -186,12 +227,16 @@ def assess(demo: dict[str, Any], toy: dict[str, Any], control: dict[str, Any] | 
 
     base_time = sum(base["seconds"].values())
     cost_time = sum(cost["seconds"].values())
+    overhead = 100 * (cost_time / base_time - 1)
+    on_load = "" if load is None else f", 1-minute load average {load:.2f} on {os.cpu_count()} cores"
     claims.append(
         {
             "claim": "COST adds ~30% to the training time of its base method (paper, CelebA)",
-            "measured": f"on the digits demo: {100 * (cost_time / base_time - 1):+.1f}% "
-            f"({cost_time:.2f}s vs {base_time:.2f}s, {len(cost['teleports'])} teleports); the same "
-            "ratio at CelebA scale needs a GPU run of bench/test_bench_epoch.py",
+            "rule": "not judged: one short run per seed on a shared CPU; the median and spread over the seeds "
+            "are given, the ratio at CelebA scale needs a GPU run of bench/test_bench_epoch.py",
+            "measured": f"on the digits demo: {overhead:+.1f}% ({cost_time:.2f}s vs {base_time:.2f}s, "
+            f"{len(cost['teleports'])} teleports{on_load})",
+            "value": overhead,
             "verdict": "not measurable here",
             "figure": "demo/time_split.png",
         }
@@ -202,7 +247,8 @@ def assess(demo: dict[str, Any], toy: dict[str, Any], control: dict[str, Any] | 
 def summarize(per_seed: list[list[dict[str, str]]]) -> list[dict[str, Any]]:
     """One row per claim over the seeds: "held" (every seed), "not held" (none), "mixed"
     (some), or "not measurable here" (no seed could measure it); ``held``/``measurable`` are the
-    counts, ``measured`` every seed's measurement."""
+    counts, ``measured`` every seed's measurement, ``rule`` the rule of the verdict, and for a
+    claim with a number per seed (``value``) its median and range over the seeds."""
     rows = []
     for i, first in enumerate(per_seed[0]):
         verdicts = [claims[i]["verdict"] for claims in per_seed]
@@ -216,9 +262,13 @@ def summarize(per_seed: list[list[dict[str, str]]]) -> list[dict[str, Any]]:
             verdict = "not held"
         else:
             verdict = "mixed"
+        values = [claims[i]["value"] for claims in per_seed if "value" in claims[i]]
         rows.append(
             {
                 "claim": first["claim"],
+                "rule": first["rule"],
+                "median": statistics.median(values) if values else None,
+                "range": (min(values), max(values)) if values else None,
                 "verdict": verdict,
                 "held": held,
                 "measurable": len(measurable),
@@ -238,16 +288,21 @@ def render(rows: list[dict[str, Any]], demo: dict[str, Any], toy: dict[str, Any]
         f"Regenerated by `cost-fast reproduce` over {rows[0]['seeds']} seeds (seed s: the demo's data split and "
         f"initialization, COST's generator). Digits demo: {demo['method']} with and without COST "
         f"({demo['semantics']} semantics), {demo['epochs']} epochs. Toy: {toy['steps']} Adam steps per run, "
-        f"lr {toy['lr']}, {toy['semantics']} semantics. CPU; small problems, not the paper's benchmarks. "
-        "Figures are seed 0's (`seed0/`).",
+        f"lr {toy['lr']}, {toy['semantics']} semantics, once with the trained ΔW merged whole (`toy/`) and once "
+        f"with loss-preserving teleports (`toy_level_set/`). The level-set error of a teleport is "
+        "max_i |L_i(after) - L_i(before)| / max(|L_i(before)|, 1e-3) over the teleport data. "
+        "CPU; small problems, not the paper's benchmarks. Figures are seed 0's (`seed0/`).",
         "",
-        "| claim | verdict over the seeds | seed 0 measured | figure |",
-        "|---|---|---|---|",
+        "| claim | rule of the verdict | verdict over the seeds | seed 0 measured | figure |",
+        "|---|---|---|---|---|",
     ]
     for r in rows:
         spread = f" (held in {r['held']} of {r['measurable']})" if r["measurable"] else ""
+        if r["median"] is not None:
+            low, high = r["range"]
+            spread += f"; median {r['median']:+.1f}% over the seeds, from {low:+.1f}% to {high:+.1f}%"
         figures = ", ".join(f"seed0/{f.strip()}" for f in r["figure"].split(","))
-        lines.append(f"| {r['claim']} | {r['verdict']}{spread} | {r['measured'][0]} | {figures} |")
+        lines.append(f"| {r['claim']} | {r['rule']} | {r['verdict']}{spread} | {r['measured'][0]} | {figures} |")
     lines += ["", "## Every seed", ""]
     for r in rows:
         lines.append(f"- {r['claim']}:")
@@ -259,7 +314,8 @@ def run_reproduction(
     out_dir: str = "reproduction", *, quick: bool = False, seeds: int = 5, stream: TextIO | None = None
 ) -> list[dict[str, Any]]:
     """Run the experiments of every seed into ``out_dir`` (``seed<s>/demo``, ``seed<s>/toy``,
-    ``seed<s>/sharpness_control.json``) and write REPRODUCTION.md there; returns the rows."""
+    ``seed<s>/toy_level_set``, ``seed<s>/sharpness_control.json``) and write REPRODUCTION.md
+    there; returns the rows."""
     check_int("seeds", seeds, 1)
     target = check_report_target(out_dir)
     with atomic_report_dir(target) as folder:
@@ -268,12 +324,15 @@ def run_reproduction(
             where = folder / f"seed{seed}"
             where.mkdir()
             demo = run_demo(str(where / "demo"), epochs=2 if quick else 10, seed=seed, stream=None, progress=False)
-            toy = run_toy(
-                str(where / "toy"), steps=30 if quick else 3000, steps_per_epoch=10 if quick else 100, seed=seed
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+            toy_settings = {"steps": 30 if quick else 3000, "steps_per_epoch": 10 if quick else 100, "seed": seed}
+            toy = run_toy(str(where / "toy"), **toy_settings)
+            toy_level_set = run_toy(
+                str(where / "toy_level_set"), level_set_tolerance=LEVEL_SET_TOLERANCE, **toy_settings
             )
             control = sharpness_control(seed, epochs=1 if quick else 3)
             (where / "sharpness_control.json").write_text(json.dumps(control), encoding="utf-8")
-            per_seed.append(assess(demo, toy, control))
+            per_seed.append(assess(demo, toy, control, toy_level_set, load))
             if stream is not None:
                 print(f"seed {seed} done", file=stream, flush=True)
             if seed == 0:

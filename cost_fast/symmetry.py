@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from cost_fast.checks import check_int
 from cost_fast.grads import TaskGradients
@@ -54,6 +55,32 @@ def rescalable_pairs(backbone: nn.Module) -> list[tuple[nn.Linear, nn.Linear]]:
             if not isinstance(later, HOMOGENEOUS):
                 break
     return pairs
+
+
+def _check_plain_layers(model: nn.Module, backbone: nn.Module, pairs: list[tuple[nn.Linear, nn.Linear]]) -> None:
+    """Refuse, before anything is changed, layers the rescaling would corrupt: a module or a
+    parameter that appears twice in the backbone (rescaling one place rescales the other, so the
+    function is no longer kept), a parametrized weight (``weight_norm``, ``parametrize``: the
+    weight is computed, not stored) and layers outside ``model``."""
+    modules = [id(m) for m in backbone.modules(remove_duplicate=False)]
+    params = [id(p) for _, p in backbone.named_parameters(remove_duplicate=False)]
+    if len(set(modules)) != len(modules) or len(set(params)) != len(params):
+        raise ValueError(
+            "the rescaling teleport needs a backbone whose layers and parameters appear once each; this one "
+            "shares a module or a parameter between two places (a layer registered twice, tied weights)"
+        )
+    in_model = {id(p) for p in model.parameters()}
+    name_of = {id(m): name for name, m in backbone.named_modules()}
+    for layer in {id(m): m for pair in pairs for m in pair}.values():
+        if parametrize.is_parametrized(layer) or not isinstance(layer.weight, nn.Parameter):
+            raise ValueError(
+                f"the rescaling teleport cannot act on the backbone's layer {name_of[id(layer)]!r} "
+                f"({type(layer).__name__}): its weight is parametrized (weight_norm, "
+                "torch.nn.utils.parametrize), so rescaling it would not keep the function; remove the "
+                "parametrization or use the LoRA teleport"
+            )
+        if any(id(p) not in in_model for p in layer.parameters()):
+            raise ValueError("the backbone's layers must be part of the model (backbone must be a submodule)")
 
 
 @dataclasses.dataclass
@@ -95,6 +122,7 @@ class RescalingTeleport:
         check_int("steps", steps, 1)
         if not lr > 0 or not max_log_scale > 0:
             raise ValueError("lr and max_log_scale must be > 0")
+        _check_plain_layers(model, backbone, self.pairs)
         self.model, self.backbone = model, backbone
         self.steps, self.lr, self.max_log_scale = steps, lr, max_log_scale
         self.parameters = [p for p in backbone.parameters() if p.requires_grad]

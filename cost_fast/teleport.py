@@ -14,11 +14,23 @@ and rolls the backbone back bit-exactly if any task's mean loss rose by more tha
 
     L_i(θ+Δθ) - L*_i > tol · |L*_i|     (right for losses of any sign),
 
-or if anything is non-finite. ``guard=False`` skips that pass, as the public code does.
+or if anything is non-finite. ``guard=False`` keeps a teleport that raised a loss, as the public
+code does.
 
-Guard or no guard, a teleport whose adapter steps (L_t, L_g), contour L* or merged update ΔW
-are not finite (a NaN in the teleport data, an adapter learning rate that diverges) is never
-merged: the backbone is put back bit-exactly and the teleport is reported as rolled back,
+The level-set error of a teleport is what it did to the losses it was meant to keep,
+
+    e = max_i |L_i(θ+Δθ) - L*_i| / max(|L*_i|, floor)      (means over the teleport data),
+
+measured by that same pass after the merge (``TeleportConfig(measure_level_set=True)``, the
+default: one forward pass per teleport batch without grad, shared with the guard's) and reported
+in ``TeleportResult``/``StepInfo``. ``TeleportConfig(level_set_tolerance=tol)`` makes the teleport
+loss-preserving: while e > tol it merges half as much of the trained ΔW (W + t·ΔW, t = 1, 1/2, …,
+``level_set_halvings`` times, one pass each), and rolls back ("left the level set") if no t
+qualifies. Off by default, so the public code's teleport stays as it is.
+
+Guard or no guard, a teleport whose adapter steps (L_t, L_g), contour L*, merged update ΔW or
+measured losses after the merge are not finite (a NaN in the teleport data, an adapter learning
+rate that diverges) is never merged: the backbone is put back bit-exactly and the teleport is reported as rolled back,
 "non-finite". That check reads values the teleport computes anyway (no extra pass).
 
 The adapter lives in weight space (``TeleportAdapter``): per adapter step its update ΔW is formed
@@ -60,6 +72,14 @@ class TeleportConfig:
         samples_per_pass: perturbed samples evaluated together in one vmapped forward pass
             (default 1: one pass per sample, in place). Larger values cost that many copies of
             the perturbed parameters; a loss that ``vmap`` cannot trace falls back to 1.
+        measure_level_set: evaluate the teleport data after the merge to report the level-set
+            error (module docstring; default True). False skips that pass when nothing else
+            needs it (the guard and ``level_set_tolerance`` do), as the public code does.
+        level_set_tolerance: None (default) merges the trained ΔW whole; a number makes the
+            teleport loss-preserving: the largest t in 1, 1/2, … with level-set error ≤ it.
+        level_set_floor: the floor of the error's denominator (default 1e-3), so that a loss
+            near zero is judged by absolute change.
+        level_set_halvings: how many times t is halved before a rollback (default 5: t ≥ 1/32).
     """
 
     lr: float | None = None
@@ -69,6 +89,10 @@ class TeleportConfig:
     guard: bool | None = None
     guard_tolerance: float = 0.05
     samples_per_pass: int = 1
+    measure_level_set: bool = True
+    level_set_tolerance: float | None = None
+    level_set_floor: float = 1e-3
+    level_set_halvings: int = 5
 
     def __post_init__(self) -> None:
         if self.lr is not None and not (isinstance(self.lr, int | float) and 0 < self.lr < float("inf")):
@@ -80,26 +104,46 @@ class TeleportConfig:
             raise ValueError(f"guard must be True, False or None, got {self.guard!r}")
         if not (isinstance(self.guard_tolerance, int | float) and self.guard_tolerance >= 0):
             raise ValueError(f"guard_tolerance must be ≥ 0, got {self.guard_tolerance!r}")
+        if not isinstance(self.measure_level_set, bool):
+            raise ValueError(f"measure_level_set must be True or False, got {self.measure_level_set!r}")
+        tolerance = self.level_set_tolerance
+        if tolerance is not None and not (
+            isinstance(tolerance, int | float) and not isinstance(tolerance, bool) and 0 <= tolerance < float("inf")
+        ):
+            raise ValueError(f"level_set_tolerance must be a finite number ≥ 0 or None, got {tolerance!r}")
+        if not (isinstance(self.level_set_floor, int | float) and 0 < self.level_set_floor < float("inf")):
+            raise ValueError(f"level_set_floor must be a finite number > 0, got {self.level_set_floor!r}")
+        check_int("level_set_halvings", self.level_set_halvings, 0)
 
     def guard_for(self, semantics: Semantics) -> bool:
         """Whether the guard runs: ``guard`` when set, else the semantics' ``default_guard``."""
         return self.guard if self.guard is not None else semantics.default_guard
+
+    def evaluates_after(self, semantics: Semantics) -> bool:
+        """Whether the teleport data is evaluated after the merge (level-set error, guard or
+        loss-preserving teleport)."""
+        return self.measure_level_set or self.guard_for(semantics) or self.level_set_tolerance is not None
 
 
 @dataclasses.dataclass
 class TeleportResult:
     """What a teleport did. ``deltas`` is Δθ aligned with the adapter's base parameters
     (all zeros after a rollback); ``task_terms``/``sharpness_terms`` are L_t and L_g per step;
-    ``contour_before``/``contour_after`` the mean task losses over the teleport data;
-    ``rollback_reason`` says why the guard rolled back ("loss rose", "non-finite"), else None."""
+    ``contour_before``/``contour_after`` the mean task losses over the teleport data at the start
+    and at the point merged (or last tried, after a rollback); ``level_set_error`` the error at
+    that point (module docstring); ``fraction`` the share t of the trained ΔW merged;
+    ``rollback_reason`` says why it was rolled back ("loss rose", "non-finite", "left the level
+    set"), else None."""
 
     deltas: list[torch.Tensor]
     steps: int
     task_terms: list[float]
     sharpness_terms: list[float]
     contour_before: torch.Tensor
-    contour_after: torch.Tensor | None  # None when the guard is off
+    contour_after: torch.Tensor | None  # None when nothing evaluated the data after the merge
     rollback_reason: str | None
+    level_set_error: float | None = None  # None when contour_after is None
+    fraction: float = 1.0
 
     @property
     def rolled_back(self) -> bool:
@@ -132,6 +176,15 @@ def loss_contour(model: nn.Module, loss_fn: LossFn, data: Iterable[Any]) -> torc
     if count == 0:
         raise ValueError("the teleport data yielded no batch")
     return total / count
+
+
+def level_set_error(before: torch.Tensor, after: torch.Tensor, floor: float) -> float:
+    """e = max_i |after_i - before_i| / max(|before_i|, floor) in float64 (inf if ``after`` is
+    not finite)."""
+    before, after = before.double(), after.double()
+    if not bool(torch.isfinite(after).all()):
+        return float("inf")
+    return float(((after - before).abs() / before.abs().clamp_min(floor)).max())
 
 
 def guard_verdict(before: torch.Tensor, after: torch.Tensor, tolerance: float) -> str | None:
@@ -168,7 +221,8 @@ def teleport(
         model: the whole multi-task model (``loss_fn(model, batch)`` gives its K losses).
         adapter: the ``TeleportAdapter`` built on the shared backbone; its scale is set from
             the semantics (``lora_alpha / rank``).
-        data: the teleport data, iterated 1 + ``config.rounds`` (+1 with the guard) times.
+        data: the teleport data, iterated 1 + ``config.rounds`` times, +1 to measure the
+            level-set error (``config.evaluates_after``), +1 per halving of t.
         current_batch: the training batch on which L_g is measured.
         ratios: R (shape (K,)), ``semantics.ratio_weights(norms)`` (keyword-only: the yardstick
             takes the gradient norms in its place).
@@ -258,18 +312,36 @@ def teleport(
             deltas = adapter.merge()
             # L*, every step's L_t and L_g, ΔW and the merged weights: one host read
             finite = all_finite([contour, *task_terms, *sharp_terms, *deltas, *adapter.adapted_weights])
-            after, reason = None, None
+            after, reason, error, fraction = None, None, None, 1.0
             if not finite:
                 reason = "non-finite"
-            elif config.guard_for(semantics):
+            elif config.evaluates_after(semantics):
                 after = loss_contour(model, loss_fn, data)
-                reason = guard_verdict(contour, after, config.guard_tolerance)
+                error = level_set_error(contour, after, config.level_set_floor)
+                tolerance = config.level_set_tolerance
+                if tolerance is not None:
+                    halvings = 0
+                    while error > tolerance and halvings < config.level_set_halvings:
+                        halvings += 1
+                        fraction = 0.5**halvings
+                        adapter.restore(snapshot)
+                        deltas = adapter.merge(fraction)
+                        after = loss_contour(model, loss_fn, data)
+                        error = level_set_error(contour, after, config.level_set_floor)
+                    if error > tolerance:
+                        reason = "left the level set"
+                if error == float("inf"):  # the losses after the merge are not finite
+                    reason = "non-finite"
+                elif reason is None and config.guard_for(semantics):
+                    reason = guard_verdict(contour, after, config.guard_tolerance)
             if reason is not None:
                 adapter.restore(snapshot)
                 deltas = [torch.zeros_like(d) for d in deltas]
             # one host transfer for the whole history (nothing synchronizes inside the loop)
             history = torch.stack(task_terms + sharp_terms).tolist() if steps else []
-            return TeleportResult(deltas, steps, history[:steps], history[steps:], contour, after, reason)
+            return TeleportResult(
+                deltas, steps, history[:steps], history[steps:], contour, after, reason, error, fraction
+            )
         except BaseException:
             adapter.restore(snapshot)
             raise

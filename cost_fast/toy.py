@@ -17,12 +17,16 @@ Two protocols (``PROTOCOLS``): ``"nash-mtl"`` (default: the five starting points
 Nash-MTL and FAMO toys, 3000 Adam steps at lr 0.01, seconds on a CPU) and ``"cagrad"`` (CAGrad's
 own toy: its three starting points, 100000 Adam steps at lr 1e-3, minutes). The COST paper's
 text does not list Fig. 6's starting points; CAGrad's protocol is the closest to its source.
-Every attempted teleport is recorded, merged or rolled back (with the guard's reason).
+Every attempted teleport is recorded, merged or rolled back (with the guard's reason), with its
+level-set error (``cost_fast.teleport``: max_i |f_i(after) - f_i(before)| / max(|f_i(before)|,
+1e-3)). ``level_set_tolerance`` makes every teleport loss-preserving (``TeleportConfig``): a
+merged teleport then changed no loss by more than that share.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from typing import Any, TextIO
 
@@ -32,7 +36,7 @@ from torch import nn
 from cost_fast.aggregators.base import get_aggregator
 from cost_fast.cost import COST
 from cost_fast.report import atomic_report_dir, check_report_target
-from cost_fast.semantics import get_semantics
+from cost_fast.semantics import Semantics, get_semantics
 from cost_fast.teleport import TeleportConfig
 
 INITS = [(-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0)]
@@ -108,10 +112,13 @@ def train_toy(
     steps: int,
     lr: float,
     steps_per_epoch: int,
-    semantics: str = "public",
+    semantics: str | Semantics = "public",
     seed: int = 0,
+    teleport: TeleportConfig | None = None,
 ) -> dict[str, Any]:
-    """One LS (mean of the two losses) or LS + COST run with Adam; returns the trajectory."""
+    """One LS (mean of the two losses) or LS + COST run with Adam; returns the trajectory and
+    every attempted teleport. ``teleport``: the teleport's settings (default
+    ``TeleportConfig(lr=lr, rounds=20)``: 20 adapter steps at the training lr)."""
     torch.manual_seed(seed)
     model = ToyModel(init)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -126,7 +133,7 @@ def train_toy(
         semantics=semantics,
         max_teleports_per_epoch=1 if use_cost else 0,
         steps_per_epoch=steps_per_epoch,
-        teleport=TeleportConfig(lr=lr, rounds=20),
+        teleport=TeleportConfig(lr=lr, rounds=20) if teleport is None else teleport,
         seed=seed,
     )
     path, teleports = [model.theta.tolist()], []
@@ -139,11 +146,19 @@ def train_toy(
                     "point": model.theta.tolist(),
                     "rolled_back": info.rolled_back,
                     "rollback_reason": info.rollback_reason,
+                    "level_set_error": info.level_set_error,
+                    "merged_fraction": info.merged_fraction,
+                    "mean_grad_norm": info.mean_norm,  # ‖g0‖ at the point the teleport started from
                 }
             )
         path.append(model.theta.tolist())
     final = toy_losses(torch.tensor(path[-1], dtype=torch.float64))
     return {"init": list(init), "path": path, "teleports": teleports, "final_losses": final.tolist()}
+
+
+def merged_level_set_errors(run: dict[str, Any]) -> list[float]:
+    """The level-set errors of a run's merged teleports."""
+    return [t["level_set_error"] for t in run["teleports"] if not t["rolled_back"]]
 
 
 def _plot(report: dict[str, Any], front: torch.Tensor, path: str) -> None:
@@ -155,7 +170,7 @@ def _plot(report: dict[str, Any], front: torch.Tensor, path: str) -> None:
     axis = torch.linspace(-10, 10, 200)
     grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1)
     mean = toy_losses(grid).mean(-1)
-    fig, (ax, ax_f) = plt.subplots(1, 2, figsize=(12, 5))
+    fig, (ax, ax_f, ax_e) = plt.subplots(1, 3, figsize=(18, 5))
     ax.contourf(grid[..., 0], grid[..., 1], mean, levels=30, cmap="Greys", alpha=0.6)
     for run in report["runs"]:
         for name, color, style in (("LS", "tab:blue", "--"), ("LS+COST", "tab:red", "-")):
@@ -179,6 +194,21 @@ def _plot(report: dict[str, Any], front: torch.Tensor, path: str) -> None:
     ax_f.set_ylabel("f2")
     ax_f.set_title("final losses (squares: LS, circles: LS+COST)")
     ax_f.legend()
+    for k, run in enumerate(report["runs"]):
+        for t in run["LS+COST"]["teleports"]:
+            if t["level_set_error"] is not None:
+                # a zero error (an adapter that did not move) is drawn at the axis' floor
+                error = max(t["level_set_error"], 1e-8)
+                ax_e.plot(k, error, "x" if t["rolled_back"] else "*", color="tab:red", markersize=8)
+    if report["level_set_tolerance"] is not None:
+        ax_e.axhline(report["level_set_tolerance"], color="k", ls="--", lw=1, label="level-set tolerance")
+        ax_e.legend()
+    ax_e.set_yscale("log")
+    ax_e.set_xticks(range(len(report["runs"])))
+    ax_e.set_xticklabels([str(tuple(run["LS"]["init"])) for run in report["runs"]], fontsize=8)
+    ax_e.set_xlabel("start")
+    ax_e.set_ylabel("max_i |f_i(after) - f_i(before)| / max(|f_i(before)|, 1e-3)")
+    ax_e.set_title("level-set error of each teleport (stars: merged; crosses: rolled back)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -194,10 +224,13 @@ def run_toy(
     tolerance: float = 0.05,
     semantics: str = "public",
     seed: int = 0,
+    level_set_tolerance: float | None = None,
     stream: TextIO | None = None,
 ) -> dict[str, Any]:
     """LS and LS + COST from the protocol's starting points (``steps`` and ``lr`` default to the
-    protocol's); writes toy.json, toy_table.md, toy.png."""
+    protocol's; ``tolerance``: of ``reaches_front``; ``level_set_tolerance``: None merges every
+    teleport's ΔW whole, a number makes the teleports loss-preserving, ``TeleportConfig``);
+    writes toy.json, toy_table.md, toy.png."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
     inits, default_steps, default_lr = PROTOCOLS[protocol]
@@ -206,6 +239,7 @@ def run_toy(
     if steps < 1 or steps_per_epoch < 1 or not lr > 0 or not tolerance > 0:
         raise ValueError("steps and steps_per_epoch must be ≥ 1, lr and tolerance > 0")
     get_semantics(semantics)
+    TeleportConfig(level_set_tolerance=level_set_tolerance)  # checks it before any run
     target = check_report_target(out_dir)
     start = time.perf_counter()
     front = pareto_front()
@@ -221,6 +255,7 @@ def run_toy(
                 steps_per_epoch=steps_per_epoch,
                 semantics=semantics,
                 seed=seed,
+                teleport=TeleportConfig(lr=lr, rounds=20, level_set_tolerance=level_set_tolerance),
             )
             run["reaches_front"] = reaches_front(torch.tensor(run["final_losses"]), front, tolerance)
             entry[name] = run
@@ -241,21 +276,24 @@ def run_toy(
         "steps_per_epoch": steps_per_epoch,
         "tolerance": tolerance,
         "semantics": semantics,
+        "level_set_tolerance": level_set_tolerance,
         "runs": runs,
         "wall_seconds": time.perf_counter() - start,
     }
     table = [
         "| start | LS final (f1, f2) | LS on the front | LS+COST final (f1, f2) | LS+COST on the front "
-        "| teleports attempted (rolled back) |",
-        "|---|---|---|---|---|---|",
+        "| teleports attempted (rolled back) | level-set error of the merged teleports: median, max |",
+        "|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         ls, cost = run["LS"], run["LS+COST"]
+        errors = merged_level_set_errors(cost)
+        spread = f"{statistics.median(errors):.3g}, {max(errors):.3g}" if errors else "none merged"
         table.append(
             f"| {tuple(ls['init'])} | ({ls['final_losses'][0]:.3f}, {ls['final_losses'][1]:.3f}) | "
             f"{'yes' if ls['reaches_front'] else 'no'} | ({cost['final_losses'][0]:.3f}, {cost['final_losses'][1]:.3f}) | "
             f"{'yes' if cost['reaches_front'] else 'no'} | {len(cost['teleports'])} "
-            f"({sum(t['rolled_back'] for t in cost['teleports'])}) |"
+            f"({sum(t['rolled_back'] for t in cost['teleports'])}) | {spread} |"
         )
 
     def thinned(path: list) -> list:

@@ -9,7 +9,10 @@ import pytest
 
 from cost_fast.bench.report import plot, table
 
-RESULTS = sorted((Path(__file__).parents[1] / "bench" / "results").glob("*.json"))
+FOLDER = Path(__file__).parents[1] / "bench" / "results"
+# measurements that are not timings (no pytest-benchmark rows), each with its own test below
+MEASUREMENTS = {"toy_level_set_cpu.json"}
+RESULTS = sorted(p for p in FOLDER.glob("*.json") if p.name not in MEASUREMENTS)
 
 
 def test_results_exist() -> None:
@@ -50,3 +53,25 @@ def test_teleport_overhead_projection(tmp_path: Path) -> None:
     other = tmp_path / "solvers_cpu.json"  # results without teleports get no such table
     other.write_text(json.dumps({"benchmarks": [row("ours", 1.0, workload="w")]}))
     assert teleport_overhead(other) == ""
+
+
+def test_toy_level_set_measurement_backs_the_readme() -> None:
+    data = json.loads((FOLDER / "toy_level_set_cpu.json").read_text())
+    for key in ("device", "device_type", "torch", "date"):
+        assert data["stamp"].get(key)
+    variants = data["variants"]
+    for variant in variants.values():
+        merged = [t for run in variant["teleports"] for t in run if not t["rolled_back"]]
+        assert variant["summary"]["merged"] == len(merged)
+        if variant["level_set_tolerance"] is not None:  # loss-preserving: every merged one within it
+            assert all(t["level_set_error"] <= variant["level_set_tolerance"] for t in merged)
+    # without L_g the adapter never moves: every teleport has level-set error 0
+    assert variants["public_no_sharpness"]["summary"]["max_error"] == 0
+    # the public code's teleports leave the level set; neither a dominant L_t nor a smaller lr keeps them on it
+    for name in ("public", "public_task_weight_1000", "public_adapter_lr_1e-3"):
+        assert variants[name]["summary"]["max_error"] > 1 and variants[name]["summary"]["share_above_0.05"] > 0.1
+    # Fig. 6 with loss-preserving teleports: LS + COST loses a start LS reaches and rescues none
+    ls = data["ls_reaches_front"]
+    kept = variants["public_level_set_0.05"]["reaches_front"]
+    assert any(a and not b for a, b in zip(ls, kept)) and not any(b and not a for a, b in zip(ls, kept))
+    assert all(variants["public"]["reaches_front"])

@@ -429,3 +429,44 @@ def test_loha_adapter_teleports() -> None:
     infos = [cost.step(batch_task_losses(model, b), b) for b in batches]
     tele = [i for i in infos if i.attempted_teleport]
     assert len(tele) == 1 and cost.adapter.method == "loha" and tele[0].teleport_steps == 2
+
+
+def test_fairgrad_at_alpha_1_and_nash_mtl_train_identically() -> None:
+    # M w = w^(-1/α) at α = 1 is Nash-MTL's M w = 1/w: the methods table says they are one method
+    runs = []
+    for method in (get_aggregator("fairgrad", alpha=1.0), get_aggregator("nash_mtl")):
+        model, batches = tug_setup(3)
+        cost, _ = make_cost(model, batches, method, teleport=TeleportConfig(lr=1e-2, rounds=1))
+        infos = [cost.step(batch_task_losses(model, b), b) for _ in range(3) for b in batches]
+        runs.append((model.state_dict(), [i.teleported for i in infos]))
+    (first, teleported), (second, teleported_again) = runs
+    assert any(teleported) and teleported == teleported_again
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0)
+
+
+def test_step_info_reports_the_level_set_error_of_the_teleport() -> None:
+    model, batches = tug_setup(1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.0)  # the base step moves nothing
+    cost = COST(
+        model,
+        model.backbone,
+        get_aggregator("mean"),
+        optimizer,
+        loss_fn=batch_task_losses,
+        teleport_data=batches[:2],
+        teleport=TeleportConfig(lr=0.05, rounds=2),
+    )
+
+    def contour() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([batch_task_losses(model, b).double() for b in batches[:2]]).mean(0)
+
+    for batch in batches * 3:  # Adam at lr 0 moves nothing: only a teleport changes the model
+        before = contour()
+        info = cost.step(batch_task_losses(model, batch), batch)
+        if info.attempted_teleport:
+            break
+    assert info.teleported and info.merged_fraction == 1
+    expected = float(((contour() - before).abs() / before.abs().clamp_min(1e-3)).max())
+    assert expected > 0 and info.level_set_error == pytest.approx(expected, rel=1e-5)

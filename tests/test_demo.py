@@ -45,6 +45,7 @@ def test_demo_report(tmp_path: Path) -> None:
     for e in events:
         assert e["epoch"] >= 1 and len(e["task_terms"]) == len(e["sharpness_terms"]) > 0
         assert e["rolled_back"] or e["htr"] in ("modulated", "reset")
+        assert e["level_set_error"] >= 0 and e["merged_fraction"] == 1  # measured, the whole ΔW merged
 
 
 def fake_report(epochs: int, accuracy: list[float], events: list[dict]) -> dict:
@@ -65,13 +66,14 @@ def test_plots_say_what_they_show() -> None:
         "rollback_reason": "loss rose",
         "task_terms": [1.0],
         "sharpness_terms": [2.0],
+        "level_set_error": 0.123,
     }
     specs = plot_specs(fake_report(1, [0.51, 0.55, 0.6, 0.62, 0.64, 0.66, 0.67, 0.68, 0.69, 0.6], [event]))
     low, high = specs["test_accuracy.png"]["ylim"]
     assert low < 0.51 and high > 0.69 and high <= 1.0  # every bar visible
     assert specs["task_losses.png"]["marker"] == "o"  # one epoch: points, not an empty line
     assert "one run" in specs["time_split.png"]["title"]  # not presented as a benchmark
-    assert list(specs["teleports.png"]["series"]) == ["epoch 0 (rolled back: loss rose)"]
+    assert list(specs["teleports.png"]["series"]) == ["epoch 0, level-set error 0.12 (rolled back: loss rose)"]
     for spec in specs.values():
         assert spec["title"] and spec["xlabel"]
     assert plot_specs(fake_report(3, [0.9] * NUM_TASKS, []))["task_losses.png"]["marker"] is None

@@ -300,3 +300,73 @@ def test_excess_mtl_state_round_trips() -> None:
     method.aggregate(gradients(3))
     with pytest.raises(ValueError, match="shape"):
         method.aggregate(gradients(3, P=13))
+
+
+# -- SDMGrad's inner solve at its defaults -------------------------------------------------------
+
+
+def sdmgrad_objective(A: torch.Tensor, W: torch.Tensor, lam: float, preference: torch.Tensor) -> torch.Tensor:
+    """½ (w + λw̃)ᵀ A (w + λw̃) for a batch of w (rows of W), A already divided by its mean diagonal."""
+    V = W + lam * preference
+    return 0.5 * ((V @ A) * V).sum(-1)
+
+
+@pytest.mark.parametrize("K", [2, 4, 7])
+def test_sdmgrad_minimises_over_the_simplex_at_its_defaults(K: int) -> None:
+    G = gradients(K, seed=K)
+    M = G @ G.T
+    A = M / M.diagonal().mean()
+    preference = torch.full((K,), 1.0 / K, dtype=torch.float64)
+    sdmgrad = get_aggregator("sdmgrad")  # lr 10, momentum 0.5, 20 iterations, λ = 0.3
+    for _ in range(5):
+        combined = sdmgrad.weights(M)
+        w = sdmgrad.carried
+        assert abs(float(w.sum()) - 1) < 1e-12 and bool((w >= 0).all())
+        torch.testing.assert_close(combined, (w + 0.3 * preference) / 1.3)
+        # no point of the simplex does better: 20000 random points, the vertices, the centre
+        samples = torch.distributions.Dirichlet(torch.ones(K, dtype=torch.float64)).sample((20000,))
+        candidates = torch.cat([samples, torch.eye(K, dtype=torch.float64), preference[None]])
+        best = sdmgrad_objective(A, candidates, 0.3, preference).min()
+        assert float(sdmgrad_objective(A, w[None], 0.3, preference)) <= float(best) + 1e-12
+
+
+def test_sdmgrad_with_lambda_zero_gives_mgda_weights_at_the_default_step() -> None:
+    G = gradients(4, seed=5)
+    M = G @ G.T
+    mgda = get_aggregator("mgda").weights(M)
+    sdmgrad = get_aggregator("sdmgrad", lam=0.0)
+    for _ in range(50):
+        w = sdmgrad.weights(M)
+    torch.testing.assert_close(w, mgda, rtol=0, atol=1e-9)
+    torch.testing.assert_close((G.T @ w).norm(), (G.T @ mgda).norm(), rtol=1e-9, atol=0)
+
+
+def test_sdmgrad_does_not_amplify_small_perturbations() -> None:
+    # two unit-norm gradients: (0.5, 0.5) by symmetry, also when one squared norm is 1 ULP off
+    one = torch.tensor(1.0, dtype=torch.float64)
+    unit = torch.tensor([[1.0, 0.3], [0.3, 1.0]], dtype=torch.float64)
+    unit[1, 1] = torch.nextafter(one, torch.tensor(2.0, dtype=torch.float64))
+    nudged = unit.clone()
+    nudged[0, 0] += 1.5e-12
+    a, b = get_aggregator("sdmgrad"), get_aggregator("sdmgrad")
+    for _ in range(10):
+        wa, wb = a.weights(unit), b.weights(nudged)
+    torch.testing.assert_close(wa, torch.tensor([0.5, 0.5], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert float((wa - wb).abs().max()) < 1e-9
+
+
+def test_sdmgrad_momentum_solver_is_the_authors_update() -> None:
+    G = gradients(3, seed=4)
+    M = G @ G.T
+    A = (M / M.diagonal().mean()).numpy()
+    lr, mu, iterations, lam = 0.05, 0.5, 7, 0.3
+    sdmgrad = get_aggregator("sdmgrad", lr=lr, momentum=mu, iterations=iterations, lam=lam, solver="momentum")
+    w, target = np.full(3, 1 / 3), np.full(3, 1 / 3)
+    for _ in range(2):
+        v = np.zeros(3)
+        for _ in range(iterations):
+            v = mu * v + A @ (w + lam * target)
+            w = simplex_projection(w - lr * v)
+        np.testing.assert_allclose(sdmgrad.weights(M).numpy(), (w + lam * target) / (1 + lam), atol=1e-12)
+    with pytest.raises(ValueError, match="solver"):
+        get_aggregator("sdmgrad", solver="adam")

@@ -91,6 +91,60 @@ def test_cost_teleports_by_rescaling_with_htr() -> None:
     infos = [cost.step(batch_task_losses(model, b), b) for b in batches * 3]
     teleports = [i for i in infos if i.attempted_teleport]
     assert teleports and all(i.teleported for i in teleports)  # exact invariance: the guard never rolls back
+    assert all(i.level_set_error < 1e-10 and i.merged_fraction == 1 for i in teleports)  # float64 rounding
     assert all(i.symmetry["objective"][-1] >= i.symmetry["objective"][0] for i in teleports)
     assert any(i.htr in ("modulated", "reset") for i in teleports)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def shared_layer(model: MLP) -> None:
+    model.backbone[2] = nn.Linear(7, 7).double()
+    model.backbone[4] = model.backbone[2]  # one Linear in two places
+    model.heads = nn.ModuleList(nn.Linear(7, 1).double() for _ in range(K))
+
+
+def tied_weights(model: MLP) -> None:
+    model.backbone[2] = nn.Linear(7, 7).double()
+    model.backbone[4] = nn.Linear(7, 7).double()
+    model.backbone[4].weight = model.backbone[2].weight
+    model.heads = nn.ModuleList(nn.Linear(7, 1).double() for _ in range(K))
+
+
+def old_weight_norm(model: MLP) -> None:
+    with pytest.warns(FutureWarning):
+        torch.nn.utils.weight_norm(model.backbone[0])
+
+
+def parametrized_weight_norm(model: MLP) -> None:
+    torch.nn.utils.parametrizations.weight_norm(model.backbone[0])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (shared_layer, "appear once each"),
+        (tied_weights, "appear once each"),
+        (old_weight_norm, "parametrized"),
+        (parametrized_weight_norm, "parametrized"),
+    ],
+)
+def test_layers_the_rescaling_would_corrupt_are_refused_before_any_change(change, message: str) -> None:
+    model, batches = problem(nn.ReLU())
+    change(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        RescalingTeleport(model, model.backbone)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match=message):
+        COST(
+            model,
+            model.backbone,
+            get_aggregator("mean"),
+            optimizer,
+            loss_fn=batch_task_losses,
+            teleport_data=batches,
+            adapter="rescale",
+        )
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.is_leaf for p in model.parameters())

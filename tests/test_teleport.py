@@ -12,7 +12,7 @@ import torch
 from cost_fast.lora import TeleportAdapter
 from cost_fast.models import CelebACNN, batch_task_losses
 from cost_fast.semantics import PaperSemantics, PublicSemantics, get_semantics
-from cost_fast.teleport import TeleportConfig, guard_verdict, teleport
+from cost_fast.teleport import TeleportConfig, guard_verdict, level_set_error, teleport
 from cost_fast.yardstick import YardstickCOST, yardstick_teleport
 
 PUBLIC = PublicSemantics()
@@ -219,12 +219,9 @@ def test_the_guard_is_off_by_default_in_public_semantics_only() -> None:
     model, data, current, ratios = problem(1)
     adapter = TeleportAdapter(model.backbone, rank=2)
     wreck = TeleportConfig(lr=10.0, rounds=1)
-    assert (
-        teleport(
-            model, adapter, batch_task_losses, data, current, ratios=ratios, semantics=PUBLIC, config=wreck
-        ).contour_after
-        is None
-    )
+    public = teleport(model, adapter, batch_task_losses, data, current, ratios=ratios, semantics=PUBLIC, config=wreck)
+    # measured (the level-set error) but kept, as the public code keeps it
+    assert not public.rolled_back and public.level_set_error > wreck.guard_tolerance
     model, data, current, _ = problem(1)
     adapter = TeleportAdapter(model.backbone, rank=2)
     paper = PaperSemantics()
@@ -284,12 +281,18 @@ def test_guard_off_skips_the_check() -> None:
         return batch_task_losses(m, batch)
 
     # the absurd step size the guard undoes above is kept with the guard off
-    config = TeleportConfig(lr=10.0, rounds=1, guard=False)
+    config = TeleportConfig(lr=10.0, rounds=1, guard=False, measure_level_set=False)
     result = teleport(model, adapter, counting_loss, data, current, ratios=ratios, semantics=PUBLIC, config=config)
-    assert not result.rolled_back and result.contour_after is None
+    assert not result.rolled_back and result.contour_after is None and result.level_set_error is None
     assert any(not torch.equal(p, b) for p, b in zip(adapter.adapted_weights, before))
-    # contour (2 batches) + per step (5 samples + current + teleport batch) x 2 steps: no guard pass
+    # contour (2 batches) + per step (5 samples + current + teleport batch) x 2 steps: no pass after
     assert len(calls) == 2 + 2 * 7
+    # measuring the level-set error costs one pass over the teleport data (2 batches)
+    calls.clear()
+    adapter.restore(before)
+    measured = dataclasses.replace(config, measure_level_set=True)
+    result = teleport(model, adapter, counting_loss, data, current, ratios=ratios, semantics=PUBLIC, config=measured)
+    assert not result.rolled_back and result.level_set_error is not None and len(calls) == 2 + 2 * 7 + 2
     with pytest.raises(ValueError, match="samples_per_pass"):
         TeleportConfig(samples_per_pass=0)
 
@@ -479,3 +482,104 @@ def test_an_error_mid_teleport_leaves_the_weights_bit_exact(semantics: str, fail
         teleport(model, adapter, failing, data, current, ratios=ratios, semantics=semantics, config=config)
     assert len(calls) == failing_call
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+# -- the level-set error and the loss-preserving teleport ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "floor", "error"),
+    [
+        ([2.0, -4.0], [2.1, -4.0], 1e-3, 0.05),  # relative to |L*|, for a loss of either sign
+        ([2.0, -4.0], [2.0, -3.0], 1e-3, 0.25),
+        ([0.0, 1.0], [0.01, 1.0], 0.1, 0.1),  # a loss at 0 is judged against the floor
+        ([1.0, 1.0], [float("nan"), 1.0], 1e-3, float("inf")),
+    ],
+)
+def test_level_set_error(before, after, floor: float, error: float) -> None:
+    assert level_set_error(torch.tensor(before), torch.tensor(after), floor) == pytest.approx(error)
+
+
+def test_level_set_settings_are_checked() -> None:
+    for bad in ({"level_set_tolerance": -0.1}, {"level_set_tolerance": float("nan")}, {"level_set_floor": 0.0}):
+        with pytest.raises(ValueError, match="level_set"):
+            TeleportConfig(**bad)
+    with pytest.raises(ValueError, match="level_set_halvings"):
+        TeleportConfig(level_set_halvings=-1)
+    with pytest.raises(ValueError, match="measure_level_set"):
+        TeleportConfig(measure_level_set=1)
+
+
+def plain_contour(model, data, loss_fn) -> torch.Tensor:
+    """Mean task losses over the data, written out (the check does not use loss_contour)."""
+    with torch.no_grad():
+        return torch.stack([loss_fn(model, batch).double() for batch in data]).mean(0)
+
+
+def test_a_loss_preserving_teleport_on_the_digits_stays_within_its_tolerance() -> None:
+    from cost_fast.demo import NUM_TASKS, digits_tasks
+    from cost_fast.models import MultiTaskMLP
+
+    x, y, _, _ = digits_tasks(0)
+    data = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 128, 64)]
+    ratios = PUBLIC.ratio_weights(torch.ones(NUM_TASKS, dtype=torch.float64))
+    results = {}
+    # a large adapter step (lr 0.05): the whole ΔW moves some loss by over 30%
+    for tolerance in (None, 0.01, 0.002):
+        torch.manual_seed(0)
+        model = MultiTaskMLP(64, NUM_TASKS, hidden=16)
+        model.eval()
+        before = plain_contour(model, data, batch_task_losses)
+        weights = [p.detach().clone() for p in model.parameters()]
+        adapter = TeleportAdapter(model.backbone, generator=torch.Generator().manual_seed(0))
+        config = TeleportConfig(lr=0.05, rounds=2, num_samples=2, level_set_tolerance=tolerance)
+        result = teleport(
+            model, adapter, batch_task_losses, data, data[0], ratios=ratios, semantics=PUBLIC, config=config
+        )
+        after = plain_contour(model, data, batch_task_losses)
+        error = float(((after - before).abs() / before.abs().clamp_min(1e-3)).max())
+        if result.rolled_back:
+            assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+        else:
+            assert result.level_set_error == pytest.approx(error, rel=1e-6, abs=1e-12)
+        results[tolerance] = result
+    assert results[None].level_set_error > 0.3 and results[None].fraction == 1
+    shrunk = results[0.01]
+    assert not shrunk.rolled_back and shrunk.level_set_error <= 0.01 and shrunk.fraction < 1
+    refused = results[0.002]
+    assert refused.rollback_reason == "left the level set" and refused.level_set_error > 0.002
+
+
+def test_a_loss_preserving_teleport_on_the_toy_stays_within_its_tolerance() -> None:
+    from cost_fast.toy import ToyModel, toy_losses
+
+    def toy_loss(model, batch):
+        return model.task_losses(batch[0])
+
+    data = [(torch.ones(1, 1), None)]
+    ratios = PUBLIC.ratio_weights(torch.ones(2, dtype=torch.float64))
+    outcomes = []
+    # points of public-semantics trajectories where whole teleports moved the losses by 10% to 300%
+    for point in [(5.2, 2.0), (-5.0, 2.5), (0.5, -5.0), (4.5, -4.4)]:
+        model = ToyModel(point)
+        before = toy_losses(model.theta.double())
+        adapter = TeleportAdapter(model.backbone, generator=torch.Generator().manual_seed(0))
+        config = TeleportConfig(lr=0.01, rounds=20, level_set_tolerance=0.05)
+        result = teleport(
+            model,
+            adapter,
+            toy_loss,
+            data,
+            data[0],
+            ratios=ratios,
+            semantics=PUBLIC,
+            config=config,
+            generator=torch.Generator().manual_seed(1),
+        )
+        after = toy_losses(model.theta.double())
+        if result.rolled_back:
+            assert result.rollback_reason == "left the level set" and torch.equal(after, before)
+        else:
+            assert float(((after - before).abs() / before.abs().clamp_min(1e-3)).max()) <= 0.05
+        outcomes.append("rolled back" if result.rolled_back else "shrunk" if result.fraction < 1 else "whole")
+    assert outcomes == ["shrunk", "rolled back", "whole", "whole"]

@@ -60,7 +60,9 @@ def test_every_attempted_teleport_is_recorded_with_its_outcome(tmp_path: Path) -
     run = train_toy((-7.5, -0.5), use_cost=True, steps=60, lr=0.01, steps_per_epoch=10)
     attempted = run["teleports"]
     assert [t["step"] for t in attempted] == [0, 10, 20, 30, 40, 50]  # the trigger fires there at once
-    assert all(set(t) == {"step", "point", "rolled_back", "rollback_reason"} for t in attempted)
+    keys = {"step", "point", "rolled_back", "rollback_reason", "level_set_error", "merged_fraction", "mean_grad_norm"}
+    assert all(set(t) == keys for t in attempted)
+    assert all(t["level_set_error"] >= 0 and t["merged_fraction"] == 1 for t in attempted)
     assert all(t["rolled_back"] == (t["rollback_reason"] is not None) for t in attempted)
     assert not any(t["rolled_back"] for t in attempted)  # public semantics: no guard, as the public code
     with pytest.raises(ValueError, match="protocol"):
@@ -71,6 +73,22 @@ def test_cli_toy_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["toy", "--steps", "0"])
     assert exit_info.value.code == 2
+    for bad in ("-1", "nan", "x"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["toy", "--level-set-tolerance", bad])
+        assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
         main(["toy", "--out", "/nonexistent/dir/toy"])
     assert "cannot write the report folder" in capsys.readouterr().err
+
+
+def test_a_loss_preserving_toy_run_keeps_every_merged_teleport_within_its_tolerance(tmp_path: Path) -> None:
+    report = run_toy(str(tmp_path / "toy"), steps=150, steps_per_epoch=30, level_set_tolerance=0.05)
+    merged = [t for run in report["runs"] for t in run["LS+COST"]["teleports"] if not t["rolled_back"]]
+    assert merged and all(t["level_set_error"] <= 0.05 for t in merged)
+    assert report["level_set_tolerance"] == 0.05
+    table = (tmp_path / "toy" / "toy_table.md").read_text()
+    assert "level-set error of the merged teleports" in table
+    with pytest.raises(ValueError, match="level_set_tolerance"):
+        run_toy(str(tmp_path / "bad"), steps=10, level_set_tolerance=-1.0)
+    assert not (tmp_path / "bad").exists()

@@ -31,8 +31,9 @@ class FairGrad(Aggregator):
 
         w > 0 with  M w = w^(-1/α),    d = Gᵀw,
 
-    α-fair allocation of the utilities g_iᵀd = w_i^(-1/α); α = 1 is Nash-MTL, α → ∞ tends to
-    max-min fairness, α → 0 to linear scalarization. Solved by damped Newton
+    α-fair allocation of the utilities g_iᵀd = w_i^(-1/α). α = 1 (the default) is Nash-MTL:
+    the same equation, so the same weights and training run. α → ∞ tends to max-min fairness,
+    α → 0 to linear scalarization. Solved by damped Newton
     (``power_fixed_point``) instead of scipy ``least_squares``.
 
     Args:

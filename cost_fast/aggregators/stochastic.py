@@ -24,7 +24,7 @@ from cost_fast.aggregators.base import (
     register,
     task_vector_or_mean,
 )
-from cost_fast.aggregators.solvers import project_simplex
+from cost_fast.aggregators.solvers import project_simplex, simplex_qp
 from cost_fast.checks import check_int, check_nonnegative, check_positive, check_rate
 
 
@@ -86,19 +86,33 @@ class MoDo(_CarriedWeights):
 class SDMGrad(_CarriedWeights):
     """SDMGrad (Xiao et al., "Direction-oriented Multi-objective Learning: Simple and Provable
     Stochastic Algorithms", NeurIPS 2023): the direction closest to a preferred one among
-    those that make progress on every task, through ``iterations`` projected momentum steps
-    per call on the weights kept from the last call,
+    those that make progress on every task,
 
-        v ← μ v + (A/s)(w + λ w̃),   w ← Π_simplex(w − η v),     result (w + λ w̃) / (1 + λ),
+        w* = argmin_{w ∈ simplex} ½ ‖Gᵀ(w + λ w̃)‖² = ½ (w + λw̃)ᵀ(A/s)(w + λw̃),
+        result (w* + λ w̃) / (1 + λ).
 
-    (v = 0 at the start of each call) which minimize ½ ‖Gᵀ(w + λ w̃)‖² over the simplex. λ = 0
-    gives MGDA's weights, λ → ∞ the preference w̃.
+    λ = 0 gives MGDA's weights, λ → ∞ the preference w̃. ``solver`` says how w* is found:
+
+    - ``"exact"`` (default): the simplex QP solved to its KKT conditions (``simplex_qp``), warm
+      started from the weights of the last call, so every call returns the minimizer;
+    - ``"momentum"``: the authors' update, ``iterations`` projected momentum steps per call from
+      the weights of the last call, v = 0 at the start of each call,
+
+          v ← μ v + (A/s)(w + λ w̃),   w ← Π_simplex(w − η v).
+
+      It approaches w* across calls only when η·λ_max(A/s) < 2(1 + μ); at the authors' η = 10
+      (λ_max(A/s) ≥ 1) it does not, and small perturbations of A grow from call to call.
 
     Args:
-        lr: step η > 0 (default 10, as the authors' experiments). momentum: μ ∈ [0, 1)
-            (default 0.5). iterations: steps per call ≥ 1 (default 20). lam: λ ≥ 0 (default 0.3).
+        lr: step η > 0 of ``"momentum"`` (default 10, as the authors' experiments).
+        momentum: μ ∈ [0, 1) of ``"momentum"`` (default 0.5).
+        iterations: steps per call ≥ 1 of ``"momentum"`` (default 20).
+        lam: λ ≥ 0 (default 0.3).
         preference: w̃, one weight per task (default 1/K each: the mean gradient).
+        solver: ``"exact"`` (default) or ``"momentum"``.
     """
+
+    SOLVERS = ("exact", "momentum")
 
     def __init__(
         self,
@@ -107,6 +121,7 @@ class SDMGrad(_CarriedWeights):
         iterations: int = 20,
         lam: float = 0.3,
         preference: Sequence[float] | torch.Tensor | None = None,
+        solver: str = "exact",
     ) -> None:
         super().__init__()
         self.lr = check_positive("lr", lr)
@@ -114,15 +129,22 @@ class SDMGrad(_CarriedWeights):
         self.iterations = check_int("iterations", iterations, 1)
         self.lam = check_nonnegative("lam", lam)
         self.preference = check_task_vector("preference", preference)
+        if solver not in self.SOLVERS:
+            raise ValueError(f"solver must be one of {self.SOLVERS}, got {solver!r}")
+        self.solver = solver
 
     def _weights(self, gram: torch.Tensor) -> torch.Tensor:
         target = task_vector_or_mean(self.preference, gram, "SDMGrad", "preference weights")
         A = _normalized(gram)
         w = self._previous(gram)
-        velocity = torch.zeros_like(w)
-        for _ in range(self.iterations):
-            velocity = self.momentum * velocity + A @ (w + self.lam * target)
-            w = project_simplex(w - self.lr * velocity)
+        if self.solver == "exact":
+            # ½ (w + λw̃)ᵀA(w + λw̃) = ½ wᵀAw + λ(Aw̃)ᵀw + constant
+            w = simplex_qp(A, self.lam * (A @ target), w)
+        else:
+            velocity = torch.zeros_like(w)
+            for _ in range(self.iterations):
+                velocity = self.momentum * velocity + A @ (w + self.lam * target)
+                w = project_simplex(w - self.lr * velocity)
         self.carried = w.detach().clone()
         return (w + self.lam * target) / (1 + self.lam)
 
