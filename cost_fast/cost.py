@@ -48,7 +48,8 @@ import torch
 from torch import nn
 
 from cost_fast import checkpoint, distributed
-from cost_fast.aggregators.base import Aggregator
+from cost_fast.aggregators.base import Aggregator, as_method, list_aggregators
+from cost_fast.backward import Losses, add_into_grad, apply_method, gradients, stack_losses
 from cost_fast.checks import all_finite, check_int
 from cost_fast.grads import RepresentationGradients, TaskGradients, check_task_losses
 from cost_fast.htr import HistoryReuse, flat_cosine, supports_htr
@@ -134,6 +135,7 @@ class StepInfo:
     # at the point merged (or last tried, if rolled back); None if not measured
     level_set_error: float | None = None
     merged_fraction: float | None = None  # t of W + t·ΔW (below 1 only with level_set_tolerance)
+    task_names: tuple[str, ...] | None = None  # the keys of a dict of losses, in their order
     timer: PhaseTimer | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -156,8 +158,10 @@ class COST:
         shared: its shared backbone (a submodule of ``model``). Its trainable Linear/Conv layers
             get the teleport adapter, in weight space (never in the model): ``model.state_dict()``
             keeps the plain model's keys. Frozen layers are never changed.
-        base: the base method: an ``Aggregator`` (``get_aggregator("fairgrad")``, ...) or a
-            ``LossWeighting`` (whose learned parameters must be in ``optimizer``).
+        base: the base method: an ``Aggregator`` (``get_aggregator("fairgrad")``, ...), the
+            name of one (``"fairgrad"``), a function ``gram -> weights``, or a
+            ``LossWeighting`` built for the K tasks (whose learned parameters must be in
+            ``optimizer``).
         optimizer: over the model's parameters; Adam/AdamW get HTR, others none (with a
             warning when teleports are on).
         loss_fn: ``loss_fn(model, batch) -> Tensor[K]``, used by the teleport; its output is
@@ -205,7 +209,7 @@ class COST:
         self,
         model: nn.Module,
         shared: nn.Module,
-        base: Aggregator | LossWeighting,
+        base: Aggregator | LossWeighting | str | Callable[[torch.Tensor], torch.Tensor],
         optimizer: torch.optim.Optimizer,
         *,
         loss_fn: LossFn,
@@ -231,8 +235,19 @@ class COST:
             raise TypeError("model and shared must be torch.nn.Modules")
         if not any(m is shared for m in model.modules()):
             raise ValueError("shared must be a submodule of model")
+        if isinstance(base, str) and list_aggregators().get(base) == "loss":
+            raise ValueError(
+                f"{base!r} is a loss weighting: build it for your K tasks, base = get_aggregator({base!r}, "
+                "num_tasks=K), and give the optimizer its parameters too (optimizer over "
+                "[*model.parameters(), *base.parameters()])"
+            )
+        if isinstance(base, str) or (callable(base) and not isinstance(base, Aggregator | LossWeighting | nn.Module)):
+            base = as_method(base)  # a name of a Gram or gradient method, or a function gram -> w
         if not isinstance(base, Aggregator | LossWeighting):
-            raise TypeError(f"base must be an Aggregator or a LossWeighting, got {type(base).__name__}")
+            raise TypeError(
+                f"base must be an Aggregator, a LossWeighting, a method's name or a function gram -> weights, "
+                f"got {type(base).__name__}"
+            )
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not callable(loss_fn):
@@ -463,8 +478,10 @@ class COST:
 
     # -- the step ------------------------------------------------------------------------------
 
-    def step(self, losses: torch.Tensor, batch: Any) -> StepInfo:
-        """One whole training step from the K task losses of ``batch`` (with their graph), as
+    def step(self, losses: Losses, batch: Any) -> StepInfo:
+        """One whole training step from the K task losses of ``batch`` (with their graph: a
+        1-D tensor, a list of scalar tensors or a dict ``{task name: loss}``, whose names
+        ``StepInfo.task_names`` keeps; ``loss_fn`` returns them as a tensor, in the same order), as
         ``optimizer.zero_grad(); backward(losses, batch); optimizer.step()``: it starts from
         zero gradients and, when ``backward`` left any, steps the optimizer (through
         ``scaler.step`` and ``scaler.update`` with a scaler)."""
@@ -480,7 +497,7 @@ class COST:
                     self.scaler.update()
         return info
 
-    def backward(self, losses: torch.Tensor, batch: Any) -> StepInfo:
+    def backward(self, losses: Losses, batch: Any) -> StepInfo:
         """Everything of ``step`` but ``zero_grad`` and ``optimizer.step()``: adds the base
         update into ``.grad`` as ``loss.backward()`` does (so several calls before one optimizer
         step accumulate their micro-batches; a skipped one adds nothing), or teleports, adding
@@ -489,9 +506,7 @@ class COST:
         one it waits, as it would move the parameters the earlier micro-batches were taken at.
         A pending HTR applies to the next optimizer step. Call it outside ``torch.autocast``
         (compute the losses inside it): inside, it raises."""
-        if not isinstance(losses, torch.Tensor) or losses.ndim != 1 or losses.shape[0] < 1:
-            got = f"shape {tuple(losses.shape)}" if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise ValueError(f"losses must be a non-empty 1-D tensor of the K task losses, got {got}")
+        losses, task_names = stack_losses(losses)
         if torch.is_autocast_enabled(losses.device.type):
             raise RuntimeError(
                 "COST.step/backward was called inside torch.autocast: compute the losses inside it, then call COST "
@@ -507,6 +522,7 @@ class COST:
             self._close_base_epoch()
         self._pending_learning = None
         info = self._backward(losses, batch)  # raises before counting the step (nonfinite="raise")
+        info.task_names = task_names
         self.step_count += 1
         if self.steps_per_epoch is not None and self.step_count % self.steps_per_epoch == 0:
             self._new_epoch()
@@ -624,29 +640,6 @@ class COST:
         info.skipped = reason
         return info
 
-    def _direction(self, losses: torch.Tensor, gram: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor | None:
-        """The base method's update into the engine's ``combined`` buffer (Gᵀw, or a gradient
-        method's own d; times s with a scaler, whose G is s times the gradients), the method
-        solved on unscaled values; returns the total whose gradient the heads get: Σ w_i L_i for
-        Gram methods, the weighting's total for a loss weighting (so its learned parameters get
-        theirs too), None for gradient methods (the heads get ∇ Σ L_i)."""
-        engine = self.engine
-        dtype = engine.grads.dtype
-        if isinstance(self.base, LossWeighting):
-            total = self.base(losses)
-            (w,) = torch.autograd.grad(total, losses, retain_graph=True)
-            engine.combine(w.to(dtype), write_grad=False)
-            return total
-        if self.base.kind == "grads":
-            if scale is not None:
-                engine.grads.div_(scale.to(dtype))  # the method (and its state) sees unscaled G
-            direction = self.base.aggregate(engine.grads).to(dtype)
-            engine.set_direction(direction if scale is None else direction * scale.to(dtype))
-            return None
-        w = self.base.weights(gram).to(dtype)
-        engine.combine(w, write_grad=False)
-        return losses @ w.to(losses)
-
     def _base_update(self, losses: torch.Tensor, stats: GramStats, scale: torch.Tensor | None) -> str | None:
         """Add the base update into ``.grad`` and return None; or add nothing and return why
         (``NONFINITE_UPDATE``: the weights, the update or the heads' gradients are not finite,
@@ -661,21 +654,21 @@ class COST:
         if isinstance(self.base, Aggregator) and self.base.kind == "grads":
             # The heads' gradient (of Σ L_i) does not depend on the method, so it is checked
             # first, and the method's state (MoCo's: K x P) advances only on a step that is taken.
-            head_grads, learned_grads = _gradients(scaled(losses.sum()), heads), []
+            head_grads, learned_grads = gradients(scaled(losses.sum()), heads), []
             self._reduce_heads(head_grads)
             if not all_finite(head_grads):
                 return NONFINITE_UPDATE
-            self._direction(losses, stats.gram, scale)
+            apply_method(self.base, losses, self.engine, stats.gram, scale)
             if not all_finite([self.engine.combined]):
                 return NONFINITE_GRADIENT_METHOD_UPDATE
         else:
             saved = copy.deepcopy(self.base.state_dict())  # small: K-sized buffers, generators
-            total = self._direction(losses, stats.gram, scale)
+            total, _ = apply_method(self.base, losses, self.engine, stats.gram, scale)
             if self.base_step.head_gradients == "per_task":
-                head_grads = _gradients(scaled(losses.sum()), heads, retain_graph=bool(learned))
-                learned_grads = _gradients(scaled(total), learned)
+                head_grads = gradients(scaled(losses.sum()), heads, retain_graph=bool(learned))
+                learned_grads = gradients(scaled(total), learned)
             else:
-                both = _gradients(scaled(total), heads + learned)
+                both = gradients(scaled(total), heads + learned)
                 head_grads, learned_grads = both[: len(heads)], both[len(heads) :]
             self._reduce_heads(head_grads)
             if not all_finite([self.engine.combined, *head_grads, *learned_grads]):
@@ -684,7 +677,7 @@ class COST:
         if self.base_step.scale_backbone_by_tasks:
             self.engine.combined.mul_(self.engine.num_tasks)
         self.engine.write_update(self.engine.combined)
-        _add_into_grad(heads + learned, head_grads + learned_grads)
+        add_into_grad(heads + learned, head_grads + learned_grads)
         if self._keeps_last_update:
             if self._last_update is None:
                 self._last_update = self.engine.combined.clone()
@@ -771,7 +764,7 @@ class COST:
             return None
         if self.semantics.htr_direction == "pre_teleport_gradient":
             saved = copy.deepcopy(self.base.state_dict())
-            self._direction(losses.detach().requires_grad_(), stats.gram, scale)
+            apply_method(self.base, losses.detach().requires_grad_(), self.engine, stats.gram, scale)
             self.base.load_state_dict(saved)
             return self.engine.combined_views
         if self._last_update is None:
@@ -849,26 +842,6 @@ def _first_dimension(batch: Any) -> int:
         except ValueError:
             continue
     raise ValueError("cannot tell the batch size: pass COST(batch_size=...)")
-
-
-def _gradients(
-    total: torch.Tensor, params: list[torch.Tensor], *, retain_graph: bool = False
-) -> list[torch.Tensor | None]:
-    """∇total for each of ``params`` (None where it does not reach one), nothing written to ``.grad``."""
-    if not params:
-        return []
-    return list(torch.autograd.grad(total, params, retain_graph=retain_graph, allow_unused=True))
-
-
-def _add_into_grad(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
-    """``.grad`` ← g where it is None, else ``.grad`` + g: what ``backward`` does."""
-    for p, g in zip(params, grads):
-        if g is None:
-            continue
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g)
 
 
 def _parameter_views(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:

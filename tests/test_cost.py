@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cost_fast import COST, TaskGradients, TeleportConfig, get_aggregator, gram_stats, list_aggregators
-from cost_fast.aggregators.elementwise import GradientAggregator
+from cost_fast.aggregators.base import GradientAggregator
 from cost_fast.models import MultiTaskMLP, batch_task_losses
 
 K = 4
@@ -393,8 +393,10 @@ def test_bad_arguments() -> None:
     opt = torch.optim.Adam(model.parameters())
     fairgrad = get_aggregator("fairgrad")
     kw = {"loss_fn": batch_task_losses, "teleport_data": batches}
-    with pytest.raises(TypeError, match="Aggregator or a LossWeighting"):
-        COST(model, model.backbone, "fairgrad", opt, **kw)
+    with pytest.raises(TypeError, match="base must be an Aggregator, a LossWeighting, a method's name"):
+        COST(model, model.backbone, 42, opt, **kw)
+    with pytest.raises(ValueError, match="unknown aggregator 'fairgrade'"):
+        COST(model, model.backbone, "fairgrade", opt, **kw)
     with pytest.raises(ValueError, match="semantics"):
         COST(model, model.backbone, fairgrad, opt, semantics="sometimes", **kw)
     with pytest.raises(ValueError, match="now called 'public'"):

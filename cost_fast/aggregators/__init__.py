@@ -4,7 +4,15 @@
 """
 
 from cost_fast.aggregators.aligned import AlignedMTL
-from cost_fast.aggregators.base import Aggregator, get_aggregator, list_aggregators
+from cost_fast.aggregators.base import (
+    Aggregator,
+    GradientAggregator,
+    WeightsFunction,
+    as_method,
+    get_aggregator,
+    list_aggregators,
+    register,
+)
 from cost_fast.aggregators.cagrad import CAGrad
 from cost_fast.aggregators.config import ConFIG
 from cost_fast.aggregators.conicgrad import ConicGrad
@@ -35,6 +43,7 @@ __all__ = [
     "ExcessMTL",
     "FairGrad",
     "GradDrop",
+    "GradientAggregator",
     "GradVac",
     "IMTLG",
     "Krum",
@@ -48,6 +57,9 @@ __all__ = [
     "Sum",
     "TrimmedMean",
     "UPGrad",
+    "WeightsFunction",
+    "as_method",
     "get_aggregator",
     "list_aggregators",
+    "register",
 ]

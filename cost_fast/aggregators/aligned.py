@@ -30,6 +30,6 @@ class AlignedMTL(Aggregator):
         d = Ĝᵀ(1/K) = Gᵀ (Bᵀ 1/K),   so   w = B 1/K   (B is symmetric).
     """
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         K = gram.shape[0]
         return aligning_matrix(gram) @ torch.full((K,), 1.0 / K, dtype=gram.dtype, device=gram.device)

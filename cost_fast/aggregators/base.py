@@ -46,10 +46,21 @@ def check_gram(gram: torch.Tensor) -> None:
 
 
 class Aggregator:
-    """Base class: ``weights(gram) -> w`` (shape (K,)); ``aggregate(G) -> Gᵀ w`` (shape (P,)).
+    """Base class of the Gram methods: ``weights(gram) -> w`` (shape (K,)); ``aggregate(G) ->
+    Gᵀ w`` (shape (P,)).
 
-    Calling the object is ``weights``. Stateful methods override ``state_dict`` and
-    ``load_state_dict``, as torch.optim optimizers do.
+    To write one, subclass it and implement ``solve(M) -> w``: ``weights`` checks the Gram
+    matrix, symmetrizes it, M = ½(G Gᵀ + (G Gᵀ)ᵀ) in float64, and casts the result back.
+    ``@register("name")`` makes it reachable as ``get_aggregator("name")``, in COST and in
+    ``mtl_backward``. Calling the object is ``weights``. Stateful methods override
+    ``state_dict`` and ``load_state_dict``, as torch.optim optimizers do.
+
+    Example (w_i ∝ 1/‖g_i‖)::
+
+        class InverseNorm(Aggregator):
+            def solve(self, gram):
+                inverse = gram.diagonal().clamp_min(1e-30).rsqrt()
+                return inverse / inverse.sum()
     """
 
     name: ClassVar[str] = ""
@@ -62,10 +73,12 @@ class Aggregator:
         out_dtype = gram.dtype if gram.dtype == torch.float64 else torch.float32
         M = gram.to(torch.float64)
         # A float32 G @ G.T is not exactly symmetric; the solvers assume symmetry.
-        return self._weights(0.5 * (M + M.T)).to(out_dtype)
+        return self.solve(0.5 * (M + M.T)).to(out_dtype)
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
+        """The weights w (K,) for a symmetric float64 Gram matrix M (K, K): what a subclass
+        implements."""
+        raise NotImplementedError(f"{type(self).__name__} must implement solve(gram) -> weights")
 
     def __call__(self, gram: torch.Tensor) -> torch.Tensor:
         return self.weights(gram)
@@ -89,6 +102,20 @@ class Aggregator:
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({params})"
+
+
+class GradientAggregator(Aggregator):
+    """Base class of the methods whose update needs G itself, not only its Gram matrix
+    (``kind = "grads"``): implement ``aggregate(G) -> d`` (G of shape (K, P), d of shape (P,));
+    ``weights(gram)`` is not defined. The heads then get ∇ Σ_i L_i."""
+
+    kind = "grads"
+
+    def weights(self, gram: torch.Tensor) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} needs the gradients themselves: call aggregate(G), not weights(gram)")
+
+    def aggregate(self, G: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement aggregate(G) -> d")
 
 
 def clone_or_none(value: torch.Tensor | None) -> torch.Tensor | None:
@@ -129,6 +156,80 @@ def get_aggregator(name: str, **hparams: Any) -> Any:
             f"{name!r} is a loss weighting, built for a number of tasks: get_aggregator({name!r}, num_tasks=K)"
         )
     return REGISTRY[name](**hparams)
+
+
+class WeightsFunction(Aggregator):
+    """A plain function ``gram -> weights`` as a stateless Gram method: ``solve`` calls it on
+    the symmetrized float64 M and checks that it returns K finite weights.
+
+    Args:
+        function: ``function(M) -> w``, M of shape (K, K), w of shape (K,).
+    """
+
+    name = "function"
+
+    def __init__(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if not callable(function):
+            raise TypeError(f"function must be callable as function(gram) -> weights, got {type(function).__name__}")
+        self.function = function
+
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
+        w = self.function(gram)
+        K = gram.shape[0]
+        if not isinstance(w, torch.Tensor) or w.shape != (K,):
+            got = f"shape {tuple(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
+            raise ValueError(f"{self.function!r} must return a tensor of {K} weights (shape ({K},)), got {got}")
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"{self.function!r} returned non-finite weights {w.tolist()}")
+        return w.to(gram)
+
+
+def is_stateful(method: Any) -> bool:
+    """Whether ``method`` carries state from call to call: an aggregator that overrides
+    ``state_dict``, or a loss weighting with parameters, buffers, extra state or an ``update``."""
+    from cost_fast.weighting.base import LossWeighting
+
+    if isinstance(method, LossWeighting):
+        has_tensors = any(True for _ in method.parameters()) or any(True for _ in method.buffers())
+        extra = type(method).get_extra_state is not torch.nn.Module.get_extra_state
+        return has_tensors or extra or bool(method.update_arguments)
+    return type(method).state_dict is not Aggregator.state_dict
+
+
+def as_method(method: Any, *, num_tasks: int | None = None, allow_stateful_name: bool = True) -> Any:
+    """The method that ``method`` names or is: an ``Aggregator`` or a ``LossWeighting`` as it
+    is; a registered name built by ``get_aggregator`` (a loss weighting with ``num_tasks``); a
+    plain function ``gram -> weights`` wrapped in ``WeightsFunction``. ``num_tasks`` (K) is
+    needed for the name of a loss weighting, and checked against a loss weighting given built.
+    ``allow_stateful_name=False`` refuses the name of a method with state (``is_stateful``),
+    for callers that would build a new one at every call."""
+    from cost_fast.weighting.base import LossWeighting
+
+    if isinstance(method, Aggregator | LossWeighting):
+        if isinstance(method, LossWeighting) and num_tasks is not None and method.num_tasks != num_tasks:
+            raise ValueError(
+                f"{type(method).__name__} was built for {method.num_tasks} tasks, the losses are {num_tasks}"
+            )
+        return method
+    if isinstance(method, str):
+        kind = list_aggregators().get(method)
+        if kind == "loss" and num_tasks is None:
+            raise ValueError(
+                f"{method!r} is a loss weighting, built for a number of tasks: get_aggregator({method!r}, num_tasks=K)"
+            )
+        built = get_aggregator(method, num_tasks=num_tasks) if kind == "loss" else get_aggregator(method)
+        if not allow_stateful_name and is_stateful(built):
+            hint = f"get_aggregator({method!r}" + (f", num_tasks={num_tasks})" if kind == "loss" else ")")
+            raise ValueError(
+                f"{method!r} keeps state from step to step: build it once, method = {hint}, and pass the object"
+            )
+        return built
+    if callable(method):
+        return WeightsFunction(method)
+    raise TypeError(
+        "method must be an Aggregator, a LossWeighting, a registered name or a function gram -> weights, "
+        f"got {type(method).__name__}"
+    )
 
 
 def list_aggregators() -> dict[str, str]:

@@ -94,7 +94,7 @@ class CAGrad(Aggregator):
             raise ValueError(f"rescale must be 0, 1 or 2, got {rescale!r}")
         self.rescale = rescale
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         K = gram.shape[0]
         mean = torch.full((K,), 1.0 / K, dtype=gram.dtype, device=gram.device)
         if self.c == 0:

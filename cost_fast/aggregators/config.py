@@ -19,7 +19,7 @@ class ConFIG(Aggregator):
     Σ_i g_iᵀv = 1ᵀ M N c, so w = (1ᵀ M N c / cᵀ N M N c) N c.
     """
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         n_inv = unit_scaling(gram)
         unit_gram = n_inv[:, None] * gram * n_inv[None, :]
         c = torch.linalg.pinv(unit_gram, hermitian=True) @ torch.ones_like(n_inv)

@@ -39,7 +39,7 @@ class ConicGrad(Aggregator):
     def __init__(self, c: float = 0.5) -> None:
         self.c = check_rate("c", c)
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         K = gram.shape[0]
         mean = torch.full((K,), 1.0 / K, dtype=gram.dtype, device=gram.device)
         scale = gram.diagonal().mean()

@@ -32,7 +32,7 @@ class UPGrad(Aggregator):
     Since C is convex and each π_C(g_i) ∈ C, d ∈ C: g_jᵀd ≥ 0 for every task j.
     """
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         K = gram.shape[0]
         return project_to_dual_cone(gram, torch.eye(K, dtype=gram.dtype, device=gram.device)).mean(dim=0)
 
@@ -41,6 +41,6 @@ class UPGrad(Aggregator):
 class DualProj(Aggregator):
     """DualProj: the projection of the mean gradient onto the dual cone, d = π_C(g0)."""
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         K = gram.shape[0]
         return project_to_dual_cone(gram, torch.full((1, K), 1.0 / K, dtype=gram.dtype, device=gram.device))[0]

@@ -7,19 +7,10 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, clone_or_none, register
+from cost_fast.aggregators.base import GradientAggregator, clone_or_none, register
 from cost_fast.aggregators.solvers import project_simplex
 from cost_fast.checks import check_nonnegative, check_positive
 from cost_fast.kernels.gram import check_grad_matrix
-
-
-class GradientAggregator(Aggregator):
-    """Base of methods whose update needs G itself: ``weights(gram)`` is not defined."""
-
-    kind = "grads"
-
-    def weights(self, gram: torch.Tensor) -> torch.Tensor:
-        raise TypeError(f"{type(self).__name__} needs the gradients themselves: call aggregate(G), not weights(gram)")
 
 
 @register("graddrop")

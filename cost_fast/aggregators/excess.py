@@ -6,8 +6,7 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import clone_or_none, register
-from cost_fast.aggregators.elementwise import GradientAggregator
+from cost_fast.aggregators.base import GradientAggregator, clone_or_none, register
 from cost_fast.checks import check_int, check_nonnegative, check_positive
 from cost_fast.kernels.gram import check_grad_matrix, upcast_16bit
 

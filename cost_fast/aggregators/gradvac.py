@@ -68,7 +68,7 @@ class GradVac(Aggregator):
         self.targets = targets.detach().to("cpu", torch.float64)
         return C, order, used
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         C, _, _ = self.vaccinate(gram)
         return C.sum(dim=0)
 

@@ -24,7 +24,7 @@ class IMTLG(Aggregator):
     dependent gradients give the minimum-norm solution instead of an error.
     """
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         K = gram.shape[0]
         system = torch.zeros((K + 1, K + 1), dtype=gram.dtype, device=gram.device)
         system[:K, :K] = unit_scaling(gram)[:, None] * gram

@@ -11,7 +11,7 @@ from cost_fast.aggregators.base import Aggregator, check_task_vector, register, 
 class Mean(Aggregator):
     """Linear scalarization, mean: w_i = 1/K, so d = g0 = (1/K) Σ_i g_i."""
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         K = gram.shape[0]
         return torch.full((K,), 1.0 / K, dtype=gram.dtype, device=gram.device)
 
@@ -20,7 +20,7 @@ class Mean(Aggregator):
 class Sum(Aggregator):
     """Linear scalarization, sum: w_i = 1, so d = Σ_i g_i."""
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         return torch.ones(gram.shape[0], dtype=gram.dtype, device=gram.device)
 
 
@@ -35,7 +35,7 @@ class Constant(Aggregator):
     def __init__(self, weights: torch.Tensor | list[float] | None = None) -> None:
         self.constant = check_task_vector("weights", weights)
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         return task_vector_or_mean(self.constant, gram, "Constant", "weights")
 
 
@@ -52,7 +52,7 @@ class Random(Aggregator):
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         z = torch.randn(gram.shape[0], generator=self._generator, dtype=torch.float64)
         return torch.softmax(z, dim=0).to(dtype=gram.dtype, device=gram.device)
 

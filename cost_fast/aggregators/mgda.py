@@ -18,5 +18,5 @@ class MGDA(Aggregator):
     not by Frank–Wolfe iterations.
     """
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         return min_norm_simplex(gram)

@@ -21,7 +21,7 @@ class NashMTL(Aggregator):
     "solve every N steps" are left to the caller.
     """
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         return power_fixed_point(gram, 1.0)
 
 
@@ -43,5 +43,5 @@ class FairGrad(Aggregator):
     def __init__(self, alpha: float = 1.0) -> None:
         self.alpha = check_positive("alpha", alpha)
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         return power_fixed_point(gram, self.alpha)

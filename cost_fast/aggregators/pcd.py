@@ -65,7 +65,7 @@ class PCD(Aggregator):
         denominators = average / (1 - self.beta**self.steps) + self.eps
         return torch.where(denominators > 0, denominators.rsqrt(), torch.zeros_like(denominators))
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         K = gram.shape[0]
         taus = self.tau.to(gram.device).expand(K - 1) if self.tau.ndim == 0 else self.tau.to(gram.device)
         if taus.shape[0] != K - 1:

@@ -44,7 +44,7 @@ class PCGrad(Aggregator):
             C[rows, j] -= coef
         return C, order
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         C, _ = self.projection_coefficients(gram)
         return C.sum(dim=0)
 

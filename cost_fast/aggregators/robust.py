@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, register
-from cost_fast.aggregators.elementwise import GradientAggregator
+from cost_fast.aggregators.base import Aggregator, GradientAggregator, register
 from cost_fast.checks import check_int
 from cost_fast.kernels.gram import check_grad_matrix, upcast_16bit
 
@@ -28,7 +27,7 @@ class Krum(Aggregator):
         self.n_byzantine = check_int("n_byzantine", n_byzantine, 0)
         self.n_selected = check_int("n_selected", n_selected, 1)
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         K = gram.shape[0]
         if self.n_selected > K or (self.n_byzantine > 0 and K < 2 * self.n_byzantine + 3):
             raise ValueError(

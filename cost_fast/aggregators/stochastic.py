@@ -75,7 +75,7 @@ class MoDo(_CarriedWeights):
         self.gamma = check_positive("gamma", gamma)
         self.rho = check_nonnegative("rho", rho)
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         lam = self._previous(gram)
         lam = project_simplex(lam - self.gamma * (_normalized(gram) @ lam + self.rho * lam))
         self.carried = lam.detach().clone()
@@ -133,7 +133,7 @@ class SDMGrad(_CarriedWeights):
             raise ValueError(f"solver must be one of {self.SOLVERS}, got {solver!r}")
         self.solver = solver
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         target = task_vector_or_mean(self.preference, gram, "SDMGrad", "preference weights")
         A = _normalized(gram)
         w = self._previous(gram)
@@ -184,7 +184,7 @@ class CRMOGM(_CarriedWeights):
         self.base = base
         self.alpha = float(alpha)
 
-    def _weights(self, gram: torch.Tensor) -> torch.Tensor:
+    def solve(self, gram: torch.Tensor) -> torch.Tensor:
         previous = self._previous(gram)
         fresh = self.base.weights(gram).to(gram.dtype)
         lam = self.alpha * previous + (1 - self.alpha) * fresh
