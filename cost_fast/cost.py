@@ -59,7 +59,7 @@ from cost_fast.perturbed import LossFn
 from cost_fast.rng import caller_generators_untouched
 from cost_fast.semantics import Semantics, get_semantics
 from cost_fast.symmetry import RescalingTeleport
-from cost_fast.teleport import TeleportConfig, eval_mode, guard_verdict, level_set_error, loss_contour, teleport
+from cost_fast.teleport import TeleportConfig, eval_mode, level_set_error, loss_contour, merge_verdict, teleport
 from cost_fast.timing import PhaseTimer
 from cost_fast.weighting.base import LossWeighting
 
@@ -241,8 +241,8 @@ class COST:
                 "num_tasks=K), and give the optimizer its parameters too (optimizer over "
                 "[*model.parameters(), *base.parameters()])"
             )
-        if isinstance(base, str) or (callable(base) and not isinstance(base, Aggregator | LossWeighting | nn.Module)):
-            base = as_method(base)  # a name of a Gram or gradient method, or a function gram -> w
+        if isinstance(base, str) or (callable(base) and not isinstance(base, nn.Module)):
+            base = as_method(base)  # a method as it is, a Gram or gradient method's name, a function gram -> w
         if not isinstance(base, Aggregator | LossWeighting):
             raise TypeError(
                 f"base must be an Aggregator, a LossWeighting, a method's name or a function gram -> weights, "
@@ -787,12 +787,7 @@ class COST:
         reason = None if finite else "non-finite"
         if after is not None:
             info.level_set_error = level_set_error(before, after, config.level_set_floor)
-            if info.level_set_error == float("inf"):
-                reason = "non-finite"
-            elif config.level_set_tolerance is not None and info.level_set_error > config.level_set_tolerance:
-                reason = "left the level set"
-            elif config.guard_for(self.semantics):
-                reason = guard_verdict(before, after, config.guard_tolerance)
+            reason = merge_verdict(config, self.semantics, before, after, info.level_set_error)
         info.merged_fraction = 1.0
         deltas = result.deltas
         if reason is not None:

@@ -187,6 +187,21 @@ def level_set_error(before: torch.Tensor, after: torch.Tensor, floor: float) -> 
     return float(((after - before).abs() / before.abs().clamp_min(floor)).max())
 
 
+def merge_verdict(
+    config: TeleportConfig, semantics: Semantics, before: torch.Tensor, after: torch.Tensor, error: float
+) -> str | None:
+    """Why a teleport measured after its merge is rolled back, or None: "non-finite" if the
+    losses after it are not (error inf), "left the level set" if its level-set error is above
+    ``config.level_set_tolerance``, else the guard's verdict where the guard is on."""
+    if error == float("inf"):
+        return "non-finite"
+    if config.level_set_tolerance is not None and error > config.level_set_tolerance:
+        return "left the level set"
+    if config.guard_for(semantics):
+        return guard_verdict(before, after, config.guard_tolerance)
+    return None
+
+
 def guard_verdict(before: torch.Tensor, after: torch.Tensor, tolerance: float) -> str | None:
     """Why the guard rolls back, or None: "non-finite" if anything after is NaN/inf, "loss rose"
     if some task's mean loss rose by more than ``tolerance``·|before| (relative to the size of
@@ -328,12 +343,7 @@ def teleport(
                         deltas = adapter.merge(fraction)
                         after = loss_contour(model, loss_fn, data)
                         error = level_set_error(contour, after, config.level_set_floor)
-                    if error > tolerance:
-                        reason = "left the level set"
-                if error == float("inf"):  # the losses after the merge are not finite
-                    reason = "non-finite"
-                elif reason is None and config.guard_for(semantics):
-                    reason = guard_verdict(contour, after, config.guard_tolerance)
+                reason = merge_verdict(config, semantics, contour, after, error)
             if reason is not None:
                 adapter.restore(snapshot)
                 deltas = [torch.zeros_like(d) for d in deltas]

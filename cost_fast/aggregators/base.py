@@ -213,11 +213,12 @@ def as_method(method: Any, *, num_tasks: int | None = None, allow_stateful_name:
         return method
     if isinstance(method, str):
         kind = list_aggregators().get(method)
-        if kind == "loss" and num_tasks is None:
-            raise ValueError(
-                f"{method!r} is a loss weighting, built for a number of tasks: get_aggregator({method!r}, num_tasks=K)"
-            )
-        built = get_aggregator(method, num_tasks=num_tasks) if kind == "loss" else get_aggregator(method)
+        # without num_tasks, get_aggregator refuses a loss weighting's name, saying how to build it
+        built = (
+            get_aggregator(method, num_tasks=num_tasks)
+            if kind == "loss" and num_tasks is not None
+            else get_aggregator(method)
+        )
         if not allow_stateful_name and is_stateful(built):
             hint = f"get_aggregator({method!r}" + (f", num_tasks={num_tasks})" if kind == "loss" else ")")
             raise ValueError(
