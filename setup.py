@@ -42,6 +42,8 @@ setup(
         "bench": ["cvxpy>=1.4", "ecos>=2.0"],
         # `cost-fast demo`: the digits data set, plots, progress bar
         "demo": ["scikit-learn>=1.2", "matplotlib>=3.7", "tqdm>=4.60"],
+        # cost_fast.lightning: COSTModule
+        "lightning": ["lightning>=2.2"],
     },
     entry_points={"console_scripts": ["cost-fast = cost_fast.cli:main"]},
 )

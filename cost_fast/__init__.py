@@ -2,10 +2,11 @@
 
 from cost_fast.aggregators import Aggregator, GradientAggregator, get_aggregator, list_aggregators, register
 from cost_fast.backward import BackwardResult, mtl_backward
-from cost_fast.cost import COST, BaseStepConfig, StepInfo
+from cost_fast.cost import COST
 from cost_fast.grads import TaskGradients
 from cost_fast.kernels import GramStats, gram_stats
 from cost_fast.semantics import PaperSemantics, PublicSemantics, Semantics, get_semantics
+from cost_fast.step import BaseStepConfig, StepInfo
 from cost_fast.teleport import TeleportConfig
 from cost_fast.weighting import LossWeighting
 

@@ -57,6 +57,17 @@ KEYS = {
 }
 
 
+def make_state(**fields: Any) -> dict[str, Any]:
+    """The current format's state from its fields (every key of ``KEYS[FORMAT]`` but ``format``
+    and ``checksum``, as the module docstring lists them), with its checksum."""
+    expected = KEYS[FORMAT] - {"format", "checksum"}
+    if set(fields) != expected:
+        raise TypeError(f"a COST state needs exactly the fields {sorted(expected)}, got {sorted(fields)}")
+    state = {"format": FORMAT, **fields}
+    state["checksum"] = checksum(state)
+    return state
+
+
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 

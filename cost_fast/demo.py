@@ -6,7 +6,11 @@ Data: scikit-learn's 8x8 handwritten digits (shipped inside the package; no down
 80/20 train/test split; pixels standardized. Model: ``MultiTaskMLP`` (64 inputs, a narrow shared
 backbone so that tasks compete for it, one linear head per digit). Both runs start from the same
 weights and see the same batches; COST uses the whole training set as teleport data, as the
-public code does.
+public code does. The tasks are named ``digit_0`` ... ``digit_9`` (the losses go to COST as a
+dict, and the names reach the metrics and plots). One single-task model per digit (the same
+network with one head, trained alone with Adam on its own loss, same epochs and batches) gives the
+baselines of Δm% (``cost_fast.metrics.delta_m`` over the test accuracies, higher is better), which
+the report gives for both multi-task runs.
 
 Report folder (written at once, see ``cost_fast.report``): ``metrics.json`` (with per-step
 statistics: min cos(g_i, g0), conflicting pairs, ‖g0‖) and PNG plots of
@@ -29,11 +33,13 @@ import torch
 
 from cost_fast.aggregators.base import get_aggregator
 from cost_fast.cost import COST
+from cost_fast.metrics import delta_m
 from cost_fast.models import MultiTaskMLP, batch_task_losses
 from cost_fast.report import atomic_report_dir, check_report_target
 from cost_fast.semantics import get_semantics
 
 NUM_TASKS = 10
+TASK_NAMES = tuple(f"digit_{d}" for d in range(NUM_TASKS))
 TELEPORTS = ("lora", "loha", "rescale")  # COST(adapter=...)
 
 
@@ -93,13 +99,15 @@ def train(
         seed=seed,
     )
     losses_per_epoch, conflict_ratio, teleports, step_stats = [], [], [], []
+    task_names: tuple[str, ...] | None = None
     seconds: dict[str, float] = {}
     for epoch in range(epochs):
         epoch_losses = torch.zeros(NUM_TASKS)
         conflicted = 0
         for batch in batches:
             losses = batch_task_losses(model, batch)
-            info = cost.step(losses, batch)
+            info = cost.step(dict(zip(TASK_NAMES, losses.unbind())), batch)
+            task_names = info.task_names
             epoch_losses += losses.detach().cpu()
             conflicted += info.min_cos_mean < 0
             step_stats.append([info.step, info.min_cos_mean, info.num_conflicting_pairs, info.mean_norm])
@@ -130,6 +138,7 @@ def train(
         x_test, y_test = test
         accuracy = ((model(x_test) > 0).float() == y_test).float().mean(0).tolist()
     return {
+        "tasks": list(task_names),
         "train_loss": losses_per_epoch,
         "conflict_ratio": conflict_ratio,
         "teleports": teleports,
@@ -137,6 +146,34 @@ def train(
         "seconds": seconds,
         "steps": step_stats,  # per step: [step, min cos(g_i, g0), conflicting pairs, ‖g0‖]
     }
+
+
+def train_single_task(
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    test: tuple[torch.Tensor, torch.Tensor],
+    task: int,
+    *,
+    epochs: int,
+    hidden: int,
+    seed: int,
+    progress: Any = None,
+) -> float:
+    """The single-task baseline of ``task``: the demo's network with one head, trained alone on
+    that task's loss (Adam, the same learning rate, epochs and batches); its test accuracy."""
+    torch.manual_seed(seed)
+    model = MultiTaskMLP(batches[0][0].shape[1], 1, hidden=hidden).to(batches[0][0].device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        for x, y in batches:
+            optimizer.zero_grad()
+            model.task_losses(x, y[:, task : task + 1]).sum().backward()
+            optimizer.step()
+            if progress is not None:
+                progress.update(1)
+    model.eval()
+    with torch.no_grad():
+        x_test, y_test = test
+        return ((model(x_test)[:, 0] > 0).float() == y_test[:, task]).float().mean().item()
 
 
 def _error_text(error: float | None) -> str:
@@ -148,7 +185,10 @@ def plot_specs(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     it): per file, a title, axis labels, axis limits taken from the data, and the series."""
     runs = report["runs"]
     epochs = report["epochs"]
-    accuracies = [a for run in runs.values() for a in run["test_accuracy"]]
+    tasks = runs["base"]["tasks"]
+    accuracy = {name: run["test_accuracy"] for name, run in runs.items()}
+    accuracy["single-task"] = report["single_task"]["test_accuracy"]
+    accuracies = [a for values in accuracy.values() for a in values]
     low, high = min(accuracies), max(accuracies)
     margin = max(0.02, 0.1 * (high - low))
     events = runs["base+COST"]["teleports"]
@@ -159,6 +199,7 @@ def plot_specs(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "xlabel": "epoch",
             "ylabel": "training loss (BCE)",
             "marker": "o" if epochs == 1 else None,  # one epoch is a point, not a line
+            "tasks": tasks,
             "series": {name: run["train_loss"] for name, run in runs.items()},
         },
         "conflict_ratio.png": {
@@ -183,11 +224,14 @@ def plot_specs(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
             },
         },
         "test_accuracy.png": {
-            "title": "test accuracy per task",
+            "title": "test accuracy per task (Δm% against the single-task models, lower is better: "
+            + ", ".join(f"{name} {run['delta_m']:+.2f}" for name, run in runs.items())
+            + ")",
             "xlabel": "task: is it this digit?",
             "ylabel": "test accuracy",
             "ylim": (max(0.0, low - margin), min(1.0, high + margin)),
-            "series": {name: run["test_accuracy"] for name, run in runs.items()},
+            "tasks": tasks,
+            "series": accuracy,
         },
         "time_split.png": {
             "title": "where the time went: one run each, wall clock (noisy; not a benchmark)",
@@ -205,14 +249,14 @@ def _draw(specs: dict[str, dict[str, Any]], folder: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"base": "tab:blue", "base+COST": "tab:red"}
+    colors = {"base": "tab:blue", "base+COST": "tab:red", "single-task": "tab:gray"}
 
     spec = specs["task_losses.png"]
     fig, axes = plt.subplots(2, 5, figsize=(14, 5.5), sharex=True)
     for task, ax in enumerate(axes.flat):
         for name, losses in spec["series"].items():
             ax.plot([e[task] for e in losses], color=colors[name], label=name, marker=spec["marker"])
-        ax.set_title(f"digit {task}", fontsize=9)
+        ax.set_title(spec["tasks"][task], fontsize=9)
     fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper right", fontsize=8)
     fig.suptitle(spec["title"])
     fig.supxlabel(spec["xlabel"])
@@ -251,11 +295,12 @@ def _draw(specs: dict[str, dict[str, Any]], folder: Path) -> None:
     plt.close(fig)
 
     spec = specs["test_accuracy.png"]
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = plt.subplots(figsize=(10, 4))
     # points, not bars: the axis starts where the data does, and a bar would exaggerate the gap
-    for (offset, marker), (name, accuracy) in zip(((-0.1, "o"), (0.1, "s")), spec["series"].items()):
+    offsets = ((-0.15, "o"), (0.0, "s"), (0.15, "^"))
+    for (offset, marker), (name, accuracy) in zip(offsets, spec["series"].items()):
         ax.plot([t + offset for t in range(NUM_TASKS)], accuracy, marker, color=colors[name], label=name)
-    ax.set_xticks(range(NUM_TASKS))
+    ax.set_xticks(range(NUM_TASKS), spec["tasks"], fontsize=8)
     ax.set(title=spec["title"], xlabel=spec["xlabel"], ylabel=spec["ylabel"], ylim=spec["ylim"])
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -314,7 +359,8 @@ def run_demo(
     bar = None
     if progress and stream is not None:
         tqdm = _require("tqdm").tqdm
-        bar = tqdm(total=2 * epochs * len(batches), desc=f"{method} and {method}+COST", unit="step", file=stream)
+        total = (2 + NUM_TASKS) * epochs * len(batches)  # two multi-task runs, one single-task run per task
+        bar = tqdm(total=total, desc=f"{method}, {method}+COST, single-task", unit="step", file=stream)
     start = time.perf_counter()
     runs = {}
     for name, use_cost in (("base", False), ("base+COST", True)):
@@ -330,6 +376,15 @@ def run_demo(
             gradients=gradients,
             teleport=teleport,
             progress=bar,
+        )
+    baselines = [
+        train_single_task(batches, (x_test, y_test), task, epochs=epochs, hidden=hidden, seed=seed, progress=bar)
+        for task in range(NUM_TASKS)
+    ]
+    higher_is_better = dict.fromkeys(TASK_NAMES, True)
+    for run in runs.values():
+        run["delta_m"] = delta_m(
+            dict(zip(TASK_NAMES, run["test_accuracy"])), dict(zip(TASK_NAMES, baselines)), higher_is_better
         )
     if bar is not None:
         bar.close()
@@ -348,6 +403,7 @@ def run_demo(
         "test_samples": len(x_test),
         "wall_seconds": time.perf_counter() - start,
         "runs": runs,
+        "single_task": {"test_accuracy": baselines},
     }
     with atomic_report_dir(target) as folder:
         (folder / "metrics.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
@@ -363,9 +419,14 @@ def run_demo(
             print(
                 f"{name:>10}: mean test accuracy {acc:.4f}, final train loss "
                 f"{sum(run['train_loss'][-1]) / NUM_TASKS:.4f}, conflict ratio (last epoch) "
-                f"{run['conflict_ratio'][-1]:.2f}, teleports {len(kinds)}{' (' + ', '.join(kinds) + ')' if kinds else ''}",
+                f"{run['conflict_ratio'][-1]:.2f}, Δm% {run['delta_m']:+.2f}, teleports {len(kinds)}{' (' + ', '.join(kinds) + ')' if kinds else ''}",
                 file=stream,
             )
+        single = sum(baselines) / NUM_TASKS
+        print(
+            f"{'single-task':>10}: mean test accuracy {single:.4f} (one model per task: the baselines of Δm%)",
+            file=stream,
+        )
         print(
             f"report: {target}/ (metrics.json, task_losses.png, conflict_ratio.png, teleports.png, "
             f"test_accuracy.png, time_split.png) in {report['wall_seconds']:.1f}s",
@@ -374,4 +435,4 @@ def run_demo(
     return report
 
 
-__all__ = ["digits_tasks", "plot_specs", "run_demo", "train"]
+__all__ = ["TASK_NAMES", "digits_tasks", "plot_specs", "run_demo", "train", "train_single_task"]

@@ -188,3 +188,94 @@ def check_agreement(settings: dict[str, str], tensors: Iterable[torch.Tensor], g
                 theirs = everyone[ranks[0]][1].get(name)
                 parts.append(f"{name} (rank 0: {described[name]}; {which}: {theirs})")
         raise ValueError("the ranks of the process group do not agree on " + "; ".join(parts))
+
+
+class Ranks:
+    """The ranks a COST trains on: one process (``group`` None: every method here is the
+    identity or does nothing) or a process group, where it holds COST's data-parallel plumbing
+    (module docstring): the global losses, the sum of the heads' and the teleport's gradients,
+    the sharded per-task gradients, the refusals and the agreement check.
+
+    Args:
+        process_group: the group (default: ``default_group()``).
+        batch_size: ``batch_size(batch) -> int``, this rank's samples in a batch, which weight
+            its losses in the global ones (default: ``first_dimension``).
+    """
+
+    def __init__(self, process_group: Any = None, batch_size: Any = None) -> None:
+        self.group = default_group(process_group)
+        self.batch_size = batch_size if batch_size is not None else first_dimension
+
+    @property
+    def parallel(self) -> bool:
+        """Several ranks: every collective below runs."""
+        return self.group is not None
+
+    def refuse_unsupported(
+        self, *, gradient_method: str | None, representation: bool, vmapped_samples: bool, rescaling: bool
+    ) -> None:
+        """Raise ``ValueError`` for what COST cannot do across ranks, before anything is built
+        (``gradient_method``: the name of a base method that needs every column of G, or None)."""
+        if not self.parallel:
+            return
+        if gradient_method is not None:
+            raise ValueError(f"{gradient_method} needs every column of G: not supported with a process group")
+        if representation:
+            raise ValueError("gradient_mode='representation' is not supported with a process group")
+        if vmapped_samples:
+            raise ValueError("samples_per_pass > 1 (vmapped samples) is not supported with a process group")
+        if rescaling:
+            raise ValueError("the rescaling teleport is not supported with a process group")
+
+    def check_agreement(self, settings: dict[str, str], tensors: Iterable[torch.Tensor]) -> None:
+        """``check_agreement`` over this group (nothing with one process)."""
+        if self.parallel:
+            check_agreement(settings, tensors, self.group)
+
+    def task_gradients(self, params: list[torch.Tensor], num_tasks: int, mode: str) -> UpdateBuffer:
+        """The per-task gradient engine: ``TaskGradients``, or ``ShardedTaskGradients`` across ranks."""
+        if self.parallel:
+            return ShardedTaskGradients(params, num_tasks, self.group, mode=mode)
+        return TaskGradients(params, num_tasks=num_tasks, mode=mode)
+
+    def global_losses(self, local: torch.Tensor, batch: Any, engine: UpdateBuffer | None = None) -> torch.Tensor:
+        """The global losses L = Σ_r s_r L^r (``global_losses``; ``local`` itself with one
+        process); a sharded ``engine`` is told this rank's share s_r."""
+        if not self.parallel:
+            return local
+        losses, share = global_losses(local, self.batch_size(batch), self.group)
+        if engine is not None:
+            engine.share = share
+        return losses
+
+    def global_loss_fn(self, loss_fn: Any) -> Any:
+        """``loss_fn(model, batch)`` giving the global losses, the same on every rank."""
+        if not self.parallel:
+            return loss_fn
+        return lambda model, batch: self.global_losses(loss_fn(model, batch), batch)
+
+    def sum_gradients(self) -> Any:
+        """``grads -> None`` summing parameter gradients over the ranks in place, or None with
+        one process (the teleport's ``reduce_gradients``)."""
+        if not self.parallel:
+            return None
+        return lambda grads: all_reduce_(grads, self.group)
+
+    def sum_(self, grads: list[torch.Tensor | None]) -> None:
+        """Sum each rank's share of a gradient (the heads') in place; nothing with one process."""
+        if self.parallel:
+            all_reduce_(grads, self.group)
+
+
+def first_dimension(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its first tensor (nested in tuples, lists or
+    dicts)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0] if batch.ndim else 1
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, list | tuple) else ()
+    for item in items:
+        try:
+            return first_dimension(item)
+        except ValueError:
+            continue
+    raise ValueError("cannot tell the batch size: pass COST(batch_size=...)")

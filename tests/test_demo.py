@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cost_fast.cli import main
-from cost_fast.demo import NUM_TASKS, digits_tasks, plot_specs, run_demo
+from cost_fast.demo import NUM_TASKS, TASK_NAMES, digits_tasks, plot_specs, run_demo
+from cost_fast.metrics import delta_m
 from cost_fast.report import MARKER
 
 PLOTS = ["task_losses.png", "conflict_ratio.png", "teleports.png", "test_accuracy.png", "time_split.png"]
@@ -39,6 +40,15 @@ def test_demo_report(tmp_path: Path) -> None:
         assert all(0 <= r <= 1 for r in run["conflict_ratio"])
         assert all(0.8 <= a <= 1 for a in run["test_accuracy"])  # one-vs-rest digits are easy
         assert run["seconds"]["gradients"] > 0
+    baselines = saved["single_task"]["test_accuracy"]
+    assert len(baselines) == NUM_TASKS and all(0.8 <= a <= 1 for a in baselines)
+    for run in saved["runs"].values():
+        assert run["tasks"] == list(TASK_NAMES) == [f"digit_{d}" for d in range(10)]  # through StepInfo
+        by_name = dict(zip(TASK_NAMES, run["test_accuracy"]))
+        expected = delta_m(by_name, dict(zip(TASK_NAMES, baselines)), dict.fromkeys(TASK_NAMES, True))
+        assert run["delta_m"] == pytest.approx(expected, rel=1e-12)
+        by_hand = 100 * sum((b - a) / b for a, b in zip(run["test_accuracy"], baselines)) / NUM_TASKS
+        assert run["delta_m"] == pytest.approx(by_hand, rel=1e-9)
     assert saved["runs"]["base"]["teleports"] == []
     events = saved["runs"]["base+COST"]["teleports"]
     assert 1 <= len(events) <= 2  # at most one per epoch, none in the first
@@ -50,13 +60,19 @@ def test_demo_report(tmp_path: Path) -> None:
 
 def fake_report(epochs: int, accuracy: list[float], events: list[dict]) -> dict:
     run = {
+        "tasks": list(TASK_NAMES),
+        "delta_m": -1.5,
         "train_loss": [[0.5] * NUM_TASKS] * epochs,
         "conflict_ratio": [0.5] * epochs,
         "test_accuracy": accuracy,
         "seconds": {"gradients": 1.0, "teleport": 2.0},
         "teleports": [],
     }
-    return {"epochs": epochs, "runs": {"base": run, "base+COST": {**run, "teleports": events}}}
+    return {
+        "epochs": epochs,
+        "runs": {"base": run, "base+COST": {**run, "teleports": events}},
+        "single_task": {"test_accuracy": [0.7] * NUM_TASKS},
+    }
 
 
 def test_plots_say_what_they_show() -> None:
@@ -70,7 +86,10 @@ def test_plots_say_what_they_show() -> None:
     }
     specs = plot_specs(fake_report(1, [0.51, 0.55, 0.6, 0.62, 0.64, 0.66, 0.67, 0.68, 0.69, 0.6], [event]))
     low, high = specs["test_accuracy.png"]["ylim"]
-    assert low < 0.51 and high > 0.69 and high <= 1.0  # every bar visible
+    assert low < 0.51 and high > 0.70 and high <= 1.0  # every point visible, the single-task ones too
+    assert specs["test_accuracy.png"]["tasks"] == specs["task_losses.png"]["tasks"] == list(TASK_NAMES)
+    assert list(specs["test_accuracy.png"]["series"]) == ["base", "base+COST", "single-task"]
+    assert "Δm%" in specs["test_accuracy.png"]["title"] and "-1.50" in specs["test_accuracy.png"]["title"]
     assert specs["task_losses.png"]["marker"] == "o"  # one epoch: points, not an empty line
     assert "one run" in specs["time_split.png"]["title"]  # not presented as a benchmark
     assert list(specs["teleports.png"]["series"]) == ["epoch 0, level-set error 0.12 (rolled back: loss rose)"]

@@ -4,6 +4,7 @@ built wheel's copy, not the checkout's."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import pkgutil
 from pathlib import Path
@@ -14,6 +15,8 @@ import cost_fast
 
 # Modules of an earlier release that now only say where their contents went.
 RENAMED_MODULES = {"cost_fast.reference": "renamed cost_fast.yardstick"}
+# Modules of an optional extra: (the package they need, what their ImportError says without it).
+OPTIONAL_EXTRAS = {"cost_fast.lightning": ("lightning", r"pip install 'cost_fast\[lightning\]'")}
 # Every module a user may import; a subpackage missing from the wheel fails here.
 EXPECTED_PACKAGES = {"cost_fast.aggregators", "cost_fast.weighting", "cost_fast.kernels", "cost_fast.bench"}
 
@@ -27,6 +30,12 @@ def test_every_module_imports() -> None:
     for name in sorted(names):
         if name.startswith("cost_fast.bench.test_"):
             continue  # benchmark suites: collected by pytest, not imported by users
+        if name in OPTIONAL_EXTRAS and importlib.util.find_spec(OPTIONAL_EXTRAS[name][0]) is None:
+            if os.environ.get("COST_FAST_CHECKOUT"):
+                raise AssertionError(f"the README's test command installs {OPTIONAL_EXTRAS[name][0]}")
+            with pytest.raises(ImportError, match=OPTIONAL_EXTRAS[name][1]):
+                importlib.import_module(name)
+            continue
         if name in RENAMED_MODULES:
             with pytest.raises(ImportError, match=RENAMED_MODULES[name]):
                 importlib.import_module(name)

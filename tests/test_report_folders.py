@@ -94,26 +94,32 @@ def test_a_folder_created_meanwhile_by_someone_else_is_left_alone(tmp_path: Path
     assert str(kept) in str(err.value) and (kept / "ours.txt").read_text() == "ours"
 
 
-def signalled_reproduction(tmp_path: Path, signum: int) -> tuple[int, str]:
-    """(exit status, stderr) of ``cost-fast reproduce --quick`` sent ``signum`` once it writes."""
+def signalled_reproduction(tmp_path: Path, signum: int) -> tuple[int, str, str]:
+    """(exit status, stderr, what else to show on failure) of ``cost-fast reproduce --quick``
+    sent ``signum`` once it writes."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "cost_fast.cli", "reproduce", "--quick", "--out", str(tmp_path / "rep")],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell's background job (`pytest &`) ignores SIGINT, and so would the run it starts.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    staging = f".rep.{proc.pid}."  # its staging folder (not the writability check's ".rep.check.")
     deadline = time.time() + 60
-    while time.time() < deadline and not any(p.name.startswith(".rep.") for p in tmp_path.iterdir()):
+    while time.time() < deadline and not any(p.name.startswith(staging) for p in tmp_path.iterdir()):
         time.sleep(0.05)  # wait until the run has started writing
-    assert any(p.name.startswith(".rep.") for p in tmp_path.iterdir()), "the run never started"
+    assert any(p.name.startswith(staging) for p in tmp_path.iterdir()), "the run never started"
+    assert proc.poll() is None, "the run ended before the signal"
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=60)
-    return proc.returncode, err
+    out, err = proc.communicate(timeout=60)
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    return proc.returncode, err, f"stderr {err!r}, stdout {out[-300:]!r}, folder {listing}"
 
 
 def test_sigterm_removes_the_staging_folder(tmp_path: Path) -> None:
-    returncode, err = signalled_reproduction(tmp_path, signal.SIGTERM)
-    assert returncode == 128 + signal.SIGTERM, err
+    returncode, err, detail = signalled_reproduction(tmp_path, signal.SIGTERM)
+    assert returncode == 128 + signal.SIGTERM, detail
     assert "Traceback" not in err and err.strip().splitlines() == [
         "cost-fast reproduce: terminated (signal 15); no report was written"
     ]
@@ -121,8 +127,8 @@ def test_sigterm_removes_the_staging_folder(tmp_path: Path) -> None:
 
 
 def test_sigint_ends_the_run_with_one_line_and_nothing_left_behind(tmp_path: Path) -> None:
-    returncode, err = signalled_reproduction(tmp_path, signal.SIGINT)
-    assert returncode == 128 + signal.SIGINT, err
+    returncode, err, detail = signalled_reproduction(tmp_path, signal.SIGINT)
+    assert returncode == 128 + signal.SIGINT, detail
     assert err.strip().splitlines() == ["cost-fast reproduce: interrupted; no report was written"], err
     assert list(tmp_path.iterdir()) == []
 

@@ -452,6 +452,7 @@ import sys, torch
 from tug import Tug, tug_batches
 from cost_fast import COST, TaskGradients, get_aggregator, gram_stats
 from cost_fast.models import batch_task_losses
+torch.manual_seed(0)  # an initialization on which the trigger fires
 model, batches = Tug(), tug_batches(0, 2)
 engine = TaskGradients(model.backbone.parameters(), num_tasks=4)
 gram_stats(engine.compute(batch_task_losses(model, batches[0])))
@@ -469,3 +470,17 @@ print("ok")
     tests = str(__import__("pathlib").Path(__file__).parent)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tests, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_state_is_made_only_from_exactly_the_fields_of_its_format() -> None:
+    model, batches, cost, _ = build("moco", max_teleports_per_epoch=1, start_step=100)
+    cost.step(batch_task_losses(model, batches[0]), batches[0])
+    state = cost.state_dict()
+    assert set(state) == checkpoint.KEYS[checkpoint.FORMAT] and state["format"] == checkpoint.FORMAT
+    assert state["checksum"] == checkpoint.checksum(state)
+    fields = {k: v for k, v in state.items() if k not in ("format", "checksum")}
+    assert checkpoint.make_state(**fields)["checksum"] == state["checksum"]
+    with pytest.raises(TypeError, match="exactly the fields"):
+        checkpoint.make_state(**{k: v for k, v in fields.items() if k != "epoch"})
+    with pytest.raises(TypeError, match="exactly the fields"):
+        checkpoint.make_state(**fields, extra=1)
