@@ -16,6 +16,7 @@ the error COST raised to OUT.rank<r>.error. Every warning is an error in the ran
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -86,8 +87,7 @@ def train(rank: int, world: int, out: str, method: str, options: dict) -> None:
             raise
         with open(f"{out}.rank{rank}.error", "w", encoding="utf-8") as file:
             file.write(str(err))
-        dist.barrier()
-        dist.destroy_process_group()
+        _leave(world)
         return
     start = 0
     if options["resume"] is not None:
@@ -114,9 +114,20 @@ def train(rank: int, world: int, out: str, method: str, options: dict) -> None:
         "cost": cost.state_dict(),
     }
     torch.save(state, f"{out}.rank{rank}")
+    _leave(world)
+
+
+def _leave(world: int) -> None:
+    """End a rank once its files are written (closed): no rank tears down its connections while
+    another still uses them, then the process ends without running C++ static destructors, in
+    which gloo's threads have aborted a rank now and then at exit ("terminate called without
+    an active exception") after every collective and file had completed."""
     if world > 1:
-        dist.barrier()  # no rank tears down its connections while another still uses them
+        dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def main(argv: list[str]) -> None:
