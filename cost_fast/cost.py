@@ -237,6 +237,7 @@ class COST:
         self.gradient_mode = gradient_mode
         self.scaler = scaler
         self.ranks = ranks
+        self._global_loss_fn = ranks.global_loss_fn(loss_fn)  # the teleport's, and a weighting's after a step
         self.generator = torch.Generator(device=shared_params[0].device).manual_seed(seed)
         symmetry = RescalingTeleport(model, shared) if adapter == "rescale" else None
         self.adapter = (
@@ -263,7 +264,7 @@ class COST:
             adapter=self.adapter,
             symmetry=symmetry,
             loss_fn=loss_fn,
-            global_loss_fn=ranks.global_loss_fn(loss_fn),
+            global_loss_fn=self._global_loss_fn,
             teleport_data=teleport_data,
             semantics=self.semantics,
             config=teleport_config,
@@ -536,10 +537,9 @@ class COST:
     def _after_optimizer_step(self) -> None:
         """After the optimizer step of a base update (whoever calls it): the loss weighting
         learns from the step's losses at the new parameters (global ones across ranks)."""
-        global_loss_fn = self.teleporter.global_loss_fn
 
         def losses_after(batch: Any) -> torch.Tensor:
             with torch.no_grad():
-                return global_loss_fn(self.model, batch)
+                return self._global_loss_fn(self.model, batch)
 
         self.base_step.after_optimizer_step(losses_after)

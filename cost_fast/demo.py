@@ -133,10 +133,7 @@ def train(
                 progress.update(1)
         losses_per_epoch.append((epoch_losses / len(batches)).tolist())
         conflict_ratio.append(conflicted / len(batches))
-    model.eval()
-    with torch.no_grad():
-        x_test, y_test = test
-        accuracy = ((model(x_test) > 0).float() == y_test).float().mean(0).tolist()
+    accuracy = _test_accuracy(model, *test)
     return {
         "tasks": list(task_names),
         "train_loss": losses_per_epoch,
@@ -170,10 +167,16 @@ def train_single_task(
             optimizer.step()
             if progress is not None:
                 progress.update(1)
+    x_test, y_test = test
+    return _test_accuracy(model, x_test, y_test[:, task : task + 1])[0]
+
+
+def _test_accuracy(model: MultiTaskMLP, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """Per head, the share of samples whose sign of the logit matches the 0/1 label (eval mode,
+    no grad)."""
     model.eval()
     with torch.no_grad():
-        x_test, y_test = test
-        return ((model(x_test)[:, 0] > 0).float() == y_test[:, task]).float().mean().item()
+        return ((model(x) > 0).float() == y).float().mean(0).tolist()
 
 
 def _error_text(error: float | None) -> str:

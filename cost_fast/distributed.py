@@ -257,9 +257,7 @@ class Ranks:
     def sum_gradients(self) -> Any:
         """``grads -> None`` summing parameter gradients over the ranks in place, or None with
         one process (the teleport's ``reduce_gradients``)."""
-        if not self.parallel:
-            return None
-        return lambda grads: all_reduce_(grads, self.group)
+        return self.sum_ if self.parallel else None
 
     def sum_(self, grads: list[torch.Tensor | None]) -> None:
         """Sum each rank's share of a gradient (the heads') in place; nothing with one process."""

@@ -30,7 +30,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
         "cost_fast.lightning needs PyTorch Lightning: pip install 'cost_fast[lightning]' (or lightning>=2.2)"
     ) from err
 
-from cost_fast.backward import Losses
+from cost_fast.backward import Losses, stack_losses
 from cost_fast.cost import COST
 from cost_fast.step import StepInfo
 
@@ -111,8 +111,7 @@ class COSTModule(pl.LightningModule):
             info = self.cost.backward(losses, batch)
         optimizer.step()
         self.last_step_info = info
-        mean = torch.stack(list(losses.values()) if isinstance(losses, dict) else list(losses)).detach().mean()
-        self.log("train_loss", mean, prog_bar=True)
+        self.log("train_loss", stack_losses(losses)[0].detach().mean(), prog_bar=True)
         self.log("teleported", float(info.teleported))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
