@@ -1,12 +1,11 @@
 """Packaging. ``cost_fast`` and its subpackages are found, not listed, so a new subpackage can
-never be left out of the wheel. The top-level ``kernels/`` and ``bench/`` folders install as
-``cost_fast.kernels`` and ``cost_fast.bench`` (so that ``cost-fast bench`` finds its suites in
-any install)."""
+never be left out of the wheel. The top-level ``bench/`` folder installs as ``cost_fast.bench``
+(so that ``cost-fast bench`` finds its suites in any install)."""
 
 from setuptools import find_packages, setup
 
 # Folders outside cost_fast/ that install inside it: {installed name: source folder}.
-MAPPED = {"cost_fast.kernels": "kernels", "cost_fast.bench": "bench"}
+MAPPED = {"cost_fast.bench": "bench"}
 
 
 def mapped_packages() -> list[str]:
@@ -45,5 +44,5 @@ setup(
         # cost_fast.lightning: COSTModule
         "lightning": ["lightning>=2.2"],
     },
-    entry_points={"console_scripts": ["cost-fast = cost_fast.cli:main"]},
+    entry_points={"console_scripts": ["cost-fast = cost_fast.apps.cli:main"]},
 )

@@ -15,7 +15,7 @@ Both compute the same M and Gᵀw (checked). The bytes each rank sends are those
 collectives: reduce-scatter and all-gather (R-1)/R of their buffer, all-reduce 2(R-1)/R.
 Writes ``distributed_<device>.json`` (the pytest-benchmark layout the report script reads,
 stamped with device, versions and date) into OUT_FOLDER, which must be new, empty or a folder
-cost-fast wrote before (``cost_fast.report.MARKER``): a folder of the user's is never written
+cost-fast wrote before (``cost_fast.apps.report.MARKER``): a folder of the user's is never written
 into.
 """
 
@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cost_fast.apps.report import check_report_target, mark
 from cost_fast.bench.stamp import stamp
-from cost_fast.report import check_report_target, mark
 
 REPEATS, WARMUP = 7, 2
 

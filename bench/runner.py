@@ -6,7 +6,7 @@ named ``<suite>_<device>.json`` (device ``cpu`` or ``cuda``), each with a PNG be
 Everything is written to a staging folder first and moved into the output folder only when every
 selected suite has passed: files of earlier runs (another device, another suite) stay, files of
 this run are replaced whole. The output folder must be new, empty or one that ``cost-fast bench``
-wrote before (it carries ``cost_fast.report.MARKER``): a folder of the user's is never written
+wrote before (it carries ``cost_fast.apps.report.MARKER``): a folder of the user's is never written
 into. pytest-benchmark's own storage goes to the staging folder, not the current one. ``summary_<device>.md`` then gets the Markdown tables of every
 suite's result of that device in the folder, this run's and earlier ones.
 """
@@ -25,7 +25,7 @@ from typing import TextIO
 
 import torch
 
-from cost_fast.report import add_files, check_report_target
+from cost_fast.apps.report import add_files, check_report_target
 
 HERE = Path(__file__).parent
 SUITES = ("gram", "grads", "solvers", "teleport", "adapter", "epoch")

@@ -42,11 +42,11 @@ import pytest
 import torch
 
 from cost_fast.bench.stamp import bench_device, synchronize
-from cost_fast.lora import TeleportAdapter
 from cost_fast.models import CelebACNN, SegNetMTL, batch_task_losses, synthetic_nyuv2
-from cost_fast.perturbed import EffectivePoint
-from cost_fast.semantics import PublicSemantics
 from cost_fast.teleport import TeleportConfig, teleport
+from cost_fast.teleport.lora import TeleportAdapter
+from cost_fast.teleport.perturbed import EffectivePoint
+from cost_fast.teleport.semantics import PublicSemantics
 
 DEVICE = bench_device()
 if DEVICE.type == "cpu":

@@ -36,8 +36,8 @@ from cost_fast import TaskGradients, get_aggregator, gram_stats
 from cost_fast.bench.stamp import bench_device, synchronize
 from cost_fast.cost import COST
 from cost_fast.models import CelebACNN, SegNetMTL, batch_task_losses, synthetic_nyuv2
-from cost_fast.semantics import PublicSemantics
-from cost_fast.teleport import TeleportConfig
+from cost_fast.teleport import TeleportConfig, TeleportSchedule
+from cost_fast.teleport.semantics import PublicSemantics
 from cost_fast.yardstick import YardstickCOST
 
 DEVICE = bench_device()
@@ -122,8 +122,7 @@ def cost_epoch(model, data, schedule: str | None) -> tuple[int, int]:
         opt,
         loss_fn=batch_task_losses,
         teleport_data=data,  # the epoch's loader, as the public code
-        max_teleports_per_epoch=0 if schedule is None else 1,
-        steps_per_epoch=STEPS,
+        schedule=TeleportSchedule(max_per_epoch=0 if schedule is None else 1, steps_per_epoch=STEPS),
         teleport=SCHEDULES[schedule or "public"],
     )
     infos = [cost.step(batch_task_losses(model, b), b) for b in data]

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from cost_fast.bench.stamp import bench_device, synchronize
-from cost_fast.lora import TeleportAdapter
 from cost_fast.models import CelebACNN, batch_task_losses
-from cost_fast.semantics import PublicSemantics
 from cost_fast.teleport import TeleportConfig, teleport
+from cost_fast.teleport.lora import TeleportAdapter
+from cost_fast.teleport.semantics import PublicSemantics
 from cost_fast.yardstick import yardstick_teleport
 
 DEVICE = bench_device()

@@ -2,7 +2,7 @@
 
     python -m cost_fast.bench.toy_level_set OUT_FOLDER [--steps N]
 
-Runs LS + COST (``cost_fast.toy``, the nash-mtl protocol: 5 starts, 3000 Adam steps at lr 0.01,
+Runs LS + COST (``cost_fast.apps.toy``, the nash-mtl protocol: 5 starts, 3000 Adam steps at lr 0.01,
 at most one teleport per 100 steps, seed 0) under teleports that differ in one setting each:
 
 - ``public``: the public code's objective 10 L_t - 0.5 L_g, 20 adapter steps at lr 0.01, the
@@ -20,7 +20,7 @@ the median and largest e of its merged teleports, the share above 5%, and whethe
 reaches the Pareto front (LS alone: ``ls_reaches_front``). Writes ``toy_level_set_cpu.json``
 (stamped with device, versions and date) and ``toy_level_set_cpu.md`` (a table of the summaries)
 into OUT_FOLDER, which must be new, empty or a folder cost-fast wrote before
-(``cost_fast.report.MARKER``).
+(``cost_fast.apps.report.MARKER``).
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
+from cost_fast.apps.report import check_report_target, mark
+from cost_fast.apps.toy import INITS, merged_level_set_errors, pareto_front, reaches_front, train_toy
 from cost_fast.bench.stamp import stamp
-from cost_fast.report import check_report_target, mark
-from cost_fast.semantics import PaperSemantics, PublicSemantics, Semantics
 from cost_fast.teleport import TeleportConfig
-from cost_fast.toy import INITS, merged_level_set_errors, pareto_front, reaches_front, train_toy
+from cost_fast.teleport.semantics import PaperSemantics, PublicSemantics, Semantics
 
 LR, STEPS, STEPS_PER_EPOCH, ROUNDS, SHARE = 0.01, 3000, 100, 20, 0.05
 

@@ -8,8 +8,8 @@ For K task losses L_1..L_K, shared parameters θ and the rest of the model's tra
     φ.grad += ∇_φ Σ_i w_i L_i (a gradient method: ∇_φ Σ_i L_i; a loss weighting: ∇_φ total, and
                               its learned parameters get ∇ total too)
 
-accumulating into ``.grad`` as ``loss.backward()`` does. ``apply_method`` is that dispatch over
-the three kinds of method, shared with ``COST``'s step.
+accumulating into ``.grad`` as ``loss.backward()`` does. The update itself is
+``cost_fast.update.base_update``, the same that ``COST``'s step takes.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from cost_fast.aggregators.base import Aggregator, as_method
-from cost_fast.grads import TaskGradients, UpdateBuffer
+from cost_fast.grads import TaskGradients
 from cost_fast.kernels import GramStats
+from cost_fast.methods import Method, as_method
+from cost_fast.update import NONFINITE, base_update, hand_to_scaler
 from cost_fast.weighting.base import LossWeighting
 
 Losses = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
-Method = Aggregator | LossWeighting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +40,15 @@ class BackwardResult:
         stats: the Gram matrix of the task gradients and its conflict statistics (``GramStats``,
             device tensors), unscaled when a GradScaler was given.
         task_names: the keys of a dict of losses, in its order; None for a tensor or a list.
+        skipped: why nothing but NaN for the GradScaler was added (non-finite values under an
+            enabled scaler, which then skips its step and lowers its scale), else None.
     """
 
     losses: torch.Tensor
     weights: torch.Tensor | None
     stats: GramStats
     task_names: tuple[str, ...] | None
+    skipped: str | None = None
 
 
 def stack_losses(losses: Losses) -> tuple[torch.Tensor, tuple[str, ...] | None]:
@@ -100,51 +103,6 @@ def graph_leaves(outputs: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return leaves
 
 
-def apply_method(
-    method: Method, losses: torch.Tensor, engine: UpdateBuffer, gram: torch.Tensor, scale: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The method's update into ``engine.combined`` (Gᵀw, or a gradient method's own d; times s
-    when G holds the gradients of s·L, the method solved on unscaled values), nothing written to
-    ``.grad``. Returns the total whose gradient the other parameters get (Σ w_i L_i; the
-    weighting's total, so that its learned parameters get theirs; Σ L_i for a gradient method)
-    and w (None for a gradient method)."""
-    dtype = engine.grads.dtype
-    if isinstance(method, LossWeighting):
-        total = method(losses)
-        (w,) = torch.autograd.grad(total, losses, retain_graph=True)
-        engine.combine(w.to(dtype), write_grad=False)
-        return total, w.detach()
-    if method.kind == "grads":
-        if scale is not None:
-            engine.grads.div_(scale.to(dtype))  # the method (and its state) sees unscaled G
-        direction = method.aggregate(engine.grads).to(dtype)
-        engine.set_direction(direction if scale is None else direction * scale.to(dtype))
-        return losses.sum(), None
-    w = method.weights(gram).to(dtype)
-    engine.combine(w, write_grad=False)
-    return losses @ w.to(losses), w
-
-
-def gradients(
-    total: torch.Tensor, params: list[torch.Tensor], *, retain_graph: bool = False
-) -> list[torch.Tensor | None]:
-    """∇total for each of ``params`` (None where it does not reach one), nothing written to ``.grad``."""
-    if not params:
-        return []
-    return list(torch.autograd.grad(total, params, retain_graph=retain_graph, allow_unused=True))
-
-
-def add_into_grad(params: list[torch.Tensor], grads: list[torch.Tensor | None]) -> None:
-    """``.grad`` ← g where it is None, else ``.grad`` + g: what ``backward`` does."""
-    for p, g in zip(params, grads):
-        if g is None:
-            continue
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.add_(g)
-
-
 def mtl_backward(
     losses: Losses,
     shared: nn.Module | Iterable[torch.Tensor],
@@ -176,6 +134,11 @@ def mtl_backward(
             computed of s·L_i and added scaled for ``scaler.step``, the method solved on the
             unscaled statistics (so its weights never depend on the scale).
 
+    Non-finite losses, task gradients, weights or updates change no ``.grad``: without a scaler
+    ``FloatingPointError`` says so; with an enabled scaler NaN is added for it, which skips the
+    optimizer step and lowers its scale as after a plain backward that overflowed
+    (``BackwardResult.skipped`` says why).
+
     Returns:
         ``BackwardResult`` (losses, weights, statistics, task names).
     """
@@ -202,7 +165,6 @@ def mtl_backward(
             raise ValueError(
                 f"heads[{overlap[0]}] is a shared parameter: the heads and the shared parameters must be apart"
             )
-    learned = [p for p in method.parameters() if p.requires_grad] if isinstance(method, LossWeighting) else []
     scale = None
     if scaler is not None and scaler.is_enabled():
         scale = scaler.scale(torch.ones((), dtype=torch.float32, device=stacked.device))
@@ -210,9 +172,12 @@ def mtl_backward(
     stats = engine.stats()
     if scale is not None:
         stats = stats.unscaled(scale)
-    total, weights = apply_method(method, stacked, engine, stats.gram, scale)
-    others = head_params + learned
-    grads = gradients(total if scale is None else total * scale.to(total), others)
-    engine.write_update(engine.combined)
-    add_into_grad(others, grads)
-    return BackwardResult(losses=stacked.detach(), weights=weights, stats=stats, task_names=names)
+    reason = None if bool(torch.isfinite(stacked).all() & ~stats.nonfinite) else NONFINITE
+    update = base_update(method, stacked, engine, stats.gram, scale, heads=head_params) if reason is None else reason
+    if isinstance(update, str):
+        if scale is None:
+            raise FloatingPointError(f"{update}; no .grad was changed")
+        hand_to_scaler(engine)
+        return BackwardResult(stacked.detach(), None, stats, names, f"{update} (handed to the GradScaler)")
+    update.write()
+    return BackwardResult(losses=stacked.detach(), weights=update.weights, stats=stats, task_names=names)

@@ -1,24 +1,23 @@
-"""COST's checkpoint state: what ``COST.state_dict`` holds, and the check a loaded state passes
-before any of it is applied.
+"""COST's checkpoint state: the format of ``COST.state_dict``, its checksum, the check a loaded
+state passes before any of it is applied, and checkpoint files.
 
-The state (format 2) is a dict of plain values and tensors (``torch.load(weights_only=True)``
-reads it):
+The state (format 3) is a dict of plain values and tensors (``torch.load(weights_only=True)``
+reads it): a header that says which COST wrote it, and each part's own state dict.
 
-    format                2
+    format                3
     semantics, method     the semantics' name and the base method's class name
     num_tasks, num_params K (None before the first step) and P, the shared parameters' size
-    step_count, epoch, teleports_this_epoch     ints ≥ 0
-    generator             COST's own generator state (adapter factors, teleport noise)
-    base                  the base method's own state dict
-    last_update           HTR's g' (shape (P,)), or None when no base update was taken
-    htr                   {"pending_sigma": σ in (0, 1] or None}, or None without HTR
+    clock                 ``Clock.state_dict()``: step_count, epoch, teleports_this_epoch
+    teleporter            ``Teleporter.state_dict()``: COST's own generator (adapter factors, noise)
+    base                  ``BaseStep.state_dict()``: the base method's own state dict
+    htr                   ``HistoryReuse.state_dict()`` (a pending σ, the last update g'), or
+                          None without HTR
     checksum              SHA-256 of everything above (``checksum``): a flipped byte, in a
                           tensor or elsewhere, is caught on load
 
-``check_state`` validates all of it against the COST it is loaded into (types, the method, K,
-P, the generator state, the base method's state, which is tried on a copy of the method) and
-raises one ``ValueError`` naming what differs; so a failed load changes nothing. Format 1 (the
-first release: no format, method, sizes or checksum; ``has_update`` instead) is read too.
+``check_state`` validates all of it against the COST it is loaded into (the header against that
+COST, each part's state by the part's own ``state_problems``, the base method's on a copy of it)
+and raises one ``ValueError`` naming what differs; so a failed load changes nothing.
 
 ``save`` and ``load`` write and read a checkpoint file (any dict of state dicts) atomically and
 with one clear error for a file that is missing, empty, truncated or not a checkpoint.
@@ -26,41 +25,37 @@ with one clear error for a file that is missing, empty, truncated or not a check
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import os
 import pickle
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-FORMAT = 2
-COUNTERS = ("step_count", "epoch", "teleports_this_epoch")
-KEYS = {
-    1: {"semantics", "has_update", "generator", "base", "last_update", "htr", *COUNTERS},
-    2: {
-        "format",
-        "semantics",
-        "method",
-        "num_tasks",
-        "num_params",
-        "generator",
-        "base",
-        "last_update",
-        "htr",
-        "checksum",
-        *COUNTERS,
-    },
-}
+FORMAT = 3
+PARTS = ("clock", "teleporter", "htr", "base")  # the order they are checked in: the base method last
+HEADER = ("format", "semantics", "method", "num_tasks", "num_params")
+KEYS = {*HEADER, *PARTS, "checksum"}
+
+
+class Part(Protocol):
+    """A part of COST with a state of its own (``Clock``, ``Teleporter``, ``BaseStep``,
+    ``HistoryReuse``): its state, what in a given state does not fit it, and the load."""
+
+    def state_dict(self) -> Any: ...
+
+    def state_problems(self, state: Any) -> list[str]: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
 
 
 def make_state(**fields: Any) -> dict[str, Any]:
-    """The current format's state from its fields (every key of ``KEYS[FORMAT]`` but ``format``
-    and ``checksum``, as the module docstring lists them), with its checksum."""
-    expected = KEYS[FORMAT] - {"format", "checksum"}
+    """The current format's state from its fields (every key of ``KEYS`` but ``format`` and
+    ``checksum``, as the module docstring lists them), with its checksum."""
+    expected = KEYS - {"format", "checksum"}
     if set(fields) != expected:
         raise TypeError(f"a COST state needs exactly the fields {sorted(expected)}, got {sorted(fields)}")
     state = {"format": FORMAT, **fields}
@@ -68,39 +63,22 @@ def make_state(**fields: Any) -> dict[str, Any]:
     return state
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def upgrade(state: Any) -> dict[str, Any]:
-    """The state in the current format (a format-1 state gets its missing fields from what it
-    holds); ``ValueError`` if it is no COST state of a known format or its keys differ."""
+def check_format(state: Any) -> None:
+    """``ValueError`` unless ``state`` is a whole COST state of the current format: a dict with
+    exactly its keys and a checksum that matches its contents."""
     if not isinstance(state, dict):
         raise ValueError(f"a COST state is a dict (from COST.state_dict()), got {type(state).__name__}")
-    version = state.get("format", 1)
-    if version not in KEYS:
-        raise ValueError(f"COST state format {version!r} is not one this version reads ({sorted(KEYS)})")
-    missing, unknown = KEYS[version] - set(state), set(state) - KEYS[version]
+    version = state.get("format")
+    if version != FORMAT:
+        raise ValueError(f"COST state format {version!r} is not the one this version reads ({FORMAT})")
+    missing, unknown = KEYS - set(state), set(state) - KEYS
     if missing or unknown:
-        parts = [f"missing {sorted(missing)}"] * bool(missing) + [f"unexpected {sorted(unknown)}"] * bool(unknown)
-        raise ValueError(f"not a COST state of format {version}: {'; '.join(parts)}")
-    if version == FORMAT:
-        if state["checksum"] != checksum(state):
-            raise ValueError("the COST state is damaged: its checksum does not match its contents (nothing was loaded)")
-        return state
-    last = state["last_update"] if state["has_update"] is True else None  # format 1 saved it uninitialized
-    return {
-        "format": FORMAT,
-        "semantics": state["semantics"],
-        "method": None,
-        "num_tasks": None,
-        "num_params": None if last is None else last.numel(),
-        **{name: state[name] for name in COUNTERS},
-        "generator": state["generator"],
-        "base": state["base"],
-        "last_update": last,
-        "htr": state["htr"],
-    }
+        parts = [f"missing {sorted(missing)}"] * bool(missing) + [f"unexpected {sorted(unknown, key=repr)}"] * bool(
+            unknown
+        )
+        raise ValueError(f"not a COST state of format {FORMAT}: {'; '.join(parts)}")
+    if state["checksum"] != checksum(state):
+        raise ValueError("the COST state is damaged: its checksum does not match its contents (nothing was loaded)")
 
 
 def checksum(state: dict[str, Any]) -> str:
@@ -165,80 +143,42 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     return loaded
 
 
-def check_state(
-    state: dict[str, Any],
-    *,
-    semantics: str,
-    method: Any,
-    num_tasks: int | None,
-    num_params: int,
-    generator: torch.Generator,
-    has_htr: bool,
-) -> None:
-    """Raise ``ValueError`` naming the first thing in ``state`` (current format) that does not
-    fit the COST described by the other arguments; change nothing. ``method`` is the base method
-    itself (its state is loaded into a copy of it); ``num_tasks`` is None when COST does not
-    know K yet."""
+def check_state(state: dict[str, Any], *, header: dict[str, Any], parts: dict[str, Part | None]) -> None:
+    """Raise ``ValueError`` naming what in ``state`` (checked by ``check_format``) does not fit
+    the COST whose ``header`` (semantics, method, num_tasks, num_params: as ``make_state`` takes
+    them; num_tasks None while COST does not know K) and ``parts`` (each name of ``PARTS`` to
+    the part whose state it is, None for a part this COST does not have: HTR without Adam) are
+    given; change nothing. Each part judges its own state."""
     problems = []
-    if state["semantics"] != semantics:
-        problems.append(f"semantics {state['semantics']!r}, this COST {semantics!r}")
-    name = type(method).__name__
-    if state["method"] is not None and state["method"] != name:
-        problems.append(f"base method {state['method']!r}, this COST {name!r}")
-    for counter in COUNTERS:
-        if not _is_count(state[counter]):
-            problems.append(f"{counter} must be an int ≥ 0, got {state[counter]!r}")
+    for name in ("semantics", "method"):
+        if state[name] != header[name]:
+            what = "base method" if name == "method" else name
+            problems.append(f"{what} {state[name]!r}, this COST {header[name]!r}")
     K = state["num_tasks"]
-    if K is not None and not (_is_count(K) and K >= 1):
+    if K is not None and not (isinstance(K, int) and not isinstance(K, bool) and K >= 1):
         problems.append(f"num_tasks must be an int ≥ 1 or None, got {K!r}")
-    elif K is not None and num_tasks is not None and K != num_tasks:
-        problems.append(f"{K} tasks, this COST {num_tasks}")
-    if state["num_params"] is not None and state["num_params"] != num_params:
-        problems.append(f"{state['num_params']} shared parameters, this backbone {num_params}")
-    last = state["last_update"]
-    if last is not None and not (
-        isinstance(last, torch.Tensor) and last.dtype.is_floating_point and tuple(last.shape) == (num_params,)
-    ):
-        got = f"shape {tuple(last.shape)} {last.dtype}" if isinstance(last, torch.Tensor) else type(last).__name__
-        problems.append(f"last_update must be a float tensor of shape ({num_params},), got {got}")
-    problems += _generator_problems(state["generator"], generator)
-    problems += _htr_problems(state["htr"], has_htr)
-    if not problems:  # the base state last: it is tried on a copy of the method
-        problems += _base_problems(state["base"], method)
+    elif K is not None and header["num_tasks"] is not None and K != header["num_tasks"]:
+        problems.append(f"{K} tasks, this COST {header['num_tasks']}")
+    if state["num_params"] != header["num_params"]:
+        problems.append(f"{state['num_params']!r} shared parameters, this backbone {header['num_params']}")
+    for name in PARTS:
+        part, value = parts[name], state[name]
+        if part is None:
+            if value is not None:
+                problems.append(f"a {name} state, but this COST has none (HTR needs Adam or AdamW)")
+            continue
+        if name == "base" and problems:
+            continue  # tried on a copy of the method only when everything else fits
+        problems += part.state_problems(value)
     if problems:
         raise ValueError("cannot load this COST state: the state has " + "; ".join(problems) + " (nothing was loaded)")
 
 
-def _generator_problems(value: Any, generator: torch.Generator) -> list[str]:
-    if not (isinstance(value, torch.Tensor) and value.dtype == torch.uint8):
-        return [f"a generator state that is not a uint8 tensor ({type(value).__name__})"]
-    trial = torch.Generator(device=generator.device)
-    try:
-        trial.set_state(value)
-    except (RuntimeError, ValueError) as err:
-        return [f"a generator state that a {generator.device} generator refuses ({err})"]
-    return []
-
-
-def _htr_problems(value: Any, has_htr: bool) -> list[str]:
-    if value is None:
-        return []
-    if not isinstance(value, dict) or set(value) != {"pending_sigma"}:
-        return [f"an HTR state that is not {{'pending_sigma': ...}}: {value!r}"]
-    sigma = value["pending_sigma"]
-    if sigma is None:
-        return []
-    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not 0 < sigma <= 1:
-        return [f"a pending HTR σ that is not in (0, 1]: {sigma!r}"]
-    if not has_htr:
-        return ["a pending HTR, but this optimizer has none (HTR needs Adam or AdamW)"]
-    return []
-
-
-def _base_problems(value: Any, method: Any) -> list[str]:
-    trial = copy.deepcopy(method)
-    try:
-        trial.load_state_dict(copy.deepcopy(value))
-    except Exception as err:  # noqa: BLE001 - any refusal of the method's own loader is reported
-        return [f"a base-method state that {type(method).__name__} refuses ({type(err).__name__}: {err})"]
-    return []
+def load_into(state: Any, *, header: dict[str, Any], parts: dict[str, Part | None]) -> None:
+    """Check ``state`` whole (``check_format``, ``check_state``), then load each part's state
+    into its part: a state that does not fit raises one ``ValueError`` and loads nothing."""
+    check_format(state)
+    check_state(state, header=header, parts=parts)
+    for name in PARTS:
+        if parts[name] is not None:
+            parts[name].load_state_dict(state[name])

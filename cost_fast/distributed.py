@@ -30,17 +30,18 @@ hanging in mismatched collectives or silently training apart.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from cost_fast.grads import TaskGradients, UpdateBuffer, check_task_losses
+from cost_fast.grads import GradientEngine, TaskGradients, check_task_losses
 from cost_fast.kernels import GramStats, stats_from_gram
-from cost_fast.kernels.gram import gram_torch
+from cost_fast.kernels.gram_torch import gram_torch
 
 # torch 2.13 renamed the single-tensor collectives (the old names warn); earlier versions have only those.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -98,11 +99,12 @@ def all_reduce_(tensors: Iterable[torch.Tensor | None], group: Any) -> None:
         offset += t.numel()
 
 
-class ShardedTaskGradients(UpdateBuffer):
-    """``TaskGradients`` across the ranks of ``group`` (module docstring): ``compute`` fills
-    this rank's shard of G (K x S columns, S = ⌈P/R⌉, the last shard zero-padded), ``stats`` is
-    the Gram statistics of the whole G (all-reduced K x K), ``combine(w)`` adds the whole
-    update Gᵀw into the parameters' ``.grad`` on every rank.
+class ShardedTaskGradients(GradientEngine):
+    """``TaskGradients`` across the ranks of ``group`` (module docstring; the interface is
+    ``GradientEngine``): ``compute`` fills this rank's shard of G (K x S columns, S = ⌈P/R⌉, the
+    last shard zero-padded), ``stats`` is the Gram statistics of the whole G (all-reduced K x K),
+    ``combine(w)`` adds the whole update Gᵀw into the parameters' ``.grad`` on every rank (each
+    rank forms G_sᵀ w on its shard, then ``set_direction`` all-gathers it).
 
     Args:
         params: the shared parameters (identical on every rank). num_tasks: K.
@@ -122,16 +124,16 @@ class ShardedTaskGradients(UpdateBuffer):
         self._packed = torch.zeros((self.world, num_tasks, self.shard), dtype=first.dtype, device=first.device)
         self.grads = torch.empty((num_tasks, self.shard), dtype=first.dtype, device=first.device)
         self._gathered = torch.empty(self.world * self.shard, dtype=first.dtype, device=first.device)
-        self.share = 1.0 / self.world
 
-    def compute(self, losses: torch.Tensor, *, retain_graph: bool = False) -> torch.Tensor:
-        """This rank's shard of G = Σ_r s_r G^r (``self.share`` is s_r, set by the caller)."""
+    def compute(self, losses: torch.Tensor, *, retain_graph: bool = False, share: float = 1.0) -> torch.Tensor:
+        """This rank's shard of G = Σ_r s_r G^r, ``share`` being this rank's s_r (from
+        ``global_losses``)."""
         check_task_losses(losses, self.num_tasks)
         local = self.local.compute(losses, retain_graph=retain_graph)
         for r in range(self.world):
             begin, end = r * self.shard, min((r + 1) * self.shard, self.num_params)
             if end > begin:
-                torch.mul(local[:, begin:end], self.share, out=self._packed[r, :, : end - begin])
+                torch.mul(local[:, begin:end], share, out=self._packed[r, :, : end - begin])
         _reduce_scatter_single(self.grads.view(-1), self._packed.view(-1), group=self.group)
         return self.grads
 
@@ -146,13 +148,6 @@ class ShardedTaskGradients(UpdateBuffer):
         _all_gather_single(self._gathered, direction.contiguous(), group=self.group)
         self._release_grads()
         return self.combined.copy_(self._gathered[: self.num_params])
-
-    def combine(self, weights: torch.Tensor, *, write_grad: bool = True) -> torch.Tensor:
-        """Gᵀw: each rank forms its shard G_sᵀ w, then all-gather."""
-        self.set_direction(self.grads.T @ weights.to(self.grads.dtype))
-        if write_grad:
-            self._attach_grads()
-        return self.combined
 
 
 def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
@@ -190,6 +185,25 @@ def check_agreement(settings: dict[str, str], tensors: Iterable[torch.Tensor], g
         raise ValueError("the ranks of the process group do not agree on " + "; ".join(parts))
 
 
+@dataclasses.dataclass(frozen=True)
+class DataParallelConfig:
+    """How COST trains across ranks (module docstring).
+
+    Attributes:
+        process_group: the group (default None: torch.distributed's default group when it is
+            initialized with several ranks, else one process).
+        batch_size: ``batch_size(batch) -> int``, this rank's samples in a batch, which weight
+            its losses in the global ones (default None: ``first_dimension``).
+    """
+
+    process_group: Any = None
+    batch_size: Callable[[Any], int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size is not None and not callable(self.batch_size):
+            raise TypeError(f"batch_size must be callable as batch_size(batch) -> int, got {self.batch_size!r}")
+
+
 class Ranks:
     """The ranks a COST trains on: one process (``group`` None: every method here is the
     identity or does nothing) or a process group, where it holds COST's data-parallel plumbing
@@ -197,14 +211,14 @@ class Ranks:
     the sharded per-task gradients, the refusals and the agreement check.
 
     Args:
-        process_group: the group (default: ``default_group()``).
-        batch_size: ``batch_size(batch) -> int``, this rank's samples in a batch, which weight
-            its losses in the global ones (default: ``first_dimension``).
+        config: ``DataParallelConfig`` (default: its defaults).
     """
 
-    def __init__(self, process_group: Any = None, batch_size: Any = None) -> None:
-        self.group = default_group(process_group)
-        self.batch_size = batch_size if batch_size is not None else first_dimension
+    def __init__(self, config: DataParallelConfig | None = None) -> None:
+        config = config if config is not None else DataParallelConfig()
+        self.config = config
+        self.group = default_group(config.process_group)
+        self.batch_size = config.batch_size if config.batch_size is not None else first_dimension
 
     @property
     def parallel(self) -> bool:
@@ -232,35 +246,28 @@ class Ranks:
         if self.parallel:
             check_agreement(settings, tensors, self.group)
 
-    def task_gradients(self, params: list[torch.Tensor], num_tasks: int, mode: str) -> UpdateBuffer:
+    def task_gradients(self, params: list[torch.Tensor], num_tasks: int, mode: str) -> GradientEngine:
         """The per-task gradient engine: ``TaskGradients``, or ``ShardedTaskGradients`` across ranks."""
         if self.parallel:
             return ShardedTaskGradients(params, num_tasks, self.group, mode=mode)
         return TaskGradients(params, num_tasks=num_tasks, mode=mode)
 
-    def global_losses(self, local: torch.Tensor, batch: Any, engine: UpdateBuffer | None = None) -> torch.Tensor:
-        """The global losses L = Σ_r s_r L^r (``global_losses``; ``local`` itself with one
-        process); a sharded ``engine`` is told this rank's share s_r."""
+    def global_losses(self, local: torch.Tensor, batch: Any) -> tuple[torch.Tensor, float]:
+        """(L, s_r): the global losses L = Σ_r s_r L^r and this rank's share s_r
+        (``global_losses``; ``local`` itself and 1 with one process)."""
         if not self.parallel:
-            return local
-        losses, share = global_losses(local, self.batch_size(batch), self.group)
-        if engine is not None:
-            engine.share = share
-        return losses
+            return local, 1.0
+        return global_losses(local, self.batch_size(batch), self.group)
 
     def global_loss_fn(self, loss_fn: Any) -> Any:
         """``loss_fn(model, batch)`` giving the global losses, the same on every rank."""
         if not self.parallel:
             return loss_fn
-        return lambda model, batch: self.global_losses(loss_fn(model, batch), batch)
+        return lambda model, batch: self.global_losses(loss_fn(model, batch), batch)[0]
 
-    def sum_gradients(self) -> Any:
-        """``grads -> None`` summing parameter gradients over the ranks in place, or None with
-        one process (the teleport's ``reduce_gradients``)."""
-        return self.sum_ if self.parallel else None
-
-    def sum_(self, grads: list[torch.Tensor | None]) -> None:
-        """Sum each rank's share of a gradient (the heads') in place; nothing with one process."""
+    def sum_over_ranks(self, grads: list[torch.Tensor | None]) -> None:
+        """Sum each rank's share of some gradients (the heads', the adapter's) in place, so that
+        every rank holds the single-process gradient; nothing with one process."""
         if self.parallel:
             all_reduce_(grads, self.group)
 

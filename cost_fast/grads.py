@@ -5,7 +5,8 @@ For K task losses L_1..L_K and shared parameters θ (P scalars in all), the engi
     G[i] = ∂L_i/∂θ  (flattened, parameters in the order given)      G ∈ R^{K×P}
 
 into a buffer allocated once, through parameter-shaped views of it (no ``torch.cat`` per
-step), and writes a combined update into the parameters' ``.grad``:
+step), and writes a combined update into the parameters' ``.grad`` (``GradientEngine``, the
+interface every engine implements):
 
     θ.grad = Gᵀ w = Σ_i w_i ∇L_i = ∇(Σ_i w_i L_i)
 
@@ -19,6 +20,7 @@ with one matrix-vector product. Two ways to fill G, chosen by ``mode``:
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any, Literal
@@ -81,16 +83,57 @@ def _store_gradients(dst: list[torch.Tensor], grads: tuple[torch.Tensor | None, 
         torch._foreach_zero_(unreached)
 
 
-class UpdateBuffer:
-    """The shared parameters' update d (shape (P,)) in one flat buffer with param-shaped views,
-    added into the parameters' ``.grad`` as torch's own backward does:
+class GradientEngine(abc.ABC):
+    """The interface of a per-task gradient engine, declared once: ``TaskGradients`` (here),
+    ``RepresentationGradients`` (here) and ``ShardedTaskGradients`` (``cost_fast.distributed``)
+    implement it, and ``mtl_backward`` and ``COST`` use nothing else.
 
-        θ.grad ← d              where θ.grad is None (as a view of the buffer: no copy),
+    Attributes:
+        num_tasks: K (None for ``RepresentationGradients`` until its first ``compute``).
+        params: the trainable shared parameters, in buffer order; ``frozen``: those skipped.
+        grads: the (K, N) matrix whose rows the methods weight or aggregate (N = P for the
+            parameter engines, this rank's P/R columns for the sharded one, the representation's
+            size for ``RepresentationGradients``).
+        combined: the (P,) buffer of the last update; ``combined_views``: parameter-shaped views.
+
+    What an engine implements:
+
+        compute(losses, retain_graph=False, share=1.0)   fill ``grads`` from the K losses: the
+                     rows of share·G (``share`` is this rank's s_r of the global batch; 1 with
+                     one process)
+        stats()      ``GramStats`` of the whole G
+        set_direction(d)   the update from a direction d in the rows' space, into ``combined``
+
+    and what the base class gives every engine:
+
+        combine(w)        d = Gᵀ w into ``combined`` (and added into ``.grad`` by default)
+        write_update(d)   an update of shape (P,) into ``combined`` and added into ``.grad``
+        close()           release what the engine registered (nothing here)
+
+    ``.grad`` is written as torch's own backward does:
+
+        θ.grad ← d              where θ.grad is None (as a view of ``combined``: no copy),
         θ.grad ← θ.grad + d     otherwise (gradient accumulation).
 
-    Before the buffer is overwritten, a ``.grad`` that is still a view of it (an earlier update
-    that no ``zero_grad`` cleared) is replaced by a copy, so nothing accumulated is lost. Base of
-    the engines."""
+    Before ``combined`` is overwritten, a ``.grad`` that is still a view of it (an earlier update
+    that no ``zero_grad`` cleared) is replaced by a copy, so nothing accumulated is lost."""
+
+    num_tasks: int | None
+    params: list[torch.Tensor]
+    frozen: list[torch.Tensor]
+    grads: torch.Tensor
+
+    @abc.abstractmethod
+    def compute(self, losses: torch.Tensor, *, retain_graph: bool = False, share: float = 1.0) -> torch.Tensor:
+        """Fill and return ``grads`` from the K losses (class docstring)."""
+
+    @abc.abstractmethod
+    def stats(self) -> GramStats:
+        """The Gram matrix of G and its conflict statistics (device tensors)."""
+
+    @abc.abstractmethod
+    def set_direction(self, direction: torch.Tensor) -> torch.Tensor:
+        """The update from a direction in the rows' space, into ``combined``; returns it."""
 
     def _init_update_buffer(self, params: list[torch.Tensor]) -> None:
         first = params[0]
@@ -102,6 +145,24 @@ class UpdateBuffer:
         for p, n in zip(params, self.sizes):
             self.combined_views.append(self.combined[offset : offset + n].view(p.shape))
             offset += n
+
+    def combine(self, weights: torch.Tensor, *, write_grad: bool = True) -> torch.Tensor:
+        """Return d = Gᵀ w (shape (P,)) and, by default, add each shared parameter's slice of d
+        into its ``.grad`` (class docstring: accumulates as backward does)."""
+        if not isinstance(weights, torch.Tensor):
+            raise TypeError(f"weights must be a tensor of shape ({self.num_tasks},), got {type(weights).__name__}")
+        if weights.shape != (self.num_tasks,):
+            raise ValueError(f"weights must have shape ({self.num_tasks},), got {tuple(weights.shape)}")
+        if weights.device != self.grads.device:
+            raise ValueError(f"weights are on {weights.device} but the gradients on {self.grads.device}")
+        self._weighted_rows(weights.to(self.grads.dtype))
+        if write_grad:
+            self._attach_grads()
+        return self.combined
+
+    def _weighted_rows(self, weights: torch.Tensor) -> None:
+        """``combined`` ← the update of Gᵀ w (an engine with a cheaper way overrides it)."""
+        self.set_direction(self.grads.T @ weights)
 
     def write_update(self, update: torch.Tensor) -> torch.Tensor:
         """Add an update vector d of shape (P,) computed elsewhere (e.g. by GradDrop or MoCo)
@@ -117,6 +178,9 @@ class UpdateBuffer:
             self.combined.copy_(update)
         self._attach_grads()
         return self.combined
+
+    def close(self) -> None:  # noqa: B027 - a default engines with nothing registered keep
+        """Release what the engine registered (nothing for the parameter engines)."""
 
     def _release_grads(self) -> None:
         """Before ``combined`` is overwritten: a ``.grad`` still viewing it gets its own copy."""
@@ -134,7 +198,7 @@ class UpdateBuffer:
                 p.grad.add_(view)
 
 
-class TaskGradients(UpdateBuffer):
+class TaskGradients(GradientEngine):
     """Per-task gradient engine over a fixed list of shared parameters.
 
     Args:
@@ -186,11 +250,12 @@ class TaskGradients(UpdateBuffer):
         if not losses.requires_grad:
             raise ValueError("losses do not require grad: they are not connected to any parameter")
 
-    def compute(self, losses: torch.Tensor, *, retain_graph: bool = False) -> torch.Tensor:
-        """Fill and return the (K, P) buffer with G[i] = ∂losses[i]/∂θ.
+    def compute(self, losses: torch.Tensor, *, retain_graph: bool = False, share: float = 1.0) -> torch.Tensor:
+        """Fill and return the (K, P) buffer with G[i] = share·∂losses[i]/∂θ.
 
         A parameter that task i does not reach gets a zero row block. ``retain_graph=True``
-        keeps the graph for a later backward (e.g. of the task-specific heads).
+        keeps the graph for a later backward (e.g. of the task-specific heads). ``share``
+        scales the rows (``GradientEngine``; 1, the default, leaves them as autograd gave them).
         """
         self._check_losses(losses)
         if self.mode == "batched":
@@ -210,26 +275,18 @@ class TaskGradients(UpdateBuffer):
                     losses[i], self.params, retain_graph=retain_graph or i < last, allow_unused=True
                 )
                 _store_gradients([v[i] for v in self.views], grads)
+        if share != 1.0:
+            self.grads.mul_(share)
         return self.grads
 
     def stats(self, **kwargs) -> GramStats:
         """``cost_fast.kernels.gram_stats`` of the current buffer (no copy); kwargs pass through."""
         return gram_stats(self.grads, **kwargs)
 
-    def combine(self, weights: torch.Tensor, *, write_grad: bool = True) -> torch.Tensor:
-        """Return d = Gᵀ w (shape (P,)) and, by default, add each shared parameter's slice of d
-        into its ``.grad`` (class docstring of ``UpdateBuffer``: accumulates as backward does)."""
-        if not isinstance(weights, torch.Tensor):
-            raise TypeError(f"weights must be a tensor of shape ({self.num_tasks},), got {type(weights).__name__}")
-        if weights.shape != (self.num_tasks,):
-            raise ValueError(f"weights must have shape ({self.num_tasks},), got {tuple(weights.shape)}")
-        if weights.device != self.grads.device:
-            raise ValueError(f"weights are on {weights.device} but the gradients on {self.grads.device}")
+    def _weighted_rows(self, weights: torch.Tensor) -> None:
+        """``combined`` ← Gᵀ w by one matrix-vector product into it."""
         self._release_grads()
-        torch.mv(self.grads.T, weights.to(self.grads.dtype), out=self.combined)
-        if write_grad:
-            self._attach_grads()
-        return self.combined
+        torch.mv(self.grads.T, weights, out=self.combined)
 
     def set_direction(self, direction: torch.Tensor) -> torch.Tensor:
         """The update from a direction in the rows' space (here the parameters' own, so a
@@ -238,7 +295,7 @@ class TaskGradients(UpdateBuffer):
         return self.combined.copy_(direction)
 
 
-class RepresentationGradients(UpdateBuffer):
+class RepresentationGradients(GradientEngine):
     """Per-task gradients of the shared representation z instead of the shared parameters (the
     MGDA-UB bound of Sener & Koltun; LibMTL's ``rep_grad``): with z = backbone(x) of shape (B, d),
 
@@ -248,7 +305,8 @@ class RepresentationGradients(UpdateBuffer):
     would those of G, and its direction d_z in z's space becomes the parameters' update by one
     backward pass through the backbone, θ.grad = J_zᵀ d_z: for weights w that is exactly
     Gᵀw = Σ_i w_i ∇_θ L_i (the chain rule), so only the weights (and the conflict statistics,
-    taken from Z Zᵀ) are approximations. The same interface as ``TaskGradients``.
+    taken from Z Zᵀ) are approximations. The same interface as ``TaskGradients``
+    (``GradientEngine``); ``close()`` removes its forward hook.
 
     Args:
         backbone: the shared module; its output (one tensor) is captured by a forward hook,
@@ -266,7 +324,7 @@ class RepresentationGradients(UpdateBuffer):
         self._captured: torch.Tensor | None = None
         self._representation: torch.Tensor | None = None
         self._paused = False
-        self._hook = backbone.register_forward_hook(self._capture)
+        self.hook = backbone.register_forward_hook(self._capture)
 
     def _capture(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if not self._paused:
@@ -282,9 +340,9 @@ class RepresentationGradients(UpdateBuffer):
         finally:
             self._paused = False
 
-    def compute(self, losses: torch.Tensor, *, retain_graph: bool = False) -> torch.Tensor:
-        """Fill and return the (K, N) matrix Z[i] = ∂losses[i]/∂z for the representation z of
-        the last forward pass of the backbone (the graph is always kept: the update needs it)."""
+    def compute(self, losses: torch.Tensor, *, retain_graph: bool = False, share: float = 1.0) -> torch.Tensor:
+        """Fill and return the (K, N) matrix Z[i] = share·∂losses[i]/∂z for the representation z
+        of the last forward pass of the backbone (the graph is always kept: the update needs it)."""
         if self.num_tasks is None and isinstance(losses, torch.Tensor) and losses.ndim == 1:
             self.num_tasks = losses.shape[0]
         check_task_losses(losses, self.num_tasks)
@@ -299,6 +357,8 @@ class RepresentationGradients(UpdateBuffer):
         for i in range(self.num_tasks):
             grad = torch.autograd.grad(losses[i], z, retain_graph=True, allow_unused=True)
             _store_gradients([self.grads[i].view_as(z)], grad)
+        if share != 1.0:
+            self.grads.mul_(share)
         self._representation = z
         return self.grads
 
@@ -319,13 +379,7 @@ class RepresentationGradients(UpdateBuffer):
         _store_gradients(self.combined_views, grads)
         return self.combined
 
-    def combine(self, weights: torch.Tensor, *, write_grad: bool = True) -> torch.Tensor:
-        """d = J_zᵀ Zᵀ w = Gᵀ w into ``combined`` (and, by default, added into the parameters' ``.grad``)."""
-        self.set_direction(self.grads.T @ weights.to(self.grads.dtype))
-        if write_grad:
-            self._attach_grads()
-        return self.combined
-
-    def remove(self) -> None:
-        """Detach the forward hook from the backbone."""
-        self._hook.remove()
+    def close(self) -> None:
+        """Detach the forward hook from the backbone (``combine``'s d = J_zᵀ Zᵀ w = Gᵀ w needs
+        no more than the base class)."""
+        self.hook.remove()

@@ -32,7 +32,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from cost_fast.backward import Losses, stack_losses
 from cost_fast.cost import COST
-from cost_fast.step import StepInfo
+from cost_fast.info import StepInfo
 
 CHECKPOINT_KEY = "cost_fast"
 

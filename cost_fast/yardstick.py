@@ -1,5 +1,5 @@
 """The yardstick: COST written the straightforward way, from the equations, sharing no helper with
-the fast engine it checks (``cost_fast.cost``, ``cost_fast.teleport``, ``cost_fast.semantics``),
+the fast engine it checks (``cost_fast.cost``, ``cost_fast.teleport``, ``cost_fast.teleport.semantics``),
 so that a mistake in one of the fast pieces cannot pass the equivalence tests. It reads only the
 numbers of a ``Semantics`` (its name, weights, ν or δ/‖θ‖, LoRA alpha, guard default) and a
 ``TeleportConfig``.
@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from cost_fast.aggregators.base import Aggregator
-from cost_fast.semantics import Semantics, get_semantics
 from cost_fast.teleport import TeleportConfig
+from cost_fast.teleport.semantics import Semantics, get_semantics
 
 LORA_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

@@ -41,7 +41,7 @@ BENCH=$(mktemp -d)
 for entry in ${SUITES:-gram:45 grads:45 teleport:60 epoch:70}; do
     suite=${entry%%:*}
     step "bench $suite"
-    timeout "${entry##*:}" $PY -m cost_fast.cli bench --out "$BENCH/$suite" --suites "$suite" \
+    timeout "${entry##*:}" $PY -m cost_fast.apps.cli bench --out "$BENCH/$suite" --suites "$suite" \
         >"$BENCH/$suite.log" 2>&1
     echo "bench $suite exit $?"; tail -4 "$BENCH/$suite.log"
     tar czf "$OUT/bench.tgz" -C "$BENCH" .

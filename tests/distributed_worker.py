@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from tug import K, Tug, tug_batches
 
-from cost_fast import COST, TeleportConfig, get_aggregator
+from cost_fast import COST, TeleportConfig, TeleportSchedule, get_aggregator
 
 STEPS = 7
 BATCH = 12
@@ -76,9 +76,9 @@ def train(rank: int, world: int, out: str, method: str, options: dict) -> None:
             loss_fn=loss_fn,
             teleport_data=local[:2],
             semantics="paper" if odd == "semantics" else options["semantics"],
-            max_teleports_per_epoch=0 if options["no_teleport"] else 1,
-            start_step=1,
-            steps_per_epoch=3,
+            schedule=TeleportSchedule(
+                max_per_epoch=0 if options["no_teleport"] else 1, start_step=1, steps_per_epoch=3
+            ),
             teleport=TeleportConfig(rounds=1),
             seed=6 if odd == "seed" else 5,
         )

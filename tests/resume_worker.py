@@ -17,7 +17,7 @@ import sys
 import torch
 from tug import Tug, tug_batches
 
-from cost_fast import COST, TeleportConfig, get_aggregator
+from cost_fast import COST, TeleportConfig, TeleportSchedule, get_aggregator
 
 
 def loss_fn(model: torch.nn.Module, batch) -> torch.Tensor:
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
         optimizer,
         loss_fn=loss_fn,
         teleport_data=batches,
-        start_step=1,
+        schedule=TeleportSchedule(start_step=1),
         teleport=TeleportConfig(rounds=1, guard=False),
         seed=3,
     )

@@ -24,10 +24,9 @@ from cost_fast.aggregators import (
     PCGrad,
     Sum,
     UPGrad,
-    get_aggregator,
-    list_aggregators,
 )
 from cost_fast.aggregators.aligned import aligning_matrix
+from cost_fast.methods import get_aggregator, list_aggregators
 
 GRAM_METHODS = sorted(name for name, kind in list_aggregators().items() if kind == "gram")
 SEEDS = [0, 1, 2]

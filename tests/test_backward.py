@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from cost_fast import Aggregator, mtl_backward
-from cost_fast.aggregators import MoCo, get_aggregator
-from cost_fast.models import MultiTaskMLP, conflicting_binary_tasks
+from cost_fast.aggregators import MoCo
+from cost_fast.methods import get_aggregator, list_aggregators
+from cost_fast.models import MultiTaskMLP, batch_task_losses, conflicting_binary_tasks
 
 K = 3
 
@@ -262,3 +265,24 @@ def test_cost_keeps_the_task_names_of_a_dict_and_trains_as_with_a_tensor() -> No
     (plain, no_names), (named, names) = run(False), run(True)
     assert all(torch.equal(a, b) for a, b in zip(plain, named))
     assert names == [("t0", "t1", "t2")] * 4 and no_names == [None] * 4
+
+
+@pytest.mark.parametrize("name", sorted(list_aggregators()))
+def test_mtl_backward_and_costs_step_add_the_same_update(name: str) -> None:
+    """One base update (``cost_fast.update``) for both: the same .grad, to the bit, for every
+    registered method, given the same method state."""
+    from tug import build, make_method
+
+    model, batches, cost, _ = build(name)  # teleports off
+    cost.step(batch_task_losses(model, batches[0]), batches[0])  # some method state first
+    method = make_method(name)
+    method.load_state_dict(copy.deepcopy(cost.base.state_dict()))
+    if isinstance(method, torch.nn.Module):  # a loss weighting's learned parameters, as COST's
+        method.load_state_dict(cost.base.state_dict())
+    twin = copy.deepcopy(model)
+    model.zero_grad(set_to_none=True)
+    twin.zero_grad(set_to_none=True)
+    cost.backward(batch_task_losses(model, batches[1]), batches[1])
+    mtl_backward(batch_task_losses(twin, batches[1]), twin.backbone, method, heads=list(twin.heads.parameters()))
+    for (key, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), f"{name}: {key}"

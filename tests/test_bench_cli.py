@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from cost_fast.apps.cli import main
+from cost_fast.apps.report import MARKER
 from cost_fast.bench import runner
-from cost_fast.cli import main
-from cost_fast.report import MARKER
 
 PNG = b"\x89PNG\r\n\x1a\n"
 SELECTION = "fairgrad_solve and 3-2.0"  # two solver benchmarks, about a second

@@ -16,7 +16,7 @@ import pytest
 import torch
 from tug import Tug, tug_batches
 
-from cost_fast import COST, PaperSemantics, PublicSemantics, TeleportConfig, get_aggregator
+from cost_fast import COST, PaperSemantics, PublicSemantics, TeleportConfig, TeleportSchedule, get_aggregator
 from cost_fast.models import batch_task_losses
 from cost_fast.yardstick import YardstickCOST
 
@@ -56,8 +56,7 @@ def test_cost_steps_match_the_yardstick(semantics: str, seed: int, htr: str) -> 
         loss_fn=batch_task_losses,
         teleport_data=batches[:2],
         semantics=semantics,
-        start_step=1,
-        steps_per_epoch=100,
+        schedule=TeleportSchedule(start_step=1, steps_per_epoch=100),
         teleport=config,
     )
     plain_opt = torch.optim.Adam(plain_model.parameters(), lr=lr)

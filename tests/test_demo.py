@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cost_fast.cli import main
-from cost_fast.demo import NUM_TASKS, TASK_NAMES, digits_tasks, plot_specs, run_demo
+from cost_fast.apps.cli import main
+from cost_fast.apps.demo import NUM_TASKS, TASK_NAMES, digits_tasks, plot_specs, run_demo
+from cost_fast.apps.report import MARKER
 from cost_fast.metrics import delta_m
-from cost_fast.report import MARKER
 
 PLOTS = ["task_losses.png", "conflict_ratio.png", "teleports.png", "test_accuracy.png", "time_split.png"]
 

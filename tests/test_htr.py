@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from cost_fast.htr import HistoryReuse, flat_cosine, supports_htr
+from cost_fast.teleport.htr import HistoryReuse, flat_cosine, supports_htr
 
 
 def adam_with_history(cls=torch.optim.Adam, steps: int = 3, **kwargs):
@@ -52,7 +52,10 @@ def test_pending_htr_waits_for_a_step_with_gradients_and_survives_a_state_dict()
     htr.arm(0.5)
     htr.arm(0.5)  # arming twice is still one modulated step
     saved_opt, saved_htr = copy.deepcopy(opt.state_dict()), htr.state_dict()
-    assert saved_opt["param_groups"][0]["betas"] == (0.9, 0.999) and saved_htr == {"pending_sigma": 0.5}
+    assert saved_opt["param_groups"][0]["betas"] == (0.9, 0.999) and saved_htr == {
+        "pending_sigma": 0.5,
+        "last_update": None,
+    }
     for p in params:
         p.grad = None
     opt.step()  # nothing to update (e.g. right after a teleport): HTR stays pending
@@ -114,3 +117,41 @@ def test_flat_cosine() -> None:
         flat_cosine([torch.zeros(3)], [torch.zeros(4)])
     with pytest.raises(ValueError, match="equal length"):
         flat_cosine([], [])
+
+
+def test_g_prime_is_kept_apart_and_travels_in_the_state() -> None:
+    params, opt = adam_with_history()
+    htr = HistoryReuse(opt, params=params, keeps_last_update=True)
+    update = torch.arange(sum(p.numel() for p in params), dtype=torch.float32)
+    htr.record_update(update)
+    update.zero_()  # the engine's buffer is overwritten by the next step: g' is a copy
+    assert htr.last_update is not None and float(htr.last_update.sum()) > 0
+    state = htr.state_dict()
+    fresh = HistoryReuse(
+        torch.optim.Adam([torch.nn.Parameter(p.detach().double()) for p in params]),
+        params=[torch.nn.Parameter(p.detach().double()) for p in params],
+        keeps_last_update=True,
+    )
+    assert fresh.state_problems(state) == []
+    fresh.load_state_dict(state)
+    assert fresh.last_update.dtype == torch.float64 and torch.equal(fresh.last_update.float(), htr.last_update)
+    assert "not in (0, 1]" in fresh.state_problems({**state, "pending_sigma": 2.0})[0]
+    assert "shape" in fresh.state_problems({**state, "last_update": torch.zeros(2)})[0]
+    assert HistoryReuse(opt).state_dict()["last_update"] is None  # without keeps_last_update, no g'
+    with pytest.raises(ValueError, match="needs the shared parameters"):
+        HistoryReuse(opt, keeps_last_update=True)
+
+
+def test_close_removes_the_hooks_and_the_betas_stay_as_they_are() -> None:
+    params, opt = adam_with_history()
+    before = (len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks))
+    htr = HistoryReuse(opt)
+    assert (len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)) == (before[0] + 1, before[1] + 1)
+    htr.arm(0.5)
+    htr.close()
+    assert (len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)) == before
+    assert htr.pending_sigma is None
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # an ordinary Adam step: the closed HTR modulates nothing
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999)

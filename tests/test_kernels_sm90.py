@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from cost_fast.kernels.gram import (
+from cost_fast.kernels.gram_triton import (
     CUDA_TILES,
     SHARED_BYTES_PER_TILE_BYTE,
     SHARED_MEMORY_LIMIT,

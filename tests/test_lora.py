@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from cost_fast import TaskGradients
-from cost_fast.lora import TeleportAdapter
 from cost_fast.models import CelebACNN
-from cost_fast.perturbed import losses_at
+from cost_fast.teleport.lora import TeleportAdapter
+from cost_fast.teleport.perturbed import losses_at
 
 
 def small_model(seed: int = 0) -> CelebACNN:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from cost_fast.cli import main
-from cost_fast.profile import run_profile
-from cost_fast.report import MARKER
+from cost_fast.apps.cli import main
+from cost_fast.apps.profile import run_profile
+from cost_fast.apps.report import MARKER
 
 PHASES = ["step_fast", "step_yardstick", "teleport_fast", "teleport_yardstick"]
 

@@ -14,9 +14,17 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from tug import Tug, tug_batches
 
-from cost_fast import COST, BaseStepConfig, PublicSemantics, TeleportConfig, get_aggregator
-from cost_fast.lora import TeleportAdapter
+from cost_fast import (
+    COST,
+    AdapterConfig,
+    BaseStepConfig,
+    PublicSemantics,
+    TeleportConfig,
+    TeleportSchedule,
+    get_aggregator,
+)
 from cost_fast.models import MultiTaskMLP, batch_task_losses, conflicting_binary_tasks
+from cost_fast.teleport.lora import TeleportAdapter
 
 K = 4
 
@@ -77,7 +85,7 @@ def test_public_base_step_equals_the_public_codes_step() -> None:
         optimizer,
         loss_fn=batch_task_losses,
         teleport_data=batches,
-        max_teleports_per_epoch=0,
+        schedule=TeleportSchedule(max_per_epoch=0),
         base_step=BaseStepConfig.public_code(),
     )
     opt = torch.optim.Adam(plain.parameters(), lr=1e-2)
@@ -117,7 +125,7 @@ def test_a_base_step_at_the_teleported_point(step_after_teleport: bool) -> None:
         optimizer,
         loss_fn=batch_task_losses,
         teleport_data=batches[:2],
-        steps_per_epoch=4,
+        schedule=TeleportSchedule(steps_per_epoch=4),
         teleport=TeleportConfig(rounds=1),
         base_step=BaseStepConfig(step_after_teleport=step_after_teleport),
     )
@@ -126,11 +134,13 @@ def test_a_base_step_at_the_teleported_point(step_after_teleport: bool) -> None:
         info = cost.step(batch_task_losses(model, batch), batch)
         if info.attempted_teleport:
             break
-    assert info.attempted_teleport and info.stepped_after_teleport == step_after_teleport
+    assert info.teleported and info.stepped_after_teleport == step_after_teleport
     moved = any(not torch.equal(p, h) for p, h in zip(model.heads.parameters(), heads))
     assert moved == step_after_teleport  # the heads move only with a base step
     if info.htr == "modulated":  # HTR applies to that base step, or waits for the next one
         assert (cost.htr.pending_sigma is None) == step_after_teleport
+    else:  # a fresh Adam, which only that base step fills again
+        assert info.htr == "reset" and (len(optimizer.state) > 0) == step_after_teleport
 
 
 def test_adapter_targets_choose_the_adapted_layers() -> None:
@@ -143,7 +153,7 @@ def test_adapter_targets_choose_the_adapted_layers() -> None:
         optimizer,
         loss_fn=batch_task_losses,
         teleport_data=batches[:2],
-        adapter_targets=lambda name, layer: name == "2",  # the second Linear only
+        adapter=AdapterConfig(targets=lambda name, layer: name == "2"),  # the second Linear only
         teleport=TeleportConfig(rounds=1),
     )
     assert cost.adapter.names == ["2"]

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from cost_fast.cli import main
-from cost_fast.report import MARKER, atomic_report_dir, check_report_target
+from cost_fast.apps.cli import main
+from cost_fast.apps.report import MARKER, atomic_report_dir, check_report_target
 
 
 def make_sandbox(root: Path) -> None:
@@ -98,7 +98,7 @@ def signalled_reproduction(tmp_path: Path, signum: int) -> tuple[int, str, str]:
     """(exit status, stderr, what else to show on failure) of ``cost-fast reproduce --quick``
     sent ``signum`` once it writes."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cost_fast.cli", "reproduce", "--quick", "--out", str(tmp_path / "rep")],
+        [sys.executable, "-m", "cost_fast.apps.cli", "reproduce", "--quick", "--out", str(tmp_path / "rep")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -136,7 +136,7 @@ def test_sigint_ends_the_run_with_one_line_and_nothing_left_behind(tmp_path: Pat
 def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
     import errno
 
-    from cost_fast import report
+    from cost_fast.apps import report
 
     def full_disk(staging: Path, path: Path, *_) -> None:
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -150,7 +150,7 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypat
 
 
 def test_a_disk_without_room_a_mount_point_and_an_absurd_seed_are_refused_up_front(tmp_path: Path, monkeypatch) -> None:
-    from cost_fast import report
+    from cost_fast.apps import report
 
     real = report.shutil.disk_usage
     monkeypatch.setattr(report.shutil, "disk_usage", lambda path: real(path)._replace(free=2**20))
@@ -169,7 +169,7 @@ def test_a_disk_without_room_a_mount_point_and_an_absurd_seed_are_refused_up_fro
 def test_a_sigterm_that_python_wraps_in_another_exception_still_exits_143(monkeypatch, tmp_path: Path) -> None:
     # A SIGTERM that lands while a class body is created (e.g. during matplotlib's import)
     # reaches the command as a RuntimeError from the handler's SystemExit (seen in CI).
-    import cost_fast.cli as cli
+    import cost_fast.apps.cli as cli
 
     def terminated_inside_an_import(*args, **kwargs):
         try:
@@ -177,7 +177,7 @@ def test_a_sigterm_that_python_wraps_in_another_exception_still_exits_143(monkey
         except SystemExit as exit_:
             raise RuntimeError("Error calling __set_name__ on 'x' instance 'locs' in 'Formatter'") from exit_
 
-    monkeypatch.setattr("cost_fast.reproduce.run_reproduction", terminated_inside_an_import)
+    monkeypatch.setattr("cost_fast.apps.reproduce.run_reproduction", terminated_inside_an_import)
     monkeypatch.setattr(cli, "_TERMINATED", [])
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -188,7 +188,7 @@ def test_a_sigterm_that_python_wraps_in_another_exception_still_exits_143(monkey
     assert exited.value.code == 128 + signal.SIGTERM
     # an error that is not a termination is not disguised as one
     monkeypatch.setattr(cli, "_TERMINATED", [])
-    monkeypatch.setattr("cost_fast.reproduce.run_reproduction", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr("cost_fast.apps.reproduce.run_reproduction", lambda *a, **k: 1 / 0)
     try:
         with pytest.raises(ZeroDivisionError):
             cli.main(["reproduce", "--quick", "--out", str(tmp_path / "rep")])
@@ -325,7 +325,7 @@ def test_a_file_put_beside_an_earlier_report_is_never_deleted(tmp_path: Path) ->
 
 
 def test_of_two_runs_to_one_folder_the_second_to_finish_keeps_its_report_apart(tmp_path: Path) -> None:
-    from cost_fast import report
+    from cost_fast.apps import report
 
     target = tmp_path / "report"
     report.begin_run()
@@ -342,7 +342,7 @@ def test_of_two_runs_to_one_folder_the_second_to_finish_keeps_its_report_apart(t
 
 @pytest.mark.parametrize("new_was_complete", [True, False])
 def test_a_swap_cut_by_a_kill_is_finished_or_undone_by_the_next_run(tmp_path: Path, new_was_complete: bool) -> None:
-    from cost_fast import report
+    from cost_fast.apps import report
 
     target = tmp_path / "report"
     with atomic_report_dir(target) as folder:

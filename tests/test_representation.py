@@ -1,12 +1,14 @@
 """The representation-gradient mode (MGDA-UB, LibMTL's rep_grad): Z holds ∂L_i/∂z, the update
-J_zᵀ Zᵀ w is exactly Gᵀw for the same weights, and COST trains with it for every kind of method."""
+J_zᵀ Zᵀ w is exactly Gᵀw for the same weights, and COST trains and teleports with it for every
+kind of method, its trigger reading the conflicts of Z."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tug import Tug, tug_batches
 
-from cost_fast import COST, TaskGradients, TeleportConfig, get_aggregator
+from cost_fast import COST, BaseStepConfig, TaskGradients, TeleportConfig, TeleportSchedule, get_aggregator
 from cost_fast.grads import RepresentationGradients
 from cost_fast.models import MultiTaskMLP, batch_task_losses, conflicting_binary_tasks
 
@@ -51,25 +53,49 @@ def test_compute_needs_a_forward_pass_with_grad() -> None:
         engine.compute(losses.requires_grad_())
 
 
+def tug_losses_from(model: Tug, z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``Tug.task_losses`` from the backbone's output z (the same formula)."""
+    out = torch.cat([head(z) for head in model.heads], dim=1)
+    return ((out - targets) ** 2).mean(dim=0) + (z.sum(dim=1, keepdim=True) - targets).square().mean(dim=0)
+
+
 @pytest.mark.parametrize("name", ["mgda", "fairgrad", "graddrop", "uw"])
-def test_cost_trains_in_representation_mode(name: str) -> None:
-    model, x, y = problem(1)
-    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 64, 16)]
+def test_cost_trains_and_teleports_in_representation_mode(name: str) -> None:
+    torch.manual_seed(1)
+    model = Tug().double()
+    batches = tug_batches(1, 4, torch.float64)
     base = get_aggregator(name, num_tasks=K) if name == "uw" else get_aggregator(name)
     params = list(model.parameters()) + (list(base.parameters()) if name == "uw" else [])
     cost = COST(
         model,
         model.backbone,
         base,
-        torch.optim.Adam(params, lr=3e-2),
+        torch.optim.Adam(params, lr=1e-2),
         loss_fn=batch_task_losses,
         teleport_data=batches[:2],
-        steps_per_epoch=4,
-        gradient_mode="representation",
+        schedule=TeleportSchedule(start_step=1, steps_per_epoch=4),
+        base_step=BaseStepConfig(gradient_mode="representation"),
         teleport=TeleportConfig(rounds=1),
     )
-    first = float(model.task_losses(x, y).sum().detach())
-    infos = [cost.step(batch_task_losses(model, b), b) for b in batches * 5]
+    first = sum(float(batch_task_losses(model, b).sum().detach()) for b in batches)
+    infos = []
+    for batch in batches * 5:
+        x, targets = batch
+        z = model.backbone(x)  # the last forward before the step: the one COST's engine captures
+        losses = tug_losses_from(model, z, targets)
+        # the trigger reads the conflicts of Z = ∂L/∂z, the representation's gradients
+        Z = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].reshape(-1) for loss in losses])
+        expected = torch.nn.functional.cosine_similarity(Z, Z.mean(0, keepdim=True)).min()
+        before = [p.detach().clone() for p in model.backbone.parameters()]
+        info = cost.step(losses, batch)
+        assert info.min_cos_mean == pytest.approx(float(expected), abs=1e-6)
+        assert info.trigger == (float(expected) <= 0)  # the public trigger: min_i cos(z_i, z0) ≤ 0
+        if info.teleported:  # a merged teleport moved the backbone and took no base step
+            assert any(not torch.equal(p, b) for p, b in zip(model.backbone.parameters(), before))
+            assert info.teleport_steps == 2
+        infos.append(info)
     assert all(i.skipped is None for i in infos)
-    assert float(model.task_losses(x, y).sum().detach()) < first
+    assert sum(i.teleported for i in infos) >= 3  # one per epoch in which the trigger fired
+    assert max(sum(i.attempted_teleport for i in infos[e * 4 : e * 4 + 4]) for e in range(5)) == 1
+    assert sum(float(batch_task_losses(model, b).sum().detach()) for b in batches) < first
     assert all(torch.isfinite(p).all() for p in model.parameters())

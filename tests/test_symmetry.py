@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from cost_fast import COST, TeleportConfig, get_aggregator
+from cost_fast import COST, RescaleConfig, TeleportConfig, TeleportSchedule, get_aggregator
 from cost_fast.models import batch_task_losses
-from cost_fast.symmetry import RescalingTeleport, rescalable_pairs
+from cost_fast.teleport.rescaling import RescalingTeleport, rescalable_pairs
 
 K = 3
 
@@ -51,7 +51,9 @@ def test_the_losses_are_unchanged_and_the_gradient_norm_rises(activation: nn.Mod
     assert len(rescalable_pairs(model.backbone)) == 2
     before = [batch_task_losses(model, b).detach() for b in batches]
     norm_before = grad_norm(model, batches[0])
-    result = RescalingTeleport(model, model.backbone, steps=20, lr=0.5).teleport(batch_task_losses, batches[0])
+    result = RescalingTeleport(model, model.backbone, RescaleConfig(steps=20, lr=0.5)).teleport(
+        batch_task_losses, batches[0]
+    )
     for b, loss in zip(batches, before):  # every batch, not only the teleport's
         torch.testing.assert_close(batch_task_losses(model, b).detach(), loss, rtol=1e-10, atol=1e-12)
     assert any(float(d.abs().max()) > 1e-3 for d in result.deltas)  # it did move the weights
@@ -65,7 +67,7 @@ def test_frozen_layers_are_never_rescaled_and_bad_backbones_are_refused() -> Non
     model, batches = problem(nn.ReLU())
     model.backbone[4].requires_grad_(False)
     frozen = model.backbone[4].weight.detach().clone()
-    teleporter = RescalingTeleport(model, model.backbone, steps=5)
+    teleporter = RescalingTeleport(model, model.backbone, RescaleConfig(steps=5))
     assert len(teleporter.pairs) == 1  # only Linear 0 -> Linear 2 is left
     teleporter.teleport(batch_task_losses, batches[0])
     assert torch.equal(model.backbone[4].weight, frozen)
@@ -84,7 +86,7 @@ def test_cost_teleports_by_rescaling_with_htr() -> None:
         loss_fn=batch_task_losses,
         teleport_data=batches,
         adapter="rescale",
-        steps_per_epoch=1,
+        schedule=TeleportSchedule(steps_per_epoch=1),
         teleport=TeleportConfig(guard=True),
     )
     assert cost.adapter is None and not any("lora" in k for k in model.state_dict())

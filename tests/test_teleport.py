@@ -9,10 +9,10 @@ import dataclasses
 import pytest
 import torch
 
-from cost_fast.lora import TeleportAdapter
 from cost_fast.models import CelebACNN, batch_task_losses
-from cost_fast.semantics import PaperSemantics, PublicSemantics, get_semantics
 from cost_fast.teleport import TeleportConfig, guard_verdict, level_set_error, teleport
+from cost_fast.teleport.lora import TeleportAdapter
+from cost_fast.teleport.semantics import PaperSemantics, PublicSemantics, get_semantics
 from cost_fast.yardstick import YardstickCOST, yardstick_teleport
 
 PUBLIC = PublicSemantics()
@@ -21,7 +21,7 @@ NORMS = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
 
 def perturbed_losses(model, named, loss_fn, batch, n, generator, samples_per_pass):
     """(n, K) losses at the public semantics' noise (ν = 1e-4), as the fast path draws it."""
-    from cost_fast.perturbed import sample_losses
+    from cost_fast.teleport.perturbed import sample_losses
 
     params = [p for _, p in named]
     draws = [lambda: PUBLIC.noise(params, generator)] * n
@@ -175,8 +175,6 @@ def test_semantics_objects() -> None:
     assert get_semantics("public") == PUBLIC and (PUBLIC.task_weight, PUBLIC.sharpness_weight) == (10.0, 0.5)
     paper = get_semantics("paper")
     assert (paper.task_weight, paper.sharpness_weight) == (1.0, 0.1)  # Eq. 11
-    with pytest.raises(ValueError, match="now called 'public'"):
-        get_semantics("reference")
     with pytest.raises(ValueError, match="semantics must be one of"):
         get_semantics("both")
     with pytest.raises(ValueError, match="noise_norm"):
@@ -402,17 +400,6 @@ def test_calls_with_arguments_in_the_wrong_place_say_which() -> None:
         )
 
 
-def test_names_of_the_first_release_point_to_their_replacement() -> None:
-    import importlib
-
-    with pytest.raises(ImportError, match="renamed cost_fast.yardstick"):
-        importlib.import_module("cost_fast.reference")
-    with pytest.raises(ImportError, match=r"PublicSemantics\(\)\.ratio_weights"):
-        from cost_fast.teleport import reference_ratio_weights  # noqa: F401
-    with pytest.raises(ImportError, match=r"PaperSemantics\(\)\.ratio_weights"):
-        from cost_fast.teleport import paper_ratio_weights  # noqa: F401
-
-
 def test_given_adapter_factors_are_kept_with_reset_false() -> None:
     drawn_inside = fresh_teleport(2)[0]
     model, data, current, ratios = problem(2)
@@ -517,7 +504,7 @@ def plain_contour(model, data, loss_fn) -> torch.Tensor:
 
 
 def test_a_loss_preserving_teleport_on_the_digits_stays_within_its_tolerance() -> None:
-    from cost_fast.demo import NUM_TASKS, digits_tasks
+    from cost_fast.apps.demo import NUM_TASKS, digits_tasks
     from cost_fast.models import MultiTaskMLP
 
     x, y, _, _ = digits_tasks(0)
@@ -551,7 +538,7 @@ def test_a_loss_preserving_teleport_on_the_digits_stays_within_its_tolerance() -
 
 
 def test_a_loss_preserving_teleport_on_the_toy_stays_within_its_tolerance() -> None:
-    from cost_fast.toy import ToyModel, toy_losses
+    from cost_fast.apps.toy import ToyModel, toy_losses
 
     def toy_loss(model, batch):
         return model.task_losses(batch[0])

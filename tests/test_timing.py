@@ -9,7 +9,7 @@ import pytest
 import torch
 from tug import Tug, tug_batches
 
-from cost_fast import COST, TeleportConfig, get_aggregator
+from cost_fast import COST, TeleportConfig, TeleportSchedule, get_aggregator
 from cost_fast.models import batch_task_losses
 from cost_fast.timing import PhaseTimer
 
@@ -43,7 +43,7 @@ def test_a_step_reports_every_phase() -> None:
         optimizer,
         loss_fn=batch_task_losses,
         teleport_data=batches[:2],
-        steps_per_epoch=100,
+        schedule=TeleportSchedule(steps_per_epoch=100),
         teleport=TeleportConfig(rounds=1),
     )
     infos = [cost.step(batch_task_losses(model, b), b) for b in batches * 2]

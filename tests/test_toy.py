@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cost_fast.cli import main
-from cost_fast.report import MARKER
-from cost_fast.toy import pareto_front, reaches_front, run_toy, toy_losses
+from cost_fast.apps.cli import main
+from cost_fast.apps.report import MARKER
+from cost_fast.apps.toy import pareto_front, reaches_front, run_toy, toy_losses
 
 
 def hand_losses(x1: float, x2: float) -> tuple[float, float]:
@@ -55,7 +55,7 @@ def test_toy_report(tmp_path: Path) -> None:
 
 
 def test_every_attempted_teleport_is_recorded_with_its_outcome(tmp_path: Path) -> None:
-    from cost_fast.toy import train_toy
+    from cost_fast.apps.toy import train_toy
 
     run = train_toy((-7.5, -0.5), use_cost=True, steps=60, lr=0.01, steps_per_epoch=10)
     attempted = run["teleports"]

@@ -1,18 +1,11 @@
 """Multi-task aggregators: task weights from the Gram matrix M = G Gᵀ, update d = Gᵀ w.
 
-``get_aggregator(name, **hparams)`` builds one by name; ``list_aggregators()`` lists them.
+``cost_fast.get_aggregator(name, **hparams)`` builds one by name (``cost_fast.methods``);
+``cost_fast.list_aggregators()`` lists them.
 """
 
 from cost_fast.aggregators.aligned import AlignedMTL
-from cost_fast.aggregators.base import (
-    Aggregator,
-    GradientAggregator,
-    WeightsFunction,
-    as_method,
-    get_aggregator,
-    list_aggregators,
-    register,
-)
+from cost_fast.aggregators.base import Aggregator, GradientAggregator, WeightsFunction
 from cost_fast.aggregators.cagrad import CAGrad
 from cost_fast.aggregators.config import ConFIG
 from cost_fast.aggregators.conicgrad import ConicGrad
@@ -58,8 +51,4 @@ __all__ = [
     "TrimmedMean",
     "UPGrad",
     "WeightsFunction",
-    "as_method",
-    "get_aggregator",
-    "list_aggregators",
-    "register",
 ]

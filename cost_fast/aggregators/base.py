@@ -1,4 +1,5 @@
-"""The aggregator interface and its registry.
+"""The aggregator interface: the Gram methods' base class ``Aggregator``, the gradient methods'
+``GradientAggregator``, and ``WeightsFunction`` (a plain function as a method).
 
 A Gram-based aggregator maps the Gram matrix M = G Gᵀ (K x K) of the task gradients to weights
 w ∈ R^K; the update is then d = Gᵀ w = ∇(Σ_i w_i L_i), which ``TaskGradients.combine`` applies
@@ -13,22 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from cost_fast.kernels.gram import check_grad_matrix, gram_torch
-
-REGISTRY: dict[str, type] = {}
-
-
-def register(name: str) -> Callable[[type], type]:
-    """Class decorator: make a method (aggregator or loss weighting) reachable as ``get_aggregator(name)``."""
-
-    def add(cls: type) -> type:
-        if name in REGISTRY:
-            raise ValueError(f"aggregator name {name!r} is registered twice")
-        cls.name = name
-        REGISTRY[name] = cls
-        return cls
-
-    return add
+from cost_fast.kernels.gram_torch import check_grad_matrix, gram_torch
 
 
 def check_gram(gram: torch.Tensor) -> None:
@@ -51,7 +37,7 @@ class Aggregator:
 
     To write one, subclass it and implement ``solve(M) -> w``: ``weights`` checks the Gram
     matrix, symmetrizes it, M = ½(G Gᵀ + (G Gᵀ)ᵀ) in float64, and casts the result back.
-    ``@register("name")`` makes it reachable as ``get_aggregator("name")``, in COST and in
+    ``@register("name")`` (``cost_fast.registry``) makes it reachable as ``get_aggregator("name")``, in COST and in
     ``mtl_backward``. Calling the object is ``weights``. Stateful methods override
     ``state_dict`` and ``load_state_dict``, as torch.optim optimizers do.
 
@@ -145,19 +131,6 @@ def task_vector_or_mean(vector: torch.Tensor | None, gram: torch.Tensor, owner: 
     return vector.to(dtype=gram.dtype, device=gram.device)
 
 
-def get_aggregator(name: str, **hparams: Any) -> Any:
-    """Build the method registered as ``name`` (an ``Aggregator`` or a ``LossWeighting``)."""
-    import cost_fast.weighting  # noqa: F401  (registers the loss weightings)
-
-    if name not in REGISTRY:
-        raise ValueError(f"unknown aggregator {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    if REGISTRY[name].kind == "loss" and "num_tasks" not in hparams:
-        raise ValueError(
-            f"{name!r} is a loss weighting, built for a number of tasks: get_aggregator({name!r}, num_tasks=K)"
-        )
-    return REGISTRY[name](**hparams)
-
-
 class WeightsFunction(Aggregator):
     """A plain function ``gram -> weights`` as a stateless Gram method: ``solve`` calls it on
     the symmetrized float64 M and checks that it returns K finite weights.
@@ -182,60 +155,3 @@ class WeightsFunction(Aggregator):
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"{self.function!r} returned non-finite weights {w.tolist()}")
         return w.to(gram)
-
-
-def is_stateful(method: Any) -> bool:
-    """Whether ``method`` carries state from call to call: an aggregator that overrides
-    ``state_dict``, or a loss weighting with parameters, buffers, extra state or an ``update``."""
-    from cost_fast.weighting.base import LossWeighting
-
-    if isinstance(method, LossWeighting):
-        has_tensors = any(True for _ in method.parameters()) or any(True for _ in method.buffers())
-        extra = type(method).get_extra_state is not torch.nn.Module.get_extra_state
-        return has_tensors or extra or bool(method.update_arguments)
-    return type(method).state_dict is not Aggregator.state_dict
-
-
-def as_method(method: Any, *, num_tasks: int | None = None, allow_stateful_name: bool = True) -> Any:
-    """The method that ``method`` names or is: an ``Aggregator`` or a ``LossWeighting`` as it
-    is; a registered name built by ``get_aggregator`` (a loss weighting with ``num_tasks``); a
-    plain function ``gram -> weights`` wrapped in ``WeightsFunction``. ``num_tasks`` (K) is
-    needed for the name of a loss weighting, and checked against a loss weighting given built.
-    ``allow_stateful_name=False`` refuses the name of a method with state (``is_stateful``),
-    for callers that would build a new one at every call."""
-    from cost_fast.weighting.base import LossWeighting
-
-    if isinstance(method, Aggregator | LossWeighting):
-        if isinstance(method, LossWeighting) and num_tasks is not None and method.num_tasks != num_tasks:
-            raise ValueError(
-                f"{type(method).__name__} was built for {method.num_tasks} tasks, the losses are {num_tasks}"
-            )
-        return method
-    if isinstance(method, str):
-        kind = list_aggregators().get(method)
-        # without num_tasks, get_aggregator refuses a loss weighting's name, saying how to build it
-        built = (
-            get_aggregator(method, num_tasks=num_tasks)
-            if kind == "loss" and num_tasks is not None
-            else get_aggregator(method)
-        )
-        if not allow_stateful_name and is_stateful(built):
-            hint = f"get_aggregator({method!r}" + (f", num_tasks={num_tasks})" if kind == "loss" else ")")
-            raise ValueError(
-                f"{method!r} keeps state from step to step: build it once, method = {hint}, and pass the object"
-            )
-        return built
-    if callable(method):
-        return WeightsFunction(method)
-    raise TypeError(
-        "method must be an Aggregator, a LossWeighting, a registered name or a function gram -> weights, "
-        f"got {type(method).__name__}"
-    )
-
-
-def list_aggregators() -> dict[str, str]:
-    """Every registered name with its kind: "gram" (weights from M), "grads" (needs G itself)
-    or "loss" (weights the task losses)."""
-    import cost_fast.weighting  # noqa: F401  (registers the loss weightings)
-
-    return {name: cls.kind for name, cls in sorted(REGISTRY.items())}

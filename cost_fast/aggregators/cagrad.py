@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, register
+from cost_fast.aggregators.base import Aggregator
 from cost_fast.aggregators.solvers import minimize_on_simplex
 from cost_fast.checks import check_nonnegative
+from cost_fast.registry import register
 
 
 def cagrad_on_support(M: torch.Tensor, b: torch.Tensor, s: torch.Tensor, support: torch.Tensor) -> torch.Tensor | None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, register
+from cost_fast.aggregators.base import Aggregator
 from cost_fast.aggregators.imtl import unit_scaling
+from cost_fast.registry import register
 
 
 @register("config")

@@ -6,9 +6,10 @@ import math
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, register
+from cost_fast.aggregators.base import Aggregator
 from cost_fast.aggregators.solvers import minimize_on_simplex
 from cost_fast.checks import check_rate
+from cost_fast.registry import register
 
 
 def cap_support(a: torch.Tensor, v_sq: torch.Tensor, c: float) -> torch.Tensor:

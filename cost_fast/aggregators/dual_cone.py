@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, register
+from cost_fast.aggregators.base import Aggregator
 from cost_fast.aggregators.solvers import nonnegative_qp, unit_diagonal_scaling
+from cost_fast.registry import register
 
 
 def project_to_dual_cone(gram: torch.Tensor, U: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import GradientAggregator, clone_or_none, register
+from cost_fast.aggregators.base import GradientAggregator, clone_or_none
 from cost_fast.aggregators.solvers import project_simplex
 from cost_fast.checks import check_nonnegative, check_positive
-from cost_fast.kernels.gram import check_grad_matrix
+from cost_fast.kernels.gram_torch import check_grad_matrix
+from cost_fast.registry import register
 
 
 @register("graddrop")

@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import GradientAggregator, clone_or_none, register
+from cost_fast.aggregators.base import GradientAggregator, clone_or_none
 from cost_fast.checks import check_int, check_nonnegative, check_positive
-from cost_fast.kernels.gram import check_grad_matrix, upcast_16bit
+from cost_fast.kernels.gram_torch import check_grad_matrix, upcast_16bit
+from cost_fast.registry import register
 
 
 @register("excess_mtl")

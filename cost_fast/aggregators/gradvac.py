@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, clone_or_none, register
+from cost_fast.aggregators.base import Aggregator, clone_or_none
 from cost_fast.checks import check_positive
+from cost_fast.registry import register
 
 
 @register("gradvac")

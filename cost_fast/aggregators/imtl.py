@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, register
+from cost_fast.aggregators.base import Aggregator
+from cost_fast.registry import register
 
 
 def unit_scaling(gram: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, check_task_vector, register, task_vector_or_mean
+from cost_fast.aggregators.base import Aggregator, check_task_vector, task_vector_or_mean
+from cost_fast.registry import register
 
 
 @register("mean")

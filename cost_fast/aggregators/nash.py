@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, register
+from cost_fast.aggregators.base import Aggregator
 from cost_fast.aggregators.solvers import power_fixed_point
 from cost_fast.checks import check_positive
+from cost_fast.registry import register
 
 
 @register("nash_mtl")

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, clone_or_none, register
+from cost_fast.aggregators.base import Aggregator, clone_or_none
 from cost_fast.aggregators.solvers import nonnegative_qp
 from cost_fast.checks import check_nonnegative, check_rate
+from cost_fast.registry import register
 
 # A constraint counts as met when violated by at most this share of the largest normalized
 # squared norm (the normalized Gram matrix has a diagonal near 1).

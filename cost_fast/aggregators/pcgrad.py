@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, register
+from cost_fast.aggregators.base import Aggregator
+from cost_fast.registry import register
 
 
 @register("pcgrad")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from cost_fast.aggregators.base import Aggregator, GradientAggregator, register
+from cost_fast.aggregators.base import Aggregator, GradientAggregator
 from cost_fast.checks import check_int
-from cost_fast.kernels.gram import check_grad_matrix, upcast_16bit
+from cost_fast.kernels.gram_torch import check_grad_matrix, upcast_16bit
+from cost_fast.registry import register
 
 
 @register("krum")

@@ -16,16 +16,10 @@ from typing import Any
 
 import torch
 
-from cost_fast.aggregators.base import (
-    Aggregator,
-    check_task_vector,
-    clone_or_none,
-    get_aggregator,
-    register,
-    task_vector_or_mean,
-)
+from cost_fast.aggregators.base import Aggregator, check_task_vector, clone_or_none, task_vector_or_mean
 from cost_fast.aggregators.solvers import project_simplex, simplex_qp
 from cost_fast.checks import check_int, check_nonnegative, check_positive, check_rate
+from cost_fast.registry import REGISTRY, register
 
 
 def _normalized(A: torch.Tensor) -> torch.Tensor:
@@ -171,7 +165,10 @@ class CRMOGM(_CarriedWeights):
     ) -> None:
         super().__init__()
         if isinstance(base, str):
-            base = get_aggregator(base, **(base_hparams or {}))
+            # every Gram method is registered: the package cost_fast.aggregators imports them all
+            if base not in REGISTRY:
+                raise ValueError(f"unknown aggregator {base!r}; known: {', '.join(sorted(REGISTRY))}")
+            base = REGISTRY[base](**(base_hparams or {}))
         elif base_hparams:
             raise ValueError("base_hparams are for a base given by name; this base is already built")
         if not isinstance(base, Aggregator) or base.kind != "gram":

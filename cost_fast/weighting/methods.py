@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cost_fast.aggregators.base import register
 from cost_fast.checks import check_int, check_nonnegative, check_positive
+from cost_fast.registry import register
 from cost_fast.weighting.base import LossWeighting
 
 

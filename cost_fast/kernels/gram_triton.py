@@ -1,32 +1,19 @@
-"""Gram matrix of K task gradients and the conflict statistics COST's trigger needs.
+"""The fused Triton Gram kernel: one pass over G (K x P) that accumulates the Gram matrix in
+fp32 registers, then a one-program epilogue with the statistics, so nothing crosses to the host.
+The same math as ``cost_fast.kernels.gram_torch`` (its reference in the tests).
 
-Given the per-task gradients of the shared parameters as the rows of ``G`` (K x P), every
-statistic here is a function of the Gram matrix ``M = G Gᵀ`` alone:
-
-    ‖g_i‖        = sqrt(M_ii)
-    g0           = (1/K) Σ_j g_j                      (the mean gradient)
-    g_i · g0     = (1/K) Σ_j M_ij
-    ‖g0‖         = sqrt((1/K²) Σ_ij M_ij)
-    cos(g_i, g0) = (g_i · g0) / (‖g_i‖ ‖g0‖)          (0 where a norm is 0)
-    dominated    = #{i : cos(g_i, g0) < 0}
-    pairs        = #{i < j : cos(g_i, g_j) < 0} = #{i < j : M_ij < 0}
-    trigger      = finite(M) and dominated ≥ ⌈K/2⌉    (COST, Eq. 4)
-
-So one pass over G that produces M is enough; the statistics are an O(K²) epilogue. The Triton
-path reads every element of G exactly once (fp32 accumulation; for 16-bit G each column chunk's
-product is formed from zero and added with IEEE fp32 adds, compensated for K ≤ 64, so the
-error does not grow with P)
-and computes the epilogue in a second, single-program kernel, so nothing crosses to the host. ``gram_stats_torch`` is the
-same math in plain torch.
+For 16-bit G each column chunk's product is formed from zero and added with IEEE fp32 adds,
+compensated for K ≤ 64, so the error does not grow with P; fp32 G uses tf32x3 dot products.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Literal
 
 import torch
+
+from cost_fast.kernels.gram_torch import GramStats, check_grad_matrix
 
 try:
     import triton
@@ -35,138 +22,11 @@ except ImportError:  # triton is optional for the torch backend (e.g. on macOS)
     triton = None
     tl = None
 
-Backend = Literal["auto", "triton", "torch"]
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-# float64 (a float64 model's gradients) goes through the torch backend only, accumulated in float64.
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The whole (K x K) accumulator lives in one program's registers/shared memory.
 MAX_TRITON_TASKS = 128
-# backend="auto" sends fp32 gradients of up to this many tasks to torch (see ``resolve_backend``).
-TORCH_FP32_MAX_TASKS = 64
 # Column offsets are int32 inside the kernel; row offsets are int64.
 MAX_TRITON_COLUMNS = 2**31 - 2**16
-
-
-@dataclasses.dataclass(frozen=True)
-class GramStats:
-    """Gram matrix and conflict statistics of K task gradients; every field is a device tensor.
-
-    Attributes:
-        gram: ``M = G Gᵀ``, shape (K, K), float32.
-        norms: ``‖g_i‖``, shape (K,).
-        dot_mean: ``g_i · g0`` with ``g0`` the mean gradient, shape (K,).
-        cos_mean: ``cos(g_i, g0)``, shape (K,), 0 where a norm is 0, clamped to [-1, 1].
-        mean_norm: ``‖g0‖``, shape ().
-        num_dominated: number of tasks with ``cos(g_i, g0) < 0``, int64 shape ().
-        num_conflicting_pairs: number of pairs ``i < j`` with ``cos(g_i, g_j) < 0``, int64 shape ().
-        trigger: ``not nonfinite and num_dominated ≥ ⌈K/2⌉``, bool shape ().
-        nonfinite: True if any entry of ``M`` is NaN or ±inf (then the statistics are not
-            trustworthy and ``trigger`` is False), bool shape ().
-    """
-
-    gram: torch.Tensor
-    norms: torch.Tensor
-    dot_mean: torch.Tensor
-    cos_mean: torch.Tensor
-    mean_norm: torch.Tensor
-    num_dominated: torch.Tensor
-    num_conflicting_pairs: torch.Tensor
-    trigger: torch.Tensor
-    nonfinite: torch.Tensor
-
-    @property
-    def num_tasks(self) -> int:
-        """K, the number of tasks."""
-        return self.gram.shape[0]
-
-    def unscaled(self, scale: torch.Tensor | float) -> GramStats:
-        """The statistics of G / s, from those of gradients G of losses scaled by s > 0 (an AMP
-        ``GradScaler``'s scale): M / s², ‖g_i‖ / s, g_i·g0 / s², ‖g0‖ / s; the cosines, the
-        counts and the flags do not depend on s. No host read."""
-        s = torch.as_tensor(scale, dtype=self.gram.dtype, device=self.gram.device)
-        return dataclasses.replace(
-            self,
-            gram=self.gram / (s * s),
-            norms=self.norms / s,
-            dot_mean=self.dot_mean / (s * s),
-            mean_norm=self.mean_norm / s,
-        )
-
-
-def check_grad_matrix(G: torch.Tensor) -> None:
-    """Raise ``TypeError``/``ValueError`` naming what is wrong with a K x P gradient matrix."""
-    if not isinstance(G, torch.Tensor):
-        raise TypeError(f"gradients must be a torch.Tensor of shape (K, P), got {type(G).__name__}")
-    if G.ndim != 2:
-        raise ValueError(f"gradients must have shape (K, P) (one row per task), got {G.ndim}-D shape {tuple(G.shape)}")
-    if G.shape[0] == 0:
-        raise ValueError("gradients have K = 0 rows: at least one task is needed")
-    if G.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"gradients must be float32, float16, bfloat16 or float64, got {G.dtype}")
-
-
-def upcast_16bit(G: torch.Tensor) -> torch.Tensor:
-    """G in the dtype sums over it accumulate in: float32 for 16-bit G (a copy), else G itself."""
-    return G if G.dtype in (torch.float32, torch.float64) else G.float()
-
-
-def stats_from_gram(gram: torch.Tensor) -> GramStats:
-    """All conflict statistics from a Gram matrix ``M`` (K x K), in plain torch, on M's device.
-
-    Formulas are in the module docstring. No host synchronization.
-    """
-    K = gram.shape[0]
-    gram = gram if gram.dtype == torch.float64 else gram.float()
-    nonfinite = ~torch.isfinite(gram).all()
-    norms = gram.diagonal().clamp_min(0).sqrt()
-    dot_mean = gram.sum(dim=1) / K
-    mean_norm = (dot_mean.sum() / K).clamp_min(0).sqrt()
-    denom = norms * mean_norm
-    cos_mean = torch.where(denom > 0, dot_mean / denom, torch.zeros_like(dot_mean)).clamp(-1.0, 1.0)
-    num_dominated = (dot_mean < 0).sum()
-    num_pairs = torch.triu(gram < 0, diagonal=1).sum()
-    trigger = ~nonfinite & (2 * num_dominated >= K)
-    return GramStats(
-        gram=gram,
-        norms=norms,
-        dot_mean=dot_mean,
-        cos_mean=cos_mean,
-        mean_norm=mean_norm,
-        num_dominated=num_dominated,
-        num_conflicting_pairs=num_pairs,
-        trigger=trigger,
-        nonfinite=nonfinite,
-    )
-
-
-# Columns per chunk of the torch backend's accumulation.
-TORCH_GRAM_CHUNK = 16384
-
-
-def gram_torch(G: torch.Tensor) -> torch.Tensor:
-    """``M = G Gᵀ`` in float32 (float64 for float64 G), accumulated per column chunk:
-    ``M = Σ_c G[:, c] G[:, c]ᵀ``.
-
-    One long fp32 dot product per entry (what ``G @ G.T`` does for few rows on CPU) reaches
-    ~1e-4 relative error at P = 1e6; summing chunk products (one batched matmul over a view
-    of G, no copy for fp32) stays near 1e-7 and was faster on CPU in our measurements.
-    """
-    K, P = G.shape
-    G_acc = upcast_16bit(G)
-    n = P // TORCH_GRAM_CHUNK
-    tail = G_acc[:, n * TORCH_GRAM_CHUNK :]
-    gram = tail @ tail.T
-    if n:
-        chunks = G_acc[:, : n * TORCH_GRAM_CHUNK].unflatten(1, (n, TORCH_GRAM_CHUNK)).transpose(0, 1)
-        gram = gram + torch.bmm(chunks, chunks.transpose(1, 2)).sum(dim=0)
-    return gram
-
-
-def gram_stats_torch(G: torch.Tensor) -> GramStats:
-    """Plain-torch ``gram_stats``: ``gram_torch`` (fp32, or fp64 for fp64 G), then ``stats_from_gram``."""
-    check_grad_matrix(G)
-    return stats_from_gram(gram_torch(G))
 
 
 def triton_available() -> bool:
@@ -467,48 +327,3 @@ def gram_stats_triton(G: torch.Tensor, *, deterministic: bool = False, block_p: 
         trigger=flags[0],
         nonfinite=flags[1],
     )
-
-
-def resolve_backend(G: torch.Tensor, backend: Backend) -> Literal["triton", "torch"]:
-    """``"auto"`` -> Triton for CUDA tensors it can handle and is faster on, torch otherwise.
-
-    fp32 with K ≤ ``TORCH_FP32_MAX_TASKS`` goes to torch: on an H200 the torch backend was faster
-    there (K = 3, 10, 40 at P = 1e7 and 1e8) and Triton faster at K = 128 (issue "The Gram kernel
-    at the memory roofline", measured with the earlier tile table; to be measured again)."""
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend != "auto":
-        return backend
-    usable = (
-        triton is not None
-        and G.device.type == "cuda"
-        and G.dtype in TRITON_DTYPES
-        and G.shape[0] <= MAX_TRITON_TASKS
-        and G.shape[1] <= MAX_TRITON_COLUMNS
-        and not (G.dtype == torch.float32 and G.shape[0] <= TORCH_FP32_MAX_TASKS)
-    )
-    return "triton" if usable else "torch"
-
-
-def gram_stats(G: torch.Tensor, *, backend: Backend = "auto", deterministic: bool = False) -> GramStats:
-    """Gram matrix ``M = G Gᵀ`` of K task gradients and the conflict statistics derived from it.
-
-    Args:
-        G: (K, P) per-task gradients, one task per row; float32, float16 or bfloat16 (and float64
-            on the torch backend, computed in float64). Any row stride is accepted without a copy (e.g. the buffer of ``cost_fast.grads``).
-        backend: ``"triton"`` (fused kernel; on CPU tensors only under ``TRITON_INTERPRET=1``),
-            ``"torch"`` (``gram_stats_torch``), or ``"auto"`` (Triton on CUDA where it is the
-            faster one, see ``resolve_backend``; torch otherwise).
-        deterministic: Triton only: bitwise-identical results run to run (fixed-order reduction
-            instead of atomics). The torch backend is one matmul and ignores it.
-
-    Returns:
-        A ``GramStats`` of device tensors, with no host synchronization. Accumulation is fp32
-        (fp64 for fp64 input).
-
-    Formulas: see the module docstring; ``trigger`` is ``dominated ≥ ⌈K/2⌉`` on finite input.
-    """
-    check_grad_matrix(G)
-    if resolve_backend(G, backend) == "triton":
-        return gram_stats_triton(G, deterministic=deterministic)
-    return gram_stats_torch(G)

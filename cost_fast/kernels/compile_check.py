@@ -1,11 +1,11 @@
 """Ahead-of-time check of every Triton kernel configuration for Hopper, on a machine without a GPU.
 
-Each configuration the dispatchers can launch on CUDA (``gram.CUDA_TILES`` for the Gram kernel,
+Each configuration the dispatchers can launch on CUDA (``gram_triton.CUDA_TILES`` for the Gram kernel,
 both reductions and every input dtype; the epilogue per padded K) is
 compiled by ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (sm_90: H100/H200), and the
 cubin is read with the ``cuobjdump`` bundled with triton. A configuration fails if it spills
 registers (stack or local memory in use) or needs more shared memory than a block may use
-(``gram.SHARED_MEMORY_LIMIT``), or, for 16-bit input, if a matrix product's accumulator is the
+(``gram_triton.SHARED_MEMORY_LIMIT``), or, for 16-bit input, if a matrix product's accumulator is the
 loop-carried sum (the compiler folded ``acc + dot(a, b)`` into ``dot(a, b, acc)``, which makes
 the Gram kernel's error grow with P), so that a configuration that cannot launch on Hopper, runs slowly there or
 loses the compensated sum is caught by CI on CPU.
@@ -43,7 +43,7 @@ class CompiledConfig:
     @property
     def problems(self) -> list[str]:
         """Why this configuration must not ship (empty when it may)."""
-        from cost_fast.kernels.gram import SHARED_MEMORY_LIMIT
+        from cost_fast.kernels.gram_triton import SHARED_MEMORY_LIMIT
 
         found = []
         if self.stack or self.local:
@@ -107,7 +107,7 @@ def _compile(
 
 def gram_configs() -> list[CompiledConfig]:
     """Every CUDA configuration of the Gram kernels, compiled for sm_90."""
-    from cost_fast.kernels import gram
+    from cost_fast.kernels import gram_triton as gram
 
     results = []
     for (block_k, is_fp32), (block_p, num_warps) in sorted(gram.CUDA_TILES.items()):

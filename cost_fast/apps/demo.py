@@ -12,31 +12,34 @@ network with one head, trained alone with Adam on its own loss, same epochs and 
 baselines of Δm% (``cost_fast.metrics.delta_m`` over the test accuracies, higher is better), which
 the report gives for both multi-task runs.
 
-Report folder (written at once, see ``cost_fast.report``): ``metrics.json`` (with per-step
+Report folder (written at once, see ``cost_fast.apps.report``): ``metrics.json`` (with per-step
 statistics: min cos(g_i, g0), conflicting pairs, ‖g0‖) and PNG plots of
 the per-task training losses, the conflict ratio per epoch (share of steps where some task's
 gradient conflicts with the mean gradient, cos(g_i, g0) < 0) with and without COST, the
 teleport events, L_t and L_g during each attempted teleport (merged or rolled back, with the
 reason), the test accuracy per task (axis from the data), and the time split of the one run
 (per-task gradients, Gram statistics, solve, optimizer step, teleport; labelled as one noisy
-wall-clock run, not a benchmark). What each plot shows is computed by ``plot_specs``.
+wall-clock run, not a benchmark). What each plot shows is computed by ``plot_specs``
+(``cost_fast.apps.demo_plots``).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
-from cost_fast.aggregators.base import get_aggregator
+from cost_fast.apps.demo_plots import draw, error_text, plot_specs
+from cost_fast.apps.report import atomic_report_dir, check_report_target
 from cost_fast.cost import COST
+from cost_fast.methods import get_aggregator
 from cost_fast.metrics import delta_m
 from cost_fast.models import MultiTaskMLP, batch_task_losses
-from cost_fast.report import atomic_report_dir, check_report_target
-from cost_fast.semantics import get_semantics
+from cost_fast.step import BaseStepConfig
+from cost_fast.teleport.schedule import TeleportSchedule
+from cost_fast.teleport.semantics import get_semantics
 
 NUM_TASKS = 10
 TASK_NAMES = tuple(f"digit_{d}" for d in range(NUM_TASKS))
@@ -92,9 +95,8 @@ def train(
         loss_fn=batch_task_losses,
         teleport_data=batches,
         semantics=semantics,
-        max_teleports_per_epoch=1 if use_cost else 0,
-        start_epoch=1,
-        gradient_mode="representation" if gradients == "representation" else "loop",
+        schedule=TeleportSchedule(start_epoch=1, max_per_epoch=1 if use_cost else 0),
+        base_step=BaseStepConfig(gradient_mode="representation" if gradients == "representation" else "loop"),
         adapter=teleport,
         seed=seed,
     )
@@ -179,152 +181,6 @@ def _test_accuracy(model: MultiTaskMLP, x: torch.Tensor, y: torch.Tensor) -> lis
         return ((model(x) > 0).float() == y).float().mean(0).tolist()
 
 
-def _error_text(error: float | None) -> str:
-    return "not measured" if error is None else f"{error:.2g}"
-
-
-def plot_specs(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """What each PNG of the report shows, from the metrics alone (tested; ``_draw`` only draws
-    it): per file, a title, axis labels, axis limits taken from the data, and the series."""
-    runs = report["runs"]
-    epochs = report["epochs"]
-    tasks = runs["base"]["tasks"]
-    accuracy = {name: run["test_accuracy"] for name, run in runs.items()}
-    accuracy["single-task"] = report["single_task"]["test_accuracy"]
-    accuracies = [a for values in accuracy.values() for a in values]
-    low, high = min(accuracies), max(accuracies)
-    margin = max(0.02, 0.1 * (high - low))
-    events = runs["base+COST"]["teleports"]
-    seconds = {name: run["seconds"] for name, run in runs.items()}
-    return {
-        "task_losses.png": {
-            "title": "training loss per task",
-            "xlabel": "epoch",
-            "ylabel": "training loss (BCE)",
-            "marker": "o" if epochs == 1 else None,  # one epoch is a point, not a line
-            "tasks": tasks,
-            "series": {name: run["train_loss"] for name, run in runs.items()},
-        },
-        "conflict_ratio.png": {
-            "title": "conflict ratio per epoch",
-            "xlabel": "epoch (dashed: an attempted teleport)",
-            "ylabel": "share of steps with cos(g_i, g0) < 0",
-            "ylim": (-0.02, 1.02),  # a share
-            "series": {name: run["conflict_ratio"] for name, run in runs.items()},
-            "events": [e["epoch"] for e in events],
-        },
-        "teleports.png": {
-            "title": "L_t and L_g during each attempted teleport",
-            "xlabel": "adapter step",
-            "ylabel": ("L_t (loss invariance)", "L_g (sharpness)"),
-            "series": {
-                f"epoch {e['epoch']}, level-set error {_error_text(e.get('level_set_error'))}"
-                + (f" (rolled back: {e['rollback_reason']})" if e["rolled_back"] else ""): (
-                    e["task_terms"],
-                    e["sharpness_terms"],
-                )
-                for e in events
-            },
-        },
-        "test_accuracy.png": {
-            "title": "test accuracy per task (Δm% against the single-task models, lower is better: "
-            + ", ".join(f"{name} {run['delta_m']:+.2f}" for name, run in runs.items())
-            + ")",
-            "xlabel": "task: is it this digit?",
-            "ylabel": "test accuracy",
-            "ylim": (max(0.0, low - margin), min(1.0, high + margin)),
-            "tasks": tasks,
-            "series": accuracy,
-        },
-        "time_split.png": {
-            "title": "where the time went: one run each, wall clock (noisy; not a benchmark)",
-            "xlabel": "seconds over the run",
-            "ylabel": "",
-            "series": seconds,
-            "keys": ["gradients", "gram", "solve", "optimizer_step", "teleport"],
-        },
-    }
-
-
-def _draw(specs: dict[str, dict[str, Any]], folder: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {"base": "tab:blue", "base+COST": "tab:red", "single-task": "tab:gray"}
-
-    spec = specs["task_losses.png"]
-    fig, axes = plt.subplots(2, 5, figsize=(14, 5.5), sharex=True)
-    for task, ax in enumerate(axes.flat):
-        for name, losses in spec["series"].items():
-            ax.plot([e[task] for e in losses], color=colors[name], label=name, marker=spec["marker"])
-        ax.set_title(spec["tasks"][task], fontsize=9)
-    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper right", fontsize=8)
-    fig.suptitle(spec["title"])
-    fig.supxlabel(spec["xlabel"])
-    fig.supylabel(spec["ylabel"])
-    fig.tight_layout(rect=(0, 0, 0.93, 1))
-    fig.savefig(folder / "task_losses.png", dpi=100)
-    plt.close(fig)
-
-    spec = specs["conflict_ratio.png"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, ratio in spec["series"].items():
-        ax.plot(ratio, marker="o", color=colors[name], label=name)
-    for epoch in spec["events"]:
-        ax.axvline(epoch, color="tab:red", alpha=0.25, linestyle="--")
-    ax.set(title=spec["title"], xlabel=spec["xlabel"], ylabel=spec["ylabel"], ylim=spec["ylim"])
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(folder / "conflict_ratio.png", dpi=100)
-    plt.close(fig)
-
-    spec = specs["teleports.png"]
-    fig, (ax_t, ax_g) = plt.subplots(1, 2, figsize=(12, 4))
-    for i, (label, (task_terms, sharp_terms)) in enumerate(spec["series"].items()):
-        color = plt.cm.viridis(i / max(1, len(spec["series"]) - 1))
-        ax_t.plot(task_terms, label=label, color=color, marker="o" if len(task_terms) == 1 else None)
-        ax_g.plot(sharp_terms, label=label, color=color, marker="o" if len(sharp_terms) == 1 else None)
-    for ax, ylabel in zip((ax_t, ax_g), spec["ylabel"]):
-        ax.set(xlabel=spec["xlabel"], ylabel=ylabel)
-    fig.suptitle(spec["title"])
-    if spec["series"]:
-        ax_g.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    else:
-        ax_t.text(0.5, 0.5, "no teleport", ha="center", transform=ax_t.transAxes)
-    fig.tight_layout()
-    fig.savefig(folder / "teleports.png", dpi=100)
-    plt.close(fig)
-
-    spec = specs["test_accuracy.png"]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    # points, not bars: the axis starts where the data does, and a bar would exaggerate the gap
-    offsets = ((-0.15, "o"), (0.0, "s"), (0.15, "^"))
-    for (offset, marker), (name, accuracy) in zip(offsets, spec["series"].items()):
-        ax.plot([t + offset for t in range(NUM_TASKS)], accuracy, marker, color=colors[name], label=name)
-    ax.set_xticks(range(NUM_TASKS), spec["tasks"], fontsize=8)
-    ax.set(title=spec["title"], xlabel=spec["xlabel"], ylabel=spec["ylabel"], ylim=spec["ylim"])
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(folder / "test_accuracy.png", dpi=100)
-    plt.close(fig)
-
-    spec = specs["time_split.png"]
-    fig, ax = plt.subplots(figsize=(9, 3.5))
-    left = {name: 0.0 for name in spec["series"]}
-    for k, key in enumerate(spec["keys"]):
-        for name, seconds in spec["series"].items():
-            value = seconds.get(key, 0.0)
-            ax.barh(name, value, left=left[name], label=key if name == "base" else None, color=plt.cm.tab10(k))
-            left[name] += value
-    ax.set(title=spec["title"], xlabel=spec["xlabel"])
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(folder / "time_split.png", dpi=100)
-    plt.close(fig)
-
-
 def run_demo(
     out_dir: str = "demo_report",
     *,
@@ -343,9 +199,9 @@ def run_demo(
     """Train ``method`` alone and with COST on the digits tasks; write the report folder.
 
     ``gradients``: ``"exact"`` (per-task gradients of the shared parameters) or
-    ``"representation"`` (of the backbone's output; ``COST(gradient_mode="representation")``).
+    ``"representation"`` (of the backbone's output; ``BaseStepConfig(gradient_mode="representation")``).
     ``teleport``: ``"lora"`` (default), ``"loha"`` or ``"rescale"`` (``COST(adapter=...)``;
-    ``"rescale"`` is the group-action teleport of ``cost_fast.symmetry``).
+    ``"rescale"`` is the group-action teleport of ``cost_fast.teleport.rescaling``).
     ``stream``: where the progress bar and the summary go (None: silent)."""
     for name, value in (("epochs", epochs), ("hidden", hidden), ("batch size", batch_size)):
         if value < 1:
@@ -410,13 +266,13 @@ def run_demo(
     }
     with atomic_report_dir(target) as folder:
         (folder / "metrics.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
-        _draw(plot_specs(report), folder)
+        draw(plot_specs(report), folder)
     if stream is not None:
         for name, run in runs.items():
             acc = sum(run["test_accuracy"]) / NUM_TASKS
             kinds = [
                 ("rolled back" if e["rolled_back"] else f"HTR {e['htr']}")
-                + f", level-set error {_error_text(e.get('level_set_error'))}"
+                + f", level-set error {error_text(e.get('level_set_error'))}"
                 for e in run["teleports"]
             ]
             print(

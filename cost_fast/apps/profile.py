@@ -26,14 +26,14 @@ from typing import TextIO
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from cost_fast.aggregators.base import get_aggregator
+from cost_fast.apps.report import atomic_report_dir, check_report_target
 from cost_fast.grads import TaskGradients
 from cost_fast.kernels import gram_stats
-from cost_fast.lora import TeleportAdapter
+from cost_fast.methods import get_aggregator
 from cost_fast.models import CelebACNN, batch_task_losses
-from cost_fast.report import atomic_report_dir, check_report_target
-from cost_fast.semantics import PublicSemantics
 from cost_fast.teleport import TeleportConfig, teleport
+from cost_fast.teleport.lora import TeleportAdapter
+from cost_fast.teleport.semantics import PublicSemantics
 from cost_fast.yardstick import yardstick_task_gradients, yardstick_teleport
 
 

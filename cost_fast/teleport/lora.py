@@ -15,7 +15,7 @@ step (a few (out x r)(r x fan) products: nothing next to a forward pass) and eve
 layer's own op at W + ΔW, with autograd reaching the factors through ΔW:
 
 - ``deltas()``: the ΔW of every adapted layer, differentiable in the factors;
-- W + ΔW evaluated by ``torch.func.functional_call`` (``cost_fast.perturbed.EffectivePoint``),
+- W + ΔW evaluated by ``torch.func.functional_call`` (``cost_fast.teleport.perturbed.EffectivePoint``),
   the model untouched;
 - ``applied(deltas)``: W ← W + ΔW in place for a block of no-grad passes, then W put back
   bit-exactly (also on error);

@@ -9,9 +9,9 @@ import threading
 
 import torch
 
-from cost_fast import report
-from cost_fast.semantics import SEMANTICS
-from cost_fast.toy import PROTOCOLS
+from cost_fast.apps import report
+from cost_fast.apps.toy import PROTOCOLS
+from cost_fast.teleport.semantics import SEMANTICS
 
 
 def _positive_int(text: str) -> int:
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """Run the parsed command; returns the exit status."""
     if args.command == "profile":
-        from cost_fast.profile import run_profile
+        from cost_fast.apps.profile import run_profile
 
         device = _device(parser, args.device)
         try:
@@ -241,14 +241,14 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             print(f"cost-fast bench: error: {err}", file=sys.stderr)
             return 1
     if args.command == "reproduce":
-        from cost_fast.reproduce import run_reproduction
+        from cost_fast.apps.reproduce import run_reproduction
 
         try:
             run_reproduction(args.out, quick=args.quick, seeds=args.seeds, stream=sys.stdout)
         except ValueError as err:
             parser.error(str(err))
     if args.command == "toy":
-        from cost_fast.toy import run_toy
+        from cost_fast.apps.toy import run_toy
 
         try:
             run_toy(
@@ -265,8 +265,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             parser.error(str(err))
     if args.command == "demo":
         device = _device(parser, args.device)
-        from cost_fast.aggregators import list_aggregators
-        from cost_fast.demo import run_demo
+        from cost_fast.apps.demo import run_demo
+        from cost_fast.methods import list_aggregators
 
         gram_methods = sorted(n for n, kind in list_aggregators().items() if kind == "gram")
         if args.method not in gram_methods:

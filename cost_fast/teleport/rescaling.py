@@ -13,7 +13,7 @@ same loss, as Zhao et al. do: gradient ascent on s of
 
     J(s) = log ‖∇_θ L(g_s · θ)‖²,   L = (1/K) Σ_i L_i on the current batch,
 
-for ``steps`` steps of size ``lr`` (with s = 0 at the start), then θ ← g_s · θ. The logarithm
+for ``steps`` steps of size ``lr`` (``RescaleConfig``; s = 0 at the start), then θ ← g_s · θ. The logarithm
 makes the step independent of the scale of the gradients (∇ log J = ∇J / J). The per-task
 gradients' conflict statistics are reported before and after. Frozen layers are never rescaled.
 What it needs from the model: a shared backbone that is an ``nn.Sequential`` with at least two
@@ -29,10 +29,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from cost_fast.checks import check_int
 from cost_fast.grads import TaskGradients
 from cost_fast.kernels import stats_from_gram
-from cost_fast.perturbed import LossFn, losses_at
+from cost_fast.teleport.config import RescaleConfig
+from cost_fast.teleport.perturbed import LossFn, losses_at
 
 HOMOGENEOUS = (nn.ReLU, nn.LeakyReLU, nn.Identity)
 
@@ -105,26 +105,22 @@ class RescalingTeleport:
     Args:
         model: the whole model (``loss_fn(model, batch)`` gives its K losses).
         backbone: its shared ``nn.Sequential`` backbone.
-        steps: ascent steps on s (default 10). lr: their size (default 0.1).
-        max_log_scale: |s_k| is clipped to this (default 2: scales within e^±2), so that no
-            unit is driven to a degenerate scale.
+        config: ``RescaleConfig`` (steps, lr, max_log_scale; default its defaults).
     """
 
-    def __init__(
-        self, model: nn.Module, backbone: nn.Module, *, steps: int = 10, lr: float = 0.1, max_log_scale: float = 2.0
-    ) -> None:
+    def __init__(self, model: nn.Module, backbone: nn.Module, config: RescaleConfig | None = None) -> None:
+        config = config if config is not None else RescaleConfig()
+        if not isinstance(config, RescaleConfig):
+            raise TypeError(f"config must be a RescaleConfig, got {type(config).__name__}")
         self.pairs = rescalable_pairs(backbone)
         if not self.pairs:
             raise ValueError(
                 "the rescaling teleport needs an nn.Sequential backbone with two trainable nn.Linear layers "
                 "separated only by ReLU, LeakyReLU or Identity"
             )
-        check_int("steps", steps, 1)
-        if not lr > 0 or not max_log_scale > 0:
-            raise ValueError("lr and max_log_scale must be > 0")
         _check_plain_layers(model, backbone, self.pairs)
-        self.model, self.backbone = model, backbone
-        self.steps, self.lr, self.max_log_scale = steps, lr, max_log_scale
+        self.model, self.backbone, self.config = model, backbone, config
+        self.steps, self.lr, self.max_log_scale = config.steps, config.lr, config.max_log_scale
         self.parameters = [p for p in backbone.parameters() if p.requires_grad]
         self._name = {id(p): n for n, p in model.named_parameters()}
 

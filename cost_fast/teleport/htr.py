@@ -59,19 +59,38 @@ class HistoryReuse:
     σ > 0 makes the next ``optimizer.step()`` that has any gradient run with betas
     (σβ1, σβ2) (``"modulated"``), whoever calls it (``COST.step``, or the user after
     ``COST.backward``, e.g. through an AMP ``GradScaler``). A step without gradients, or one a
-    ``GradScaler`` skips, leaves HTR pending.
+    ``GradScaler`` skips, leaves HTR pending. ``close()`` removes its optimizer hooks.
+
+    With ``keeps_last_update`` (the public semantics' g'), ``record_update`` keeps the last base
+    update of the shared parameters (flat, (P,)) in a buffer of its own, apart from the gradient
+    engine's, which a skipped step overwrites.
 
     Args:
         optimizer: an ``torch.optim.Adam`` or ``AdamW``.
+        params: the shared parameters (the size, device and dtype of g'; default None: no g').
+        keeps_last_update: keep the last base update as g' (default False: paper semantics,
+            where g' is computed at the teleport, or no teleports).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        params: list[torch.Tensor] | None = None,
+        keeps_last_update: bool = False,
+    ) -> None:
         if not supports_htr(optimizer):
             raise TypeError(f"HTR needs Adam or AdamW, got {type(optimizer).__name__}")
+        if keeps_last_update and not params:
+            raise ValueError("keeps_last_update needs the shared parameters (params=...)")
         self.optimizer = optimizer
+        self.keeps_last_update = keeps_last_update
+        self.num_params = sum(p.numel() for p in params) if params else None
+        self._like = params[0] if params else None
         self.pending_sigma: float | None = None
+        self.last_update: torch.Tensor | None = None
         self._saved_betas: list[tuple[float, float]] | None = None
-        self._hooks = [
+        self.hooks = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
         ]
@@ -87,6 +106,15 @@ class HistoryReuse:
             return "reset"
         self.pending_sigma = min(sigma, 1.0)
         return "modulated"
+
+    def record_update(self, update: torch.Tensor) -> None:
+        """Keep the base update just taken (flat, (P,)) as g', when ``keeps_last_update``."""
+        if not self.keeps_last_update:
+            return
+        if self.last_update is None:
+            self.last_update = update.detach().clone()
+        else:
+            self.last_update.copy_(update)
 
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.pending_sigma is None:
@@ -106,16 +134,40 @@ class HistoryReuse:
         self.pending_sigma = None
 
     def state_dict(self) -> dict[str, Any]:
-        """{"pending_sigma": σ of an HTR not yet applied, or None}."""
-        return {"pending_sigma": self.pending_sigma}
+        """{"pending_sigma": σ of an HTR not yet applied, or None; "last_update": g' (a copy),
+        or None}."""
+        last = self.last_update
+        return {"pending_sigma": self.pending_sigma, "last_update": None if last is None else last.clone()}
+
+    def state_problems(self, state: Any) -> list[str]:
+        """What in ``state`` does not fit this HTR ([] if it fits); nothing is changed."""
+        if not isinstance(state, dict) or set(state) != {"pending_sigma", "last_update"}:
+            return [f"an HTR state that is not {{'pending_sigma': ..., 'last_update': ...}}: {state!r}"]
+        problems = []
+        sigma = state["pending_sigma"]
+        if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, int | float) or not 0 < sigma <= 1):
+            problems.append(f"a pending HTR σ that is not in (0, 1]: {sigma!r}")
+        last = state["last_update"]
+        shape = (self.num_params,)
+        if last is not None and not (
+            isinstance(last, torch.Tensor) and last.dtype.is_floating_point and tuple(last.shape) == shape
+        ):
+            got = f"shape {tuple(last.shape)} {last.dtype}" if isinstance(last, torch.Tensor) else type(last).__name__
+            problems.append(f"an HTR last update that is not a float tensor of shape {shape}, got {got}")
+        return problems
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what ``state_dict`` returned."""
+        """Restore what ``state_dict`` returned (g' on the shared parameters' device and dtype)."""
         sigma = state["pending_sigma"]
         self.pending_sigma = None if sigma is None else float(sigma)
+        last = state["last_update"]
+        if last is not None and self._like is not None:
+            last = last.to(device=self._like.device, dtype=self._like.dtype)
+        self.last_update = None if last is None else last.clone()
 
-    def remove(self) -> None:
-        """Detach from the optimizer (its hooks are removed; pending HTR is dropped)."""
-        for hook in self._hooks:
+    def close(self) -> None:
+        """Detach from the optimizer (its hooks are removed; a pending HTR is dropped)."""
+        for hook in self.hooks:
             hook.remove()
+        self.hooks = []
         self.pending_sigma = None

@@ -26,7 +26,7 @@ term L_g, the g' of its HTR and its default settings.
     guard    on (ours: the paper has none; it rolls back a teleport that raised a loss)
 
 In both, L_t = (1/K) Σ_i |L_i(θ+Δθ; b) - L*_i| over the teleport batches b, with L*_i the mean
-loss over the teleport data before the teleport (``cost_fast.teleport``).
+loss over the teleport data before the teleport (``cost_fast.teleport.contour``).
 
 How δ is chosen: with random directions, L_g is a first-order quantity, (1/K) Σ R_i ∇L_i·ε, so it
 grows linearly with δ (measured on the digits model from δ = 1e-3·‖θ‖ to 0.3·‖θ‖: 3e-5 to 8e-3,
@@ -38,7 +38,7 @@ problems (``cost-fast reproduce`` measures this with ``sharpness_control``; at 1
 weight it does).
 
 Speed (same result): the perturbed losses run without autograd and without model copies
-(``cost_fast.perturbed``); in paper semantics only the arg-max sample is evaluated again with
+(``cost_fast.teleport.perturbed``); in paper semantics only the arg-max sample is evaluated again with
 autograd (the gradient of a max flows through its arg-max alone), and ε_j is regenerated from its
 own seed by a Philox Triton kernel on CUDA rather than stored.
 """
@@ -54,7 +54,7 @@ from torch import nn
 
 from cost_fast.kernels import GramStats
 from cost_fast.kernels.perturb import sphere_noise, sphere_perturb_
-from cost_fast.perturbed import EffectivePoint, LossFn, in_place_losses, sample_losses
+from cost_fast.teleport.perturbed import EffectivePoint, LossFn, in_place_losses, sample_losses
 
 # L_g as a function of the adapter step t and its effective point (differentiable w.r.t. the adapter).
 SharpnessProbe = Callable[[int, EffectivePoint], torch.Tensor]
@@ -274,8 +274,6 @@ def get_semantics(semantics: str | Semantics) -> Semantics:
             f"semantics must be a name ({', '.join(map(repr, sorted(SEMANTICS)))}) or a Semantics, "
             f"got {type(semantics).__name__}"
         )
-    if semantics == "reference":
-        raise ValueError("the public code's semantics is now called 'public' (it was 'reference')")
     if semantics not in SEMANTICS:
         raise ValueError(f"semantics must be one of {sorted(SEMANTICS)} or a Semantics object, got {semantics!r}")
     return SEMANTICS[semantics]()

@@ -1,7 +1,7 @@
 """``cost-fast reproduce``: the COST paper's qualitative claims beside what this engine measures.
 
-For each of several seeds (5 by default) it runs the digits demo (``cost_fast.demo``), the CAGrad
-toy (``cost_fast.toy``) twice, with the public code's teleports (the trained ΔW merged whole) and
+For each of several seeds (5 by default) it runs the digits demo (``cost_fast.apps.demo``), the CAGrad
+toy (``cost_fast.apps.toy``) twice, with the public code's teleports (the trained ΔW merged whole) and
 with loss-preserving ones (``TeleportConfig(level_set_tolerance=LEVEL_SET_TOLERANCE)``), and a
 controlled paper-semantics teleport (``sharpness_control``: the same teleport with the sharpness
 term at the paper's weight and switched off) into one folder, and writes ``REPRODUCTION.md``: per
@@ -21,10 +21,10 @@ from typing import Any, TextIO
 
 import torch
 
+from cost_fast.apps.demo import run_demo
+from cost_fast.apps.report import atomic_report_dir, check_report_target
+from cost_fast.apps.toy import run_toy
 from cost_fast.checks import check_int
-from cost_fast.demo import run_demo
-from cost_fast.report import atomic_report_dir, check_report_target
-from cost_fast.toy import run_toy
 
 WINDOW = 3  # steps before/after a teleport compared for the "right after" claim
 LEVEL_SET_TOLERANCE = 0.05  # of the loss-preserving toy run: no merged teleport moves a loss by more
@@ -45,13 +45,13 @@ def sharpness_control(seed: int = 0, *, epochs: int = 3, relative_radius: float 
     weight (0.1), switched off (0), and at 100 times the paper's weight (10). Returns the L_t and
     L_g series of each, so that what the term itself does to L_g can be told from what the
     adapter's drift does."""
-    from cost_fast import COST, PaperSemantics, TeleportConfig, get_aggregator
-    from cost_fast.demo import NUM_TASKS, digits_tasks
+    from cost_fast import COST, PaperSemantics, TeleportConfig, TeleportSchedule, get_aggregator
+    from cost_fast.apps.demo import NUM_TASKS, digits_tasks
     from cost_fast.grads import TaskGradients
     from cost_fast.kernels import gram_stats
-    from cost_fast.lora import TeleportAdapter
     from cost_fast.models import MultiTaskMLP, batch_task_losses
     from cost_fast.teleport import teleport
+    from cost_fast.teleport.lora import TeleportAdapter
 
     if relative_radius is None:
         relative_radius = PaperSemantics().relative_radius
@@ -68,7 +68,7 @@ def sharpness_control(seed: int = 0, *, epochs: int = 3, relative_radius: float 
         optimizer,
         loss_fn=batch_task_losses,
         teleport_data=batches,
-        max_teleports_per_epoch=0,
+        schedule=TeleportSchedule(max_per_epoch=0),
         seed=seed,
     )
     for _ in range(epochs):

@@ -33,11 +33,11 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
-from cost_fast.aggregators.base import get_aggregator
+from cost_fast.apps.report import atomic_report_dir, check_report_target
 from cost_fast.cost import COST
-from cost_fast.report import atomic_report_dir, check_report_target
-from cost_fast.semantics import Semantics, get_semantics
-from cost_fast.teleport import TeleportConfig
+from cost_fast.methods import get_aggregator
+from cost_fast.teleport import TeleportConfig, TeleportSchedule
+from cost_fast.teleport.semantics import Semantics, get_semantics
 
 INITS = [(-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0)]
 CAGRAD_INITS = [(-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0)]
@@ -131,8 +131,7 @@ def train_toy(
         loss_fn=_loss_fn,
         teleport_data=[batch],
         semantics=semantics,
-        max_teleports_per_epoch=1 if use_cost else 0,
-        steps_per_epoch=steps_per_epoch,
+        schedule=TeleportSchedule(max_per_epoch=1 if use_cost else 0, steps_per_epoch=steps_per_epoch),
         teleport=TeleportConfig(lr=lr, rounds=20) if teleport is None else teleport,
         seed=seed,
     )
