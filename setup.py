@@ -36,7 +36,15 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "matplotlib>=3.7", "scipy>=1.10"],
+        # torchjd: the tests hold mtl_backward and its torchjd adapters to torchjd itself
+        "dev": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "ruff>=0.6",
+            "matplotlib>=3.7",
+            "scipy>=1.10",
+            "torchjd[quadprog-projector]>=0.18",
+        ],
         # reference solvers for bench/test_bench_solvers.py
         "bench": ["cvxpy>=1.4", "ecos>=2.0"],
         # `cost-fast demo`: the digits data set, plots, progress bar

@@ -83,8 +83,7 @@ def run_benchmarks(
                 "-p",
                 "no:cacheprovider",
                 # nothing of the checkout on sys.path (the suite runs in the staging folder, and
-                # pytest adds no rootdir): its top-level folders would shadow installed packages
-                # of the same name (kernels/: Hugging Face's kernels, which transformers imports)
+                # pytest adds no rootdir): its top-level bench/ would shadow the installed copy
                 "--import-mode=importlib",
                 f"--benchmark-json={result}",
                 f"--benchmark-storage=file://{staging / 'storage'}",
@@ -123,11 +122,21 @@ def run_benchmarks(
 
 def _run_streaming(command: list[str], stream: TextIO, cwd: Path) -> int:
     """Run ``command`` in ``cwd``, copying its output to ``stream`` line by line; returns its exit
-    status."""
-    with subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, cwd=cwd
-    ) as proc:
+    status. If this process is stopped meanwhile (a signal, an error), the command is ended too
+    (SIGTERM, then SIGKILL after 10 s): no suite outlives the run that started it."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, cwd=cwd)
+    try:
         for line in proc.stdout:
             stream.write(line)
             stream.flush()
-    return proc.returncode
+        return proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        proc.stdout.close()

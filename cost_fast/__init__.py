@@ -1,28 +1,43 @@
-"""cost_fast: a fast engine for gradient-based multi-task learning and COST teleportation."""
+"""cost_fast: a fast engine for gradient-based multi-task learning and COST teleportation.
 
-from cost_fast.aggregators import Aggregator, GradientAggregator
-from cost_fast.backward import BackwardResult, mtl_backward
-from cost_fast.cost import COST
-from cost_fast.distributed import DataParallelConfig
-from cost_fast.grads import GradientEngine, TaskGradients
-from cost_fast.info import StepInfo
-from cost_fast.kernels import GramStats, gram_stats
-from cost_fast.methods import get_aggregator, list_aggregators
-from cost_fast.registry import register
-from cost_fast.step import BaseStepConfig
-from cost_fast.teleport import (
-    AdapterConfig,
-    PaperSemantics,
-    PublicSemantics,
-    RescaleConfig,
-    Semantics,
-    TeleportConfig,
-    TeleportSchedule,
-    get_semantics,
-)
-from cost_fast.weighting import LossWeighting
+The names below are imported when first used (``cost_fast.COST`` imports ``cost_fast.cost``, and
+so torch), so that ``import cost_fast`` and the ``cost-fast`` command start at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# Every public name: the module it lives in.
+_EXPORTS = {
+    "Aggregator": "cost_fast.aggregators",
+    "GradientAggregator": "cost_fast.aggregators",
+    "BackwardResult": "cost_fast.backward",
+    "mtl_backward": "cost_fast.backward",
+    "COST": "cost_fast.cost",
+    "DataParallelConfig": "cost_fast.distributed",
+    "GradientEngine": "cost_fast.grads",
+    "TaskGradients": "cost_fast.grads",
+    "StepInfo": "cost_fast.info",
+    "GramStats": "cost_fast.kernels",
+    "gram_stats": "cost_fast.kernels",
+    "get_aggregator": "cost_fast.methods",
+    "list_aggregators": "cost_fast.methods",
+    "register": "cost_fast.registry",
+    "BaseStepConfig": "cost_fast.step",
+    "AdapterConfig": "cost_fast.teleport",
+    "PaperSemantics": "cost_fast.teleport",
+    "PublicSemantics": "cost_fast.teleport",
+    "RescaleConfig": "cost_fast.teleport",
+    "Semantics": "cost_fast.teleport",
+    "TeleportConfig": "cost_fast.teleport",
+    "TeleportSchedule": "cost_fast.teleport",
+    "get_semantics": "cost_fast.teleport",
+    "LossWeighting": "cost_fast.weighting",
+}
 
 __all__ = [
     "COST",
@@ -51,3 +66,17 @@ __all__ = [
     "mtl_backward",
     "register",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The public ``name`` from its module, imported on first use."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cost_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -4,6 +4,8 @@ wrong and how to mend it, so that a refused COST has done no work and registered
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -14,8 +16,12 @@ from cost_fast.backward import Losses, stack_losses
 from cost_fast.grads import RepresentationGradients, check_task_losses
 from cost_fast.methods import Method, as_method, list_aggregators
 from cost_fast.rng import caller_generators_untouched
+from cost_fast.step import BaseStepConfig
+from cost_fast.teleport.config import AdapterConfig, RescaleConfig, TeleportConfig, adapter_config
 from cost_fast.teleport.contour import eval_mode
+from cost_fast.teleport.htr import supports_htr
 from cost_fast.teleport.perturbed import LossFn
+from cost_fast.teleport.schedule import TeleportSchedule
 from cost_fast.weighting.base import LossWeighting
 
 
@@ -28,8 +34,8 @@ def resolve_base(base: Any) -> Method:
             "num_tasks=K), and give the optimizer its parameters too (optimizer over "
             "[*model.parameters(), *base.parameters()])"
         )
-    if isinstance(base, str) or (callable(base) and not isinstance(base, nn.Module)):
-        base = as_method(base)  # a method as it is, a Gram or gradient method's name, a function gram -> w
+    if isinstance(base, str) or (callable(base) and not isinstance(base, Method)):
+        base = as_method(base)  # a Gram or gradient method's name, a function gram -> w, a torchjd weighting
     if not isinstance(base, Method):
         raise TypeError(
             f"base must be an Aggregator, a LossWeighting, a method's name or a function gram -> weights, "
@@ -45,6 +51,39 @@ def resolve_config(name: str, value: Any, kind: type) -> Any:
     if not isinstance(value, kind):
         raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
     return value
+
+
+def resolve_configs(
+    schedule: Any, teleport: Any, base_step: Any, adapter: Any, teleport_data: Any
+) -> tuple[TeleportSchedule, TeleportConfig, BaseStepConfig, AdapterConfig | RescaleConfig]:
+    """COST's configs from what it was given (None: the defaults); an epoch is
+    ``len(teleport_data)`` steps unless the schedule says (and the data has a length)."""
+    schedule = resolve_config("schedule", schedule, TeleportSchedule)
+    if schedule.steps_per_epoch is None and hasattr(teleport_data, "__len__"):
+        schedule = dataclasses.replace(schedule, steps_per_epoch=len(teleport_data))
+    teleport = resolve_config("teleport", teleport, TeleportConfig)
+    return schedule, teleport, resolve_config("base_step", base_step, BaseStepConfig), adapter_config(adapter)
+
+
+def trainable_shared(shared: nn.Module) -> list[torch.Tensor]:
+    """The backbone's trainable parameters; ``ValueError`` when it has none."""
+    params = [p for p in shared.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("every parameter of the shared backbone is frozen: COST has nothing to train or teleport")
+    return params
+
+
+def htr_is_on(htr: bool, optimizer: torch.optim.Optimizer, schedule: TeleportSchedule) -> bool:
+    """HTR runs when asked for and the optimizer is Adam or AdamW; a ``UserWarning`` says when it
+    is asked for, teleports are on, and the optimizer is another one."""
+    if htr and not supports_htr(optimizer) and schedule.max_per_epoch > 0:
+        warnings.warn(
+            f"HTR is off: it modulates Adam's moments and needs Adam or AdamW, got {type(optimizer).__name__} "
+            "(teleports still run)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return htr and supports_htr(optimizer)
 
 
 def check_arguments(
@@ -96,6 +135,17 @@ def tensor_losses(loss_fn: Callable[[nn.Module, Any], Losses]) -> LossFn:
     """``loss_fn`` giving the K losses as one (K,) tensor, whichever form it returns them in (a
     tensor, a list of scalar tensors or a dict, as ``step`` takes them)."""
     return lambda model, batch: as_tensor(loss_fn(model, batch))
+
+
+def check_outside_autocast(losses: torch.Tensor) -> None:
+    """``RuntimeError`` inside ``torch.autocast`` on the losses' device: COST's Gram matrix, its
+    solves and the teleport's bookkeeping need full precision."""
+    if torch.is_autocast_enabled(losses.device.type):
+        raise RuntimeError(
+            "COST.step/backward was called inside torch.autocast: compute the losses inside it, then call COST "
+            "outside it (the Gram matrix, the solves and the teleport's bookkeeping need full precision); for "
+            "mixed-precision teleport forward passes, use autocast inside loss_fn"
+        )
 
 
 def check_loss_fn(

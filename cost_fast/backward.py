@@ -109,6 +109,7 @@ def mtl_backward(
     method: Method | str | Any,
     *,
     heads: Iterable[torch.Tensor] | None = None,
+    head_gradients: Literal["weighted", "per_task"] = "weighted",
     mode: Literal["loop", "batched"] = "loop",
     scaler: torch.amp.GradScaler | None = None,
 ) -> BackwardResult:
@@ -128,6 +129,9 @@ def mtl_backward(
             would be built at every call).
         heads: the tensors that get ∇ Σ_i w_i L_i (default: every leaf that requires grad
             reached from the losses' graph, minus the shared parameters).
+        head_gradients: ``"weighted"`` (default: the heads get ∇ Σ_i w_i L_i, the gradient of
+            the total the method weights) or ``"per_task"`` (head i gets its own ∇L_i, i.e.
+            ∇ Σ_i L_i: torchjd's ``mtl_backward`` and the public COST code).
         mode: how the per-task gradients are computed (``TaskGradients``): ``"loop"`` (K
             backward passes, default) or ``"batched"`` (one vmapped backward).
         scaler: an enabled ``torch.amp.GradScaler``: pass the plain losses; the gradients are
@@ -149,6 +153,8 @@ def mtl_backward(
         raise ValueError("the losses have no graph (computed under torch.no_grad, or of detached tensors)")
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    if head_gradients not in ("weighted", "per_task"):
+        raise ValueError(f"head_gradients must be 'weighted' or 'per_task', got {head_gradients!r}")
     num_tasks = stacked.shape[0]
     method = as_method(method, num_tasks=num_tasks, allow_stateful_name=False)
     if isinstance(method, LossWeighting):
@@ -173,7 +179,11 @@ def mtl_backward(
     if scale is not None:
         stats = stats.unscaled(scale)
     reason = None if bool(torch.isfinite(stacked).all() & ~stats.nonfinite) else NONFINITE
-    update = base_update(method, stacked, engine, stats.gram, scale, heads=head_params) if reason is None else reason
+    update = (
+        reason
+        if reason is not None
+        else base_update(method, stacked, engine, stats.gram, scale, heads=head_params, head_gradients=head_gradients)
+    )
     if isinstance(update, str):
         if scale is None:
             raise FloatingPointError(f"{update}; no .grad was changed")

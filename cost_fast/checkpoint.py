@@ -8,6 +8,7 @@ reads it): a header that says which COST wrote it, and each part's own state dic
     semantics, method     the semantics' name and the base method's class name
     num_tasks, num_params K (None before the first step) and P, the shared parameters' size
     clock                 ``Clock.state_dict()``: step_count, epoch, teleports_this_epoch
+    tally                 ``Tally.state_dict()``: what the run has done so far (counts)
     teleporter            ``Teleporter.state_dict()``: COST's own generator (adapter factors, noise)
     base                  ``BaseStep.state_dict()``: the base method's own state dict
     htr                   ``HistoryReuse.state_dict()`` (a pending σ, the last update g'), or
@@ -19,24 +20,23 @@ reads it): a header that says which COST wrote it, and each part's own state dic
 COST, each part's state by the part's own ``state_problems``, the base method's on a copy of it)
 and raises one ``ValueError`` naming what differs; so a failed load changes nothing.
 
-``save`` and ``load`` write and read a checkpoint file (any dict of state dicts) atomically and
-with one clear error for a file that is missing, empty, truncated or not a checkpoint.
+``save`` and ``load`` write and read a checkpoint file (any dict of state dicts, checksummed
+whole) atomically, with one clear error for a file that is missing, empty, truncated, damaged
+or not a checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 FORMAT = 3
-PARTS = ("clock", "teleporter", "htr", "base")  # the order they are checked in: the base method last
+PARTS = ("clock", "tally", "teleporter", "htr", "base")  # the order they are checked in: the base method last
 HEADER = ("format", "semantics", "method", "num_tasks", "num_params")
 KEYS = {*HEADER, *PARTS, "checksum"}
 
@@ -89,7 +89,7 @@ def checksum(state: dict[str, Any]) -> str:
     def feed(value: Any) -> None:
         if isinstance(value, torch.Tensor):
             digest.update(f"tensor {value.dtype} {tuple(value.shape)}:".encode())
-            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         elif isinstance(value, dict):
             digest.update(b"{")
             for key in sorted(value, key=repr):
@@ -108,14 +108,25 @@ def checksum(state: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
+FILE_FORMAT = "cost_fast checkpoint 1"  # what a checkpoint file holds: this, its contents and their checksum
+
+
 def save(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
-    """``torch.save`` into a temporary file beside ``path``, renamed into place when complete: a
-    kill or a full disk leaves the earlier file whole."""
+    """Write ``checkpoint`` (any dict of state dicts: model, optimizer, COST, ...) to ``path``
+    with a checksum of all of it, through a temporary file beside it that is renamed into place
+    when complete: a kill or a full disk leaves the earlier file whole. A ``path`` that is a
+    symbolic link is followed: its target is written and the link kept."""
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"a checkpoint is a dict of state dicts, got {type(checkpoint).__name__}")
     target = Path(path)
+    if target.is_symlink():
+        target = target.resolve()
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.resolve().parent)
     os.close(handle)
     try:
-        torch.save(checkpoint, temporary)
+        torch.save(
+            {"format": FILE_FORMAT, "checksum": checksum({"contents": checkpoint}), "contents": checkpoint}, temporary
+        )
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -123,8 +134,9 @@ def save(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)``, or one ``ValueError`` naming the file for one that
-    is missing, empty, truncated or not a checkpoint."""
+    """What ``save`` wrote to ``path`` (``torch.load(weights_only=True)``), checked against its
+    checksum, or one ``ValueError`` naming the file for one that is missing, empty, truncated,
+    damaged (a changed byte anywhere in what it holds) or not a checkpoint of ``save``'s."""
     target = Path(path)
     if not target.is_file():
         raise ValueError(f"cannot load the checkpoint {target}: no such file")
@@ -132,15 +144,20 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"cannot load the checkpoint {target}: the file is empty")
     try:
         loaded = torch.load(target, weights_only=True)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged file fails in any of torch.load's layers
         first_line = str(err).splitlines()[0] if str(err) else ""
         raise ValueError(
-            f"cannot load the checkpoint {target}: it is truncated or not a checkpoint "
+            f"cannot load the checkpoint {target}: it is truncated, damaged or not a checkpoint "
             f"({type(err).__name__}: {first_line})"
         ) from None
-    if not isinstance(loaded, dict):
-        raise ValueError(f"cannot load the checkpoint {target}: it holds a {type(loaded).__name__}, not a dict")
-    return loaded
+    if not (isinstance(loaded, dict) and set(loaded) == {"format", "checksum", "contents"}):
+        raise ValueError(f"cannot load the checkpoint {target}: it was not written by cost_fast.checkpoint.save")
+    if loaded["format"] != FILE_FORMAT:
+        raise ValueError(f"cannot load the checkpoint {target}: its format {loaded['format']!r} is not {FILE_FORMAT!r}")
+    contents = loaded["contents"]
+    if not isinstance(contents, dict) or loaded["checksum"] != checksum({"contents": contents}):
+        raise ValueError(f"cannot load the checkpoint {target}: it is damaged (its checksum does not match)")
+    return contents
 
 
 def check_state(state: dict[str, Any], *, header: dict[str, Any], parts: dict[str, Part | None]) -> None:

@@ -38,6 +38,13 @@ def check_int(name: str, value: int | None, minimum: int, *, optional: bool = Fa
     return value
 
 
+def check_seed(name: str, value: int) -> int:
+    """A seed torch's generators take: an int in [0, 2**63) (a bool is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+        raise ValueError(f"{name} must be an int in [0, 2**63), got {value!r}")
+    return value
+
+
 def all_finite(tensors: list[torch.Tensor | None]) -> bool:
     """True if no tensor holds a NaN or ±inf (None entries skipped): one multi-tensor max-norm
     and one host read. A max-norm cannot overflow for finite entries, whatever their dtype, and

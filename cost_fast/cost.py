@@ -5,14 +5,12 @@ decides (one host read): skip it (non-finite losses or gradients), teleport (the
 trigger fired and the schedule allows it; then HTR), or take the base method's update (the same
 as ``mtl_backward``'s). The parts, each with its config, its state and what it registers:
 
-    cost_fast.step                 BaseStep (BaseStepConfig): the update, the skip, clipping,
-                                   a loss weighting's learning; optimizer hooks
+    cost_fast.step                 BaseStep (BaseStepConfig): the update, the skip, clipping, a
+                                   loss weighting's learning; optimizer hooks
     cost_fast.teleport.schedule    Clock (TeleportSchedule): steps, epochs, when a teleport may run
-    cost_fast.teleport.teleporter  Teleporter (TeleportConfig, AdapterConfig or RescaleConfig):
-                                   the teleport, COST's generator
+    cost_fast.teleport.teleporter  Teleporter (TeleportConfig, AdapterConfig/RescaleConfig)
     cost_fast.teleport.htr         HistoryReuse: Adam's history after a teleport; optimizer hooks
-    cost_fast.distributed          Ranks (DataParallelConfig): data-parallel plumbing
-    cost_fast.checkpoint           the state a checkpoint holds, made of the parts' own
+    cost_fast.info                 Tally: what the run has done; cost_fast.distributed: Ranks
 
 ``close()`` (or ``with COST(...) as cost:``) removes what COST registered; a new COST over an
 optimizer that a live one holds closes the earlier one (``cost_fast.claim``), so hooks never stack.
@@ -20,8 +18,6 @@ optimizer that a live one holds closes the earlier one (``cost_fast.claim``), so
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -33,20 +29,24 @@ from cost_fast.arguments import (
     check_arguments,
     check_loss_fn,
     check_optimizer_holds,
+    check_outside_autocast,
     describe_settings,
+    htr_is_on,
     resolve_base,
-    resolve_config,
+    resolve_configs,
     tensor_losses,
+    trainable_shared,
 )
 from cost_fast.backward import Losses, stack_losses
 from cost_fast.claim import OptimizerClaim
 from cost_fast.distributed import DataParallelConfig, Ranks
 from cost_fast.grads import GradientEngine, RepresentationGradients, check_task_losses
-from cost_fast.info import StepInfo
+from cost_fast.info import StepInfo, Tally
 from cost_fast.methods import Method
 from cost_fast.step import BaseStep, BaseStepConfig
-from cost_fast.teleport.config import AdapterConfig, RescaleConfig, TeleportConfig, adapter_config
-from cost_fast.teleport.htr import HistoryReuse, supports_htr
+from cost_fast.teleport.config import AdapterConfig, RescaleConfig, TeleportConfig
+from cost_fast.teleport.data import TeleportData
+from cost_fast.teleport.htr import HistoryReuse
 from cost_fast.teleport.schedule import Clock, TeleportSchedule
 from cost_fast.teleport.semantics import Semantics, get_semantics
 from cost_fast.teleport.teleporter import Teleporter
@@ -119,19 +119,12 @@ class COST:
     ) -> None:
         base = resolve_base(base)
         check_arguments(model, shared, optimizer, loss_fn, teleport_data, scaler, seed, htr)
-        schedule = resolve_config("schedule", schedule, TeleportSchedule)
-        teleport = resolve_config("teleport", teleport, TeleportConfig)
-        step = resolve_config("base_step", base_step, BaseStepConfig)
-        adapter = adapter_config(adapter)
+        schedule, teleport, step, adapter = resolve_configs(schedule, teleport, base_step, adapter, teleport_data)
         if scaler is not None and step.nonfinite == "raise":
             raise ValueError(
                 "nonfinite='raise' cannot be used with a GradScaler: its overflows are the scaler's to skip"
             )
-        if schedule.steps_per_epoch is None and hasattr(teleport_data, "__len__"):
-            schedule = dataclasses.replace(schedule, steps_per_epoch=len(teleport_data))
-        shared_params = [p for p in shared.parameters() if p.requires_grad]
-        if not shared_params:
-            raise ValueError("every parameter of the shared backbone is frozen: COST has nothing to train or teleport")
+        shared_params = trainable_shared(shared)
         check_optimizer_holds(model, base, optimizer)
         self.ranks = ranks = Ranks(data_parallel)
         ranks.refuse_unsupported(
@@ -142,7 +135,7 @@ class COST:
         )
         self.model, self.shared, self.base, self.optimizer, self.scaler = model, shared, base, optimizer, scaler
         self.semantics = get_semantics(semantics)
-        self.teleport_config, self.teleport_data = teleport, teleport_data
+        self.teleport_config, self.teleport_data = teleport, TeleportData(teleport_data)
         self._given_loss_fn = loss_fn
         self.loss_fn = tensor_losses(loss_fn)
         self._global_loss_fn = ranks.global_loss_fn(self.loss_fn)  # the teleport's, a weighting's after a step
@@ -150,6 +143,7 @@ class COST:
         self._num_params = sum(p.numel() for p in shared_params)
         self._checkpoint_num_tasks: int | None = None
         self.clock = Clock(schedule)
+        self.tally = Tally()
         self.engine: GradientEngine | None = None
         self.htr: HistoryReuse | None = None
         self._claim = OptimizerClaim(optimizer)
@@ -166,7 +160,7 @@ class COST:
         )
         self._representation_engine: RepresentationGradients | None = None
         try:
-            if htr and supports_htr(optimizer):
+            if htr_is_on(htr, optimizer, schedule):
                 keeps = self.semantics.htr_direction == "last_update" and schedule.max_per_epoch > 0
                 self.htr = HistoryReuse(optimizer, params=shared_params, keeps_last_update=keeps)
             self.teleporter = Teleporter(
@@ -175,7 +169,7 @@ class COST:
                 adapter=adapter,
                 loss_fn=self.loss_fn,
                 global_loss_fn=self._global_loss_fn,
-                teleport_data=teleport_data,
+                teleport_data=self.teleport_data,
                 semantics=self.semantics,
                 config=teleport,
                 optimizer=optimizer,
@@ -184,8 +178,9 @@ class COST:
                 seed=seed,
                 sum_over_ranks=ranks.sum_over_ranks if ranks.parallel else None,
             )
-            settings = describe_settings(self, seed)
-            ranks.check_agreement(settings, [*model.parameters(), *self.base_step.learned])
+            self._agreed_tensors = [*model.parameters(), *self.base_step.learned]
+            self._seed = seed
+            ranks.check_agreement(describe_settings(self, seed), self._agreed_tensors)
             self.base_step.attach(optimizer)
             if step.gradient_mode == "representation":  # its hook must see the first forward pass already
                 self._representation_engine = RepresentationGradients(shared, shared_params)
@@ -193,13 +188,6 @@ class COST:
             self._release()
             raise
         self._claim.take([part.close for part in self._hooked_parts()])
-        if self.htr is None and htr and schedule.max_per_epoch > 0:
-            warnings.warn(
-                f"HTR is off: it modulates Adam's moments and needs Adam or AdamW, got {type(optimizer).__name__} "
-                "(teleports still run)",
-                UserWarning,
-                stacklevel=2,
-            )
 
     # -- what COST is made of --------------------------------------------------------------------
 
@@ -265,6 +253,7 @@ class COST:
         that does not fit raises one ``ValueError`` naming what differs, and nothing is loaded."""
         checkpoint.load_into(state, header=self._header(), parts=self._parts())
         self._checkpoint_num_tasks = state["num_tasks"]
+        self.ranks.loaded()
 
     def _header(self) -> dict[str, Any]:
         return {
@@ -275,7 +264,13 @@ class COST:
         }
 
     def _parts(self) -> dict[str, Any]:
-        return {"clock": self.clock, "teleporter": self.teleporter, "htr": self.htr, "base": self.base_step}
+        return {
+            "clock": self.clock,
+            "tally": self.tally,
+            "teleporter": self.teleporter,
+            "htr": self.htr,
+            "base": self.base_step,
+        }
 
     # -- epochs --------------------------------------------------------------------------------
 
@@ -291,6 +286,9 @@ class COST:
         self._new_epoch()
 
     def _new_epoch(self) -> None:
+        schedule, epoch = self.clock.schedule, self.clock.epoch
+        allowed = epoch >= schedule.start_epoch and schedule.max_per_epoch > 0
+        self.tally.new_epoch(epoch, teleports_allowed=allowed, semantics=self.semantics.name)
         self.clock.new_epoch()
         self.base_step.new_epoch()
 
@@ -325,12 +323,7 @@ class COST:
         inside, it raises."""
         self._refuse_closed()
         losses, task_names = stack_losses(losses)
-        if torch.is_autocast_enabled(losses.device.type):
-            raise RuntimeError(
-                "COST.step/backward was called inside torch.autocast: compute the losses inside it, then call COST "
-                "outside it (the Gram matrix, the solves and the teleport's bookkeeping need full precision); for "
-                "mixed-precision teleport forward passes, use autocast inside loss_fn"
-            )
+        check_outside_autocast(losses)
         num_tasks = self.num_tasks
         check_task_losses(losses, losses.shape[0] if num_tasks is None else num_tasks)
         if self.engine is None:
@@ -341,6 +334,7 @@ class COST:
         self.base_step.begin()
         info = self._backward(losses, batch)  # raises before counting the step (nonfinite="raise")
         info.task_names = task_names
+        self.tally.record(info)
         if self.clock.tick():
             self._new_epoch()
         return info
@@ -367,12 +361,18 @@ class COST:
 
     def _backward(self, local: torch.Tensor, batch: Any) -> StepInfo:
         """The step's decision: skip (non-finite), teleport, or the base update."""
+        self.ranks.check_still_agree(
+            self._agreed_tensors,
+            lambda: {**describe_settings(self, self._seed), "state": self.state_dict()["checksum"]},
+        )
         timer = PhaseTimer(local.device)
         losses, stats, scale = self._task_gradients(local, batch, timer)
         with timer.phase("gram"):
             finite = torch.isfinite(losses).all() & ~stats.nonfinite
             fires = self.semantics.fires(stats) & finite
-        info = StepInfo.read(self.clock.step_count, self.clock.epoch, stats, fires=fires, finite=finite, timer=timer)
+        info = StepInfo.read(
+            self.clock.step_count, self.clock.epoch, stats, losses, fires=fires, finite=finite, timer=timer
+        )
         if info.skipped is not None:
             return self.base_step.skip(self.engine, info, info.skipped)
         accumulating = self.base_step.wrote_gradients and any(p.grad is not None for p in self._shared_params)
@@ -390,9 +390,10 @@ class COST:
                 return self.base_step.skip(self.engine, info, NONFINITE)
             info.stepped_after_teleport = True
         with timer.phase("solve"):
-            refused = self.base_step.update(self.engine, losses, stats, scale, batch)
-        if refused is not None:
-            return self.base_step.skip(self.engine, info, refused)
+            update = self.base_step.update(self.engine, losses, stats, scale, batch)
+        if isinstance(update, str):
+            return self.base_step.skip(self.engine, info, update)
+        info.keep_weights(update.weights)
         if self.htr is not None:
             self.htr.record_update(self.engine.combined)
         return info

@@ -155,7 +155,7 @@ def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for t in tensors:
         digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -219,6 +219,7 @@ class Ranks:
         self.config = config
         self.group = default_group(config.process_group)
         self.batch_size = config.batch_size if config.batch_size is not None else first_dimension
+        self.loads = 0  # COST states loaded on this rank (``loaded``)
 
     @property
     def parallel(self) -> bool:
@@ -245,6 +246,40 @@ class Ranks:
         """``check_agreement`` over this group (nothing with one process)."""
         if self.parallel:
             check_agreement(settings, tensors, self.group)
+
+    def loaded(self) -> None:
+        """A COST state was loaded on this rank: ``still_agree`` tells whether every rank did."""
+        self.loads += 1
+
+    def check_still_agree(self, tensors: list[torch.Tensor], settings: Callable[[], dict[str, str]]) -> None:
+        """The first collective of a step: unless every rank has loaded as many COST states as
+        this one and holds the same ``tensors`` (``still_agree``), every rank raises the same
+        ``ValueError``, naming what differs among ``settings()`` and the tensors' values
+        (``check_agreement``), so that a state or weights loaded on some ranks only are caught
+        before any decision could differ. Nothing with one process."""
+        if self.still_agree(tensors):
+            return
+        check_agreement(settings(), tensors, self.group)
+        raise ValueError(
+            "the ranks of the process group no longer agree: a COST state was loaded on some ranks only "
+            "(load the same checkpoint on every rank)"
+        )
+
+    def still_agree(self, tensors: list[torch.Tensor]) -> bool:
+        """Whether every rank has loaded as many COST states as this one and holds the same
+        ``tensors`` (by the sum of their squares, exact for bitwise-equal values): one
+        all-gather of two numbers and one host read (True with one process)."""
+        if not self.parallel:
+            return True
+        norms = torch._foreach_norm([t.detach() for t in tensors])
+        first = tensors[0]
+        mine = torch.stack(
+            [torch.tensor(float(self.loads), dtype=torch.float64, device=first.device)]
+            + [torch.stack([n.double() for n in norms]).square().sum()]
+        )
+        everyone = torch.empty(dist.get_world_size(self.group), 2, dtype=torch.float64, device=first.device)
+        _all_gather_single(everyone.view(-1), mine, group=self.group)
+        return bool((everyone == everyone[0]).all())
 
     def task_gradients(self, params: list[torch.Tensor], num_tasks: int, mode: str) -> GradientEngine:
         """The per-task gradient engine: ``TaskGradients``, or ``ShardedTaskGradients`` across ranks."""

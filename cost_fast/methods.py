@@ -21,6 +21,35 @@ from cost_fast.weighting.base import LossWeighting
 Method = Aggregator | LossWeighting
 
 
+def torchjd_weighting(method: Any) -> Any:
+    """The Gram-matrix weighting of a torchjd object, a function ``gram -> weights`` (None for
+    an object that is not torchjd's): a ``GramianWeightedAggregator`` (``UPGrad()``, ``MGDA()``,
+    ...) gives its ``gramian_weighting``, a Gramian weighting (``UPGradWeighting()``) is one.
+    torchjd's aggregators compute Gᵀw from G itself with the same w, so the update is theirs.
+    ``TypeError`` for a torchjd object that needs the Jacobian itself, or that keeps state (which
+    COST's checkpoint could not hold), naming the cost_fast method to use instead."""
+    kind = type(method)
+    if not kind.__module__.startswith("torchjd"):
+        return None
+    bases = {c.__name__ for c in kind.__mro__}
+    ours = _registered_like(kind.__name__)
+    instead = f"get_aggregator({ours!r})" if ours else "a cost_fast method (list_aggregators())"
+    if "Stateful" in bases:
+        raise TypeError(f"torchjd's {kind.__name__} keeps state that COST's checkpoint cannot hold: use {instead}")
+    if "GramianWeightedAggregator" in bases:
+        return method.gramian_weighting
+    if "_GramianWeighting" in bases:
+        return method
+    raise TypeError(f"torchjd's {kind.__name__} works on the Jacobian itself, not on its Gram matrix: use {instead}")
+
+
+def _registered_like(name: str) -> str | None:
+    """The registered name that ``name`` (a class name, e.g. torchjd's ``IMTLG``) spells, if any."""
+    plain = "".join(ch for ch in name.lower().removesuffix("weighting") if ch.isalnum())
+    matches = [n for n in REGISTRY if n.replace("_", "") == plain]
+    return matches[0] if matches else None
+
+
 def list_aggregators() -> dict[str, str]:
     """Every registered name with its kind: "gram" (weights from M), "grads" (needs G itself)
     or "loss" (weights the task losses)."""
@@ -52,10 +81,12 @@ def is_stateful(method: Method) -> bool:
 def as_method(method: Any, *, num_tasks: int | None = None, allow_stateful_name: bool = True) -> Method:
     """The method that ``method`` names or is: an ``Aggregator`` or a ``LossWeighting`` as it
     is; a registered name built by ``get_aggregator`` (a loss weighting with ``num_tasks``); a
-    plain function ``gram -> weights`` wrapped in ``WeightsFunction``. ``num_tasks`` (K) is
-    needed for the name of a loss weighting, and checked against a loss weighting given built.
+    plain function ``gram -> weights`` wrapped in ``WeightsFunction``; a torchjd object that
+    weights the Gram matrix (``torchjd_weighting``). ``num_tasks`` (K) is needed for the name of
+    a loss weighting, and checked against a loss weighting given built.
     ``allow_stateful_name=False`` refuses the name of a method with state (``is_stateful``),
-    for callers that would build a new one at every call."""
+    for callers that would build a new one at every call. Any other ``torch.nn.Module`` is
+    refused: a module's call is not known to map a Gram matrix to weights."""
     if isinstance(method, Aggregator | LossWeighting):
         if isinstance(method, LossWeighting) and num_tasks is not None and method.num_tasks != num_tasks:
             raise ValueError(
@@ -76,6 +107,15 @@ def as_method(method: Any, *, num_tasks: int | None = None, allow_stateful_name:
                 f"{method!r} keeps state from step to step: build it once, method = {hint}, and pass the object"
             )
         return built
+    weighting = torchjd_weighting(method)
+    if weighting is not None:
+        return WeightsFunction(weighting)
+    if isinstance(method, torch.nn.Module):
+        raise TypeError(
+            f"{type(method).__name__} is a torch.nn.Module, not a cost_fast method or a function gram -> weights: "
+            "pass a method (get_aggregator(name); list_aggregators() lists them), or a function, e.g. "
+            "lambda gram: module(gram), if the module maps the K x K Gram matrix to K weights"
+        )
     if callable(method):
         return WeightsFunction(method)
     raise TypeError(

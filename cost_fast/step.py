@@ -30,7 +30,7 @@ from cost_fast.grads import GradientEngine
 from cost_fast.info import StepInfo
 from cost_fast.kernels import GramStats
 from cost_fast.methods import Method
-from cost_fast.update import NONFINITE_GRADIENT_METHOD_UPDATE, base_update, hand_to_scaler
+from cost_fast.update import NONFINITE_GRADIENT_METHOD_UPDATE, BaseUpdate, base_update, hand_to_scaler
 from cost_fast.weighting.base import LossWeighting
 
 GRADIENT_MODES = ("loop", "batched", "representation")
@@ -132,11 +132,11 @@ class BaseStep:
 
     def update(
         self, engine: GradientEngine, losses: torch.Tensor, stats: GramStats, scale: torch.Tensor | None, batch: Any
-    ) -> str | None:
-        """Add the base update into ``.grad`` and return None; or add nothing and return why
-        (``cost_fast.update``: the weights, the update or the heads' gradients are not finite).
-        ``scale`` is a GradScaler's scale s (the gradients of s·L) or None. The update is left
-        in ``engine.combined``."""
+    ) -> BaseUpdate | str:
+        """Add the base update into ``.grad`` and return it (its weights); or add nothing and
+        return why (``cost_fast.update``: the weights, the update or the heads' gradients are not
+        finite). ``scale`` is a GradScaler's scale s (the gradients of s·L) or None. The update is
+        left in ``engine.combined``."""
         update = base_update(
             self.method,
             losses,
@@ -154,7 +154,7 @@ class BaseStep:
         self.wrote_gradients = True
         if isinstance(self.method, LossWeighting):
             self._pending_learning = (losses.detach(), stats.norms, batch)
-        return None
+        return update
 
     def skip(self, engine: GradientEngine, info: StepInfo, reason: str) -> StepInfo:
         """A step that adds nothing to ``.grad`` (with a scaler: adds NaN, for the scaler to skip

@@ -2,7 +2,7 @@
 
     python distributed_worker.py OUT WORLD METHOD [--uneven] [--nan-rank R --nan-step S] [--semantics S]
                                  [--float32] [--no-teleport] [--save-at S] [--resume CHECKPOINT]
-                                 [--mismatch WHAT]
+                                 [--mismatch WHAT] [--rank0-loads WHAT]
 
 The global batches of the tug-of-war problem (float64, or float32) are split by rows across the ranks
 (evenly, or unevenly with --uneven); every rank trains its part with COST (teleports from step
@@ -11,7 +11,10 @@ its step infos. WORLD = 1 runs one plain process on the whole batches. ``--save-
 also writes OUT.ckpt before step S (model, optimizer and COST state dicts); ``--resume``: start
 from such a file, at its step, on this run's world size. ``--mismatch WHAT``: the last rank
 is built differently (``lr``, ``semantics``, ``seed``, ``init`` or ``method``); each rank writes
-the error COST raised to OUT.rank<r>.error. Every warning is an error in the ranks.
+the error COST raised to OUT.rank<r>.error. ``--rank0-loads WHAT``: before step 3, rank 0 alone
+loads a COST state (``cost``: its own from step 1) or other weights (``weights``); each rank writes
+the error COST raised at the next step to OUT.rank<r>.error. Every warning is an error in the
+ranks.
 """
 
 from __future__ import annotations
@@ -97,7 +100,22 @@ def train(rank: int, world: int, out: str, method: str, options: dict) -> None:
         cost.load_state_dict(saved["cost"])
         start = saved["step"]
     infos = []
+    early = None
     for step in range(start, STEPS):
+        if step == 1:
+            early = cost.state_dict()
+        if step == 3 and rank == 0 and options["rank0_loads"] == "cost":
+            cost.load_state_dict(early)
+        if step == 3 and rank == 0 and options["rank0_loads"] == "weights":
+            model.load_state_dict({k: v + 0.01 for k, v in model.state_dict().items()})
+        if step == 3 and options["rank0_loads"] is not None:
+            try:
+                cost.step(loss_fn(model, local[0]), local[0])
+            except ValueError as err:
+                with open(f"{out}.rank{rank}.error", "w", encoding="utf-8") as file:
+                    file.write(str(err))
+            _leave(world)
+            return
         if step == options["save_at"] and rank == 0:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "cost": cost.state_dict()}
             torch.save({**state, "step": step}, f"{out}.ckpt")
@@ -145,6 +163,7 @@ def main(argv: list[str]) -> None:
         "save_at": int(argv[argv.index("--save-at") + 1]) if "--save-at" in argv else -1,
         "resume": argv[argv.index("--resume") + 1] if "--resume" in argv else None,
         "mismatch": argv[argv.index("--mismatch") + 1] if "--mismatch" in argv else None,
+        "rank0_loads": argv[argv.index("--rank0-loads") + 1] if "--rank0-loads" in argv else None,
     }
     args = (world, out, method, options)
     if world == 1:

@@ -1,11 +1,12 @@
 """A COSTModule trained by Lightning, for tests/test_lightning.py (run as a script so that a
 resume happens in a fresh process).
 
-    python lightning_worker.py OUT EPOCHS [--save CKPT] [--resume CKPT]
+    python lightning_worker.py OUT EPOCHS [--save CKPT] [--resume CKPT] [--shuffle yes]
 
 trains from a fixed initialization to EPOCHS epochs (from CKPT's epoch with --resume), then
 writes OUT (torch.save): the parameters, the optimizer's state, COST's state and every step's
-StepInfo fields of this process; --save writes a Lightning checkpoint at the end.
+StepInfo fields and batch of this process; --save writes a Lightning checkpoint at the end;
+--shuffle yes shuffles the training loader (from torch's global generator).
 """
 
 from __future__ import annotations
@@ -60,16 +61,17 @@ class DigitsLike(COSTModule):
                 "skipped": info.skipped,
                 "task_names": info.task_names,
                 "htr": info.htr,
+                "batch": batch[0].sum().item(),
             }
         )
 
 
-def loader() -> DataLoader:
+def loader(shuffle: bool = False) -> DataLoader:
     x, y = conflicting_binary_tasks(96, in_features=8, num_tasks=NUM_TASKS, seed=1)
-    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=False)
+    return DataLoader(TensorDataset(x, y), batch_size=16, shuffle=shuffle)
 
 
-def trainer(epochs: int, precision: str = "32-true") -> pl.Trainer:
+def trainer(epochs: int, precision: str = "32-true", **options: Any) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
@@ -80,13 +82,14 @@ def trainer(epochs: int, precision: str = "32-true") -> pl.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
         deterministic=True,
+        **options,
     )
 
 
 def main(argv: list[str]) -> None:
     out, epochs = argv[0], int(argv[1])
     options = dict(zip(argv[2::2], argv[3::2]))
-    data = loader()
+    data = loader(options.get("--shuffle") == "yes")
     module = DigitsLike(data)
     run = trainer(epochs)
     run.fit(module, train_dataloaders=data, ckpt_path=options.get("--resume"))

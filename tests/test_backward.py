@@ -132,6 +132,42 @@ def test_the_loss_scale_never_changes_the_result() -> None:
     torch.testing.assert_close(result.weights, get_aggregator("nash_mtl").weights(result.stats.gram))
 
 
+@pytest.mark.parametrize("name", ["mgda", "nash_mtl", "mean", "graddrop"])
+def test_an_overflow_is_the_scalers_to_skip_and_training_goes_on(name: str) -> None:
+    """As after a plain ``scaler.scale(loss).backward()``: the overflowing step puts NaN into
+    .grad, the scaler skips it and halves its scale, and the next step trains; without a scaler
+    the same step raises and changes no .grad."""
+    model, x, y = _model_and_data(2)
+    model.float()
+    x = x.float()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    method = get_aggregator(name)
+
+    def overflowing(losses: torch.Tensor) -> torch.Tensor:  # finite losses, a task gradient of 1e38 · s
+        w = model.backbone[0].weight
+        return losses + torch.stack([1e38 * (w - w.detach()).sum(), *[losses[0] * 0] * (K - 1)])
+
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.zero_grad()
+    result = mtl_backward(overflowing(model.task_losses(x, y)), model.backbone, method, scaler=scaler)
+    assert result.skipped is not None and "GradScaler" in result.skipped
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**15  # the overflow lowered the scale
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))  # the step was skipped
+    optimizer.zero_grad()
+    result = mtl_backward(model.task_losses(x, y), model.backbone, method, scaler=scaler)
+    assert result.skipped is None
+    scaler.step(optimizer)
+    scaler.update()
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # and training goes on
+    optimizer.zero_grad(set_to_none=True)
+    with pytest.raises(FloatingPointError, match="no .grad was changed"):
+        mtl_backward(overflowing(model.task_losses(x, y)), model.backbone, method)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_heads_given_explicitly_and_frozen_parameters_left_alone() -> None:
     model, x, y = _model_and_data()
     model.heads[0].bias.requires_grad_(False)

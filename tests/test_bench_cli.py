@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cost_fast.apps import report
 from cost_fast.apps.cli import main
 from cost_fast.apps.report import MARKER
 from cost_fast.bench import runner
@@ -19,12 +20,12 @@ def test_bench_writes_json_plot_and_summary_and_keeps_other_files(tmp_path: Path
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "results"
     out.mkdir()
-    (out / MARKER).write_text("an earlier cost-fast bench output")
     (out / "gram_cuda.json").write_text("{}")  # an earlier run on another device
     tag = runner.device_tag()
     # an earlier result of another suite on this device: kept, and summarized with the new one
     earlier = Path(__file__).parents[1] / "bench" / "results" / "teleport_cpu.json"
     (out / f"teleport_{tag}.json").write_text(earlier.read_text())
+    report._write_marker(out, "id earlier", ["gram_cuda.json", f"teleport_{tag}.json"])  # an earlier bench output
     assert main(["bench", "--out", str(out), "--suites", "solvers,gram", "-k", SELECTION]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [
@@ -95,8 +96,8 @@ def test_a_failing_suite_leaves_the_output_folder_as_it_was(tmp_path: Path, monk
     monkeypatch.setattr(runner, "HERE", suites)
     out = tmp_path / "results"
     out.mkdir()
-    (out / MARKER).write_text("an earlier cost-fast bench output")
     (out / "keep.txt").write_text("earlier")
+    report._write_marker(out, "id earlier", ["keep.txt"])  # an earlier bench output
     assert main(["bench", "--out", str(out), "--suites", "gram,grads"]) == 1
     assert "benchmark suite grads failed" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "keep.txt"])  # gram's result not moved in

@@ -95,3 +95,18 @@ def test_ranks_built_differently_get_the_same_error_at_once(tmp_path: Path, mism
     errors = [Path(f"{out}.rank{r}.error").read_text(encoding="utf-8") for r in range(2)]
     assert errors[0] == errors[1] and errors[0].startswith("the ranks of the process group do not agree on")
     assert named in errors[0] and "rank 1" in errors[0]
+
+
+@pytest.mark.parametrize(("loaded", "named"), [("cost", "state"), ("weights", "the parameters' values")])
+def test_a_load_on_one_rank_only_is_refused_on_every_rank_at_the_next_step(tmp_path: Path, loaded, named) -> None:
+    """A COST state (or model weights) loaded on rank 0 only: at the next step every rank raises
+    the same error naming what differs, at once, instead of hanging in mismatched collectives or
+    training apart."""
+    start = time.monotonic()
+    out = tmp_path / loaded
+    command = [sys.executable, str(WORKER), str(out), "2", "fairgrad", "--rank0-loads", loaded]
+    subprocess.run(command, check=True, timeout=120)
+    assert time.monotonic() - start < 60
+    errors = [Path(f"{out}.rank{r}.error").read_text(encoding="utf-8") for r in range(2)]
+    assert errors[0] == errors[1] and errors[0].startswith("the ranks of the process group do not agree on")
+    assert named in errors[0] and "rank 1" in errors[0]

@@ -39,6 +39,7 @@ def run_page(page: Path, until: str | None = None) -> dict:
 def _scratch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Blocks that write files write them in a temporary folder; a method a page registers is
     unregistered afterwards."""
+    import cost_fast.methods  # noqa: F401  (every built-in method registered before the snapshot)
     from cost_fast.registry import REGISTRY
 
     monkeypatch.chdir(tmp_path)

@@ -7,6 +7,8 @@ import importlib
 import importlib.util
 import os
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,20 @@ def test_installed_copy_is_not_the_checkout() -> None:
         pytest.skip("COST_FAST_CHECKOUT is not set: run the README's test command (scripts/test.sh) to test the wheel")
     package = Path(cost_fast.__file__).resolve()
     assert Path(checkout).resolve() not in package.parents, f"cost_fast imported from the checkout: {package}"
+
+
+def test_python_started_in_the_checkout_imports_what_the_package_imports() -> None:
+    """No top-level folder of the checkout shadows an installed package: Python started at the
+    checkout's root (where '' is on sys.path) imports peft, which imports transformers and so
+    Hugging Face's ``kernels``, and cost_fast with its yardstick."""
+    checkout = os.environ.get("COST_FAST_CHECKOUT", str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run(
+        [sys.executable, "-c", "import peft, transformers, cost_fast.yardstick, cost_fast.kernels; print('ok')"],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    tops = {p.name for p in Path(checkout).iterdir() if (p / "__init__.py").is_file()}
+    assert tops <= {"cost_fast", "bench"}, f"top-level packages that could shadow installed ones: {tops}"

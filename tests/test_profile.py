@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cost_fast.apps import report
 from cost_fast.apps.cli import main
 from cost_fast.apps.profile import run_profile
 from cost_fast.apps.report import MARKER
@@ -17,8 +18,8 @@ PHASES = ["step_fast", "step_yardstick", "teleport_fast", "teleport_yardstick"]
 def test_profile_writes_a_complete_report(tmp_path: Path) -> None:
     target = tmp_path / "report"
     target.mkdir()
-    (target / MARKER).write_text("a previous report of ours")
-    (target / "stale.txt").write_text("old")  # a previous report is replaced whole
+    (target / "stale.txt").write_text("old")  # a previous report of ours is replaced whole
+    report._write_marker(target, "id previous", ["stale.txt"])
     run_profile(target, num_tasks=3, width=2, batch_size=2, rows=3)
     expected = [f"{p}.trace.json" for p in PHASES] + ["summary.txt", MARKER]
     assert sorted(p.name for p in target.iterdir()) == sorted(expected)

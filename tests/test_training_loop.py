@@ -344,3 +344,82 @@ print("ok")
     tests = str(__import__("pathlib").Path(__file__).parent)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tests, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# -- loaders: the caller's iteration and generators --------------------------------------------
+
+
+def loader_run(teleports: int, persistent: bool) -> tuple[list[list[int]], torch.Tensor, dict]:
+    """Three epochs of COST over a shuffled DataLoader that is also the teleport data (as the
+    public code does); the sample order of each epoch, the loader's generator state after, and
+    what COST did."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from tug import TARGETS
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 6, generator=gen)
+    dataset = TensorDataset(x, torch.tensor(TARGETS).expand(256, K), torch.arange(256))
+    torch.manual_seed(1)
+    model = Tug()
+    shuffle = torch.Generator().manual_seed(5)
+    loader = DataLoader(
+        dataset,
+        batch_size=32,
+        shuffle=True,
+        generator=shuffle,
+        num_workers=1 if persistent else 0,
+        persistent_workers=persistent,
+    )
+
+    def loss_fn(m, batch):
+        return m.task_losses(batch[0], batch[1])
+
+    cost = COST(
+        model,
+        model.backbone,
+        "mgda",
+        torch.optim.Adam(model.parameters(), lr=1e-2),
+        loss_fn=loss_fn,
+        teleport_data=loader,
+        schedule=TeleportSchedule(max_per_epoch=teleports, start_step=2),
+        teleport=TeleportConfig(rounds=1),
+    )
+    orders = []
+    for _ in range(3):
+        order = []
+        for batch in loader:
+            cost.step(loss_fn(model, batch), batch)
+            order += batch[2].tolist()
+        orders.append(order)
+    return orders, shuffle.get_state(), cost.tally.summary()
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_teleport_over_the_training_loader_leaves_its_epochs_and_generator_as_without_cost(persistent) -> None:
+    """A teleport mid-epoch over the loader being iterated: every epoch still sees all 256
+    samples, in the order a run without teleports sees them (the loader's own generator drives
+    the shuffle), and that generator ends where it would without COST."""
+    orders, state, done = loader_run(1, persistent)
+    plain_orders, plain_state, plain = loader_run(0, persistent)
+    assert done["teleported"] + done["rolled_back"] == 3 and plain["teleported"] + plain["rolled_back"] == 0
+    assert all(sorted(order) == list(range(256)) for order in orders)  # whole epochs
+    assert orders == plain_orders and torch.equal(state, plain_state)
+
+
+def test_a_loss_fn_may_return_the_losses_as_step_takes_them() -> None:
+    """``loss_fn`` returning a dict (or a list) works as one returning a tensor: same run."""
+    runs = []
+    for form in ("tensor", "dict", "list"):
+
+        def loss_fn(m, batch, form=form):
+            losses = batch_task_losses(m, batch)
+            if form == "dict":
+                return {f"task{i}": loss for i, loss in enumerate(losses)}
+            return list(losses) if form == "list" else losses
+
+        model, batches, cost, _ = build("mgda", loss_fn=loss_fn, schedule=TeleportSchedule(start_step=1))
+        infos = [cost.step(loss_fn(model, b), b) for b in batches * 2]
+        assert any(i.teleported for i in infos)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for other in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], other))

@@ -85,12 +85,14 @@ class CAGrad(Aggregator):
     (1 + c²) if ``rescale == 1`` or by (1 + c) if ``rescale == 2`` (as in the paper's code).
 
     Args:
-        c: radius ratio c ≥ 0 (default 0.5; c = 0 is the mean gradient).
+        c: radius ratio 0 ≤ c ≤ 1e150 (default 0.5; c = 0 is the mean gradient).
         rescale: 0, 1 (default) or 2.
     """
 
     def __init__(self, c: float = 0.5, rescale: int = 1) -> None:
         self.c = check_nonnegative("c", c)
+        if self.c > 1e150:  # the weights are divided by 1 + c², which must stay a finite float
+            raise ValueError(f"c must be at most 1e150 (its square is used), got {c!r}")
         if rescale not in (0, 1, 2):
             raise ValueError(f"rescale must be 0, 1 or 2, got {rescale!r}")
         self.rescale = rescale

@@ -9,7 +9,7 @@ import torch
 
 from cost_fast.aggregators.base import GradientAggregator, clone_or_none
 from cost_fast.aggregators.solvers import project_simplex
-from cost_fast.checks import check_nonnegative, check_positive
+from cost_fast.checks import check_nonnegative, check_positive, check_seed
 from cost_fast.kernels.gram_torch import check_grad_matrix
 from cost_fast.registry import register
 
@@ -30,7 +30,7 @@ class GradDrop(GradientAggregator):
     """
 
     def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
+        self.seed = check_seed("seed", seed)
         self._generators: dict[str, torch.Generator] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from cost_fast.aggregators.base import Aggregator, clone_or_none
-from cost_fast.checks import check_positive
+from cost_fast.checks import check_positive, check_seed
 from cost_fast.registry import register
 
 
@@ -34,7 +34,7 @@ class GradVac(Aggregator):
         self.beta = check_positive("beta", beta)
         if self.beta > 1:
             raise ValueError(f"beta must be in (0, 1], got {beta!r}")
-        self.seed = seed
+        self.seed = check_seed("seed", seed)
         self._generator = torch.Generator().manual_seed(seed)
         self.targets: torch.Tensor | None = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from cost_fast.aggregators.base import Aggregator, check_task_vector, task_vector_or_mean
+from cost_fast.checks import check_seed
 from cost_fast.registry import register
 
 
@@ -50,7 +51,7 @@ class Random(Aggregator):
     """
 
     def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
+        self.seed = check_seed("seed", seed)
         self._generator = torch.Generator().manual_seed(seed)
 
     def solve(self, gram: torch.Tensor) -> torch.Tensor:

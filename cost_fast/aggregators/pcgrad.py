@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from cost_fast.aggregators.base import Aggregator
+from cost_fast.checks import check_seed
 from cost_fast.registry import register
 
 
@@ -27,7 +28,7 @@ class PCGrad(Aggregator):
     """
 
     def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
+        self.seed = check_seed("seed", seed)
         self._generator = torch.Generator().manual_seed(seed)
 
     def projection_coefficients(self, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

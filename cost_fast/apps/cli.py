@@ -1,17 +1,22 @@
-"""The ``cost-fast`` command line."""
+"""The ``cost-fast`` command line.
+
+Nothing heavy is imported before ``main`` has installed its signal handlers
+(``cost_fast.apps.signals``): a SIGINT or SIGTERM that lands while torch is being imported ends
+the command with its one line too.
+"""
 
 from __future__ import annotations
 
 import argparse
 import signal
 import sys
-import threading
+import warnings
+from typing import TYPE_CHECKING
 
-import torch
+from cost_fast.apps import signals
 
-from cost_fast.apps import report
-from cost_fast.apps.toy import PROTOCOLS
-from cost_fast.teleport.semantics import SEMANTICS
+if TYPE_CHECKING:
+    import torch
 
 
 def _positive_int(text: str) -> int:
@@ -48,6 +53,9 @@ def _non_negative_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``cost-fast`` and its subcommands."""
+    from cost_fast.apps.toy import PROTOCOLS
+    from cost_fast.teleport.semantics import SEMANTICS
+
     parser = argparse.ArgumentParser(
         prog="cost-fast", description="Fast gradient-based multi-task learning and COST teleportation."
     )
@@ -158,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _device(parser: argparse.ArgumentParser, text: str) -> torch.device:
+    import torch
+
     try:
         device = torch.device(text)
     except RuntimeError as err:
@@ -171,44 +181,53 @@ def _device(parser: argparse.ArgumentParser, text: str) -> torch.device:
     return device
 
 
-_TERMINATED: list[int] = []  # the signal that ended the run, once it came
-
-
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    # An exception rather than death, so that staging folders are removed on the way out.
-    _TERMINATED.append(signum)
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``cost-fast``; returns the exit status (128 + the signal after SIGTERM)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    report.begin_run()  # what an earlier command of this process saw at its target does not count
-    if threading.current_thread() is threading.main_thread():  # signals can only be set there
-        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    """Entry point of ``cost-fast``; returns the exit status (128 + the signal's number after a
+    SIGINT or SIGTERM, with one line on stderr; the handlers the caller had are put back)."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signals.begin()
+    signals.install()
+    words = sys.argv[1:] if argv is None else argv
+    command = words[0] if words else ""
     try:
-        return _run(parser, args)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = args.command
+        from cost_fast.apps import report
+        from cost_fast.info import QuietTriggerWarning
+
+        report.begin_run()  # what an earlier command of this process saw at its target does not count
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", QuietTriggerWarning)  # the reports count the teleports
+            return _run(parser, args)
     except BaseException as err:
-        # Python may hand the handler's SystemExit on as another exception (a RuntimeError when
-        # the signal lands in a class body being created, e.g. during an import), which the
-        # commands would report as an error: the run was terminated all the same.
-        if _TERMINATED:
-            print(
-                f"cost-fast {args.command}: terminated (signal {_TERMINATED[0]}); no report was written",
-                file=sys.stderr,
-            )
-            raise SystemExit(128 + _TERMINATED[0]) from None
-        if isinstance(err, KeyboardInterrupt):  # the staging folder is gone already
-            print(f"cost-fast {args.command}: interrupted; no report was written", file=sys.stderr)
+        # Whatever exception a signal became on its way (signals module docstring), the run
+        # was interrupted or terminated all the same.
+        signum = signals.received()
+        if signum is not None:
+            what = "interrupted" if signum == signal.SIGINT else f"terminated (signal {signum})"
+            print(f"cost-fast {command}: {what}; no report was written", file=sys.stderr)
+            return 128 + signum
+        if isinstance(err, KeyboardInterrupt):  # a SIGINT before the handlers (or a caller's own)
+            print(f"cost-fast {command}: interrupted; no report was written", file=sys.stderr)
             return 128 + signal.SIGINT
         if isinstance(err, OSError):  # a full disk, a busy or vanished folder: one line, not a traceback
             where = f" ({err.filename})" if err.filename else ""
-            print(
-                f"cost-fast {args.command}: error: {err.strerror or err}{where}; no report was written", file=sys.stderr
-            )
+            print(f"cost-fast {command}: error: {err.strerror or err}{where}; no report was written", file=sys.stderr)
             return 1
         raise
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        signals.begin()  # the note of this command's signal ends with it
+
+
+def _refuse(parser: argparse.ArgumentParser, err: Exception) -> None:
+    """A command's refusal as argparse's usage error (exit 2), unless a signal is what ended it
+    (an ``except ImportError`` that turned it into a message, say): then the signal's one line."""
+    signals.check()
+    parser.error(str(err))
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -228,7 +247,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 out=sys.stdout,
             )
         except ValueError as err:
-            parser.error(str(err))
+            _refuse(parser, err)
     if args.command == "bench":
         from cost_fast.bench.runner import SUITES, run_benchmarks
 
@@ -236,7 +255,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         try:
             run_benchmarks(args.out, suites, keyword=args.keyword, stream=sys.stdout)
         except ValueError as err:
-            parser.error(str(err))
+            _refuse(parser, err)
         except RuntimeError as err:
             print(f"cost-fast bench: error: {err}", file=sys.stderr)
             return 1
@@ -246,7 +265,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         try:
             run_reproduction(args.out, quick=args.quick, seeds=args.seeds, stream=sys.stdout)
         except ValueError as err:
-            parser.error(str(err))
+            _refuse(parser, err)
     if args.command == "toy":
         from cost_fast.apps.toy import run_toy
 
@@ -262,7 +281,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 stream=sys.stdout,
             )
         except ValueError as err:
-            parser.error(str(err))
+            _refuse(parser, err)
     if args.command == "demo":
         device = _device(parser, args.device)
         from cost_fast.apps.demo import run_demo
@@ -287,7 +306,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 progress=not args.no_progress,
             )
         except (ValueError, RuntimeError) as err:
-            parser.error(str(err))
+            _refuse(parser, err)
     return 0
 
 

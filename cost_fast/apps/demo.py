@@ -31,6 +31,7 @@ from typing import Any, TextIO
 
 import torch
 
+from cost_fast.apps import signals
 from cost_fast.apps.demo_plots import draw, error_text, plot_specs
 from cost_fast.apps.report import atomic_report_dir, check_report_target
 from cost_fast.cost import COST
@@ -50,6 +51,7 @@ def _require(module: str) -> Any:
     try:
         return __import__(module)
     except ImportError:
+        signals.check()  # a signal in the middle of the import is not a missing package
         raise RuntimeError(f"the demo needs {module}: pip install 'cost_fast[demo]'") from None
 
 
@@ -107,6 +109,7 @@ def train(
         epoch_losses = torch.zeros(NUM_TASKS)
         conflicted = 0
         for batch in batches:
+            signals.check()  # a signal whose exception was dropped ends the run here
             losses = batch_task_losses(model, batch)
             info = cost.step(dict(zip(TASK_NAMES, losses.unbind())), batch)
             task_names = info.task_names
@@ -164,6 +167,7 @@ def train_single_task(
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(epochs):
         for x, y in batches:
+            signals.check()
             optimizer.zero_grad()
             model.task_losses(x, y[:, task : task + 1]).sum().backward()
             optimizer.step()

@@ -34,6 +34,8 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from cost_fast.apps.staging import STAGING_MARKER, killed, make_staging, real_dir, regular_file
+
 MARKER = ".cost_fast_report"
 MARKER_TEXT = "Written by cost-fast; the next report to this folder replaces only the files listed below.\n"
 # Room a report needs (plots and JSON: a few MB at most), checked before any work.
@@ -43,44 +45,58 @@ _SEEN_AT_START: dict[Path, str | None] = {}
 
 
 def is_our_report(path: Path) -> bool:
-    """True for a folder that a cost-fast report command wrote (it holds ``MARKER``)."""
-    return path.is_dir() and not path.is_symlink() and (path / MARKER).is_file()
+    """True for a folder that a cost-fast report command wrote: a real folder (not a link)
+    holding ``MARKER`` as a regular file, in the current format (its text, an id, a manifest)."""
+    return real_dir(path) and regular_file(path / MARKER) and _marker_lines(path)[:1] == [MARKER_TEXT.rstrip("\n")]
 
 
 def _marker_lines(path: Path) -> list[str]:
-    return (path / MARKER).read_text(encoding="utf-8").splitlines()
+    try:
+        return (path / MARKER).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
 
 
 def report_id(path: Path) -> str | None:
-    """The id of the report of ours at ``path`` (its marker's content for an earlier release's),
-    or None when there is none."""
+    """The id of the report of ours at ``path``, or None when there is none."""
     if not is_our_report(path):
         return None
     lines = _marker_lines(path)
-    return lines[1] if len(lines) > 1 and lines[1].startswith("id ") else "\n".join(lines)
+    return lines[1] if len(lines) > 1 and lines[1].startswith("id ") else None
 
 
-def manifest(path: Path) -> list[str] | None:
-    """The files (relative paths) the report of ours at ``path`` lists, or None when it lists
-    none (an earlier release's marker: every file in it counts as ours)."""
-    lines = _marker_lines(path)
-    if not lines or lines[0] + "\n" != MARKER_TEXT:
+def manifest(path: Path) -> list[str]:
+    """The files the report of ours at ``path`` lists (relative paths), as its marker says;
+    untrusted input, read through ``_listed_file`` before anything is deleted."""
+    return [line for line in _marker_lines(path)[2:] if line.strip()]
+
+
+def _listed_file(report: Path, name: str) -> Path | None:
+    """The file a manifest entry names, if it is one this program may delete: a relative path of
+    plain names inside ``report`` (no absolute path, no ``..``), every folder on the way a real
+    folder (no link followed) and the file itself a regular file (a link is not followed); else
+    None."""
+    parts = Path(name).parts
+    if not parts or Path(name).is_absolute() or any(part in ("", ".", "..") or "\x00" in part for part in parts):
         return None
-    return [line for line in lines[2:] if line.strip()]
+    here = report
+    for part in parts[:-1]:
+        here = here / part
+        if not real_dir(here):
+            return None
+    target = here / parts[-1]
+    return target if regular_file(target) else None
 
 
 def foreign_files(path: Path) -> list[str]:
     """What the report of ours at ``path`` holds that its manifest does not list."""
-    listed = manifest(path)
-    if listed is None:
-        return []
-    listed_set = set(listed)
+    listed_set = set(manifest(path))
     found = []
     for dirpath, dirnames, filenames in os.walk(path):
         links = [d for d in dirnames if (Path(dirpath) / d).is_symlink()]
         for name in filenames + links:
             relative = str((Path(dirpath) / name).relative_to(path))
-            if relative != MARKER and relative not in listed_set:
+            if relative not in (MARKER, STAGING_MARKER) and relative not in listed_set:
                 found.append(relative)
     return sorted(found)
 
@@ -107,6 +123,14 @@ def check_report_target(target: str | os.PathLike, *, merge: bool = False) -> Pa
     text = os.fspath(target)
     if not text.strip():
         raise ValueError("the report folder name is empty")
+    try:
+        return _check_target(text, merge)
+    except OSError as err:  # a name too long, a folder that cannot be read: one line, not the errno
+        shown = text if len(text) <= 80 else f"{text[:40]}...{text[-20:]} ({len(text)} characters)"
+        raise ValueError(f"cannot use {shown} as the report folder: {err.strerror or err}") from None
+
+
+def _check_target(text: str, merge: bool) -> Path:
     path = Path(text)
     resolved = path.resolve()
     cwd = Path.cwd().resolve()
@@ -157,10 +181,14 @@ def atomic_report_dir(target: str | os.PathLike) -> Iterator[Path]:
     path = check_report_target(target)
     parent = path.resolve().parent
     seen = _SEEN_AT_START.pop(path.resolve(), None)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", dir=parent))
+    staging = make_staging(parent, f".{path.name}.{os.getpid()}.")
     try:
         yield staging
-        written = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file() or p.is_symlink())
+        written = sorted(
+            str(p.relative_to(staging))
+            for p in staging.rglob("*")
+            if (p.is_file() or p.is_symlink()) and p != staging / STAGING_MARKER
+        )
         _write_marker(staging, f"id {uuid.uuid4().hex}", written)
         staging.chmod(0o755)  # mkdtemp creates it private
         with _locked(parent):
@@ -172,12 +200,8 @@ def atomic_report_dir(target: str | os.PathLike) -> Iterator[Path]:
 
 def mark(folder: Path, written: Iterable[str]) -> None:
     """Add ``written`` (names relative to ``folder``) to the manifest of the folder of ours
-    (a new marker where there is none; an earlier release's marker lists everything in it)."""
-    listed: list[str] = []
-    if is_our_report(folder):
-        listed = manifest(folder)
-        if listed is None:  # an earlier release's folder: what is in it now was ours
-            listed = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MARKER]
+    (a new marker where there is none)."""
+    listed = manifest(folder) if is_our_report(folder) else []
     _write_marker(folder, f"id {uuid.uuid4().hex}", sorted(set(listed) | set(written)))
 
 
@@ -194,7 +218,7 @@ def add_files(staging: Path, folder: Path, names: list[str]) -> None:
             if not is_our_report(folder) and any(folder.iterdir()):
                 raise _kept_elsewhere(staging, folder)
             listed = manifest(folder) if is_our_report(folder) else []
-            if listed is not None and any((folder / n).exists() and n not in listed for n in names):
+            if any((folder / n).exists() and n not in listed for n in names):
                 raise _kept_elsewhere(staging, folder)
         folder.mkdir(exist_ok=True)
         for name in names:
@@ -230,53 +254,39 @@ def begin_run() -> None:
     _SEEN_AT_START.clear()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _owner(name: str, prefix: str) -> int | None:
-    """The process id in a staging name ``{prefix}{pid}.{random}``, else None."""
-    if not name.startswith(prefix):
-        return None
-    pid, _, rest = name[len(prefix) :].partition(".")
-    return int(pid) if pid.isdigit() and rest else None
-
-
 def recover(path: Path) -> None:
     """Finish or revert the swap that a killed run left at ``path``, and remove the staging
-    folders of killed runs there (call with the parent folder locked)."""
+    folders of killed runs there (call with the parent folder locked). Only folders this program
+    made, recognised by their marker (``staging_owner``), are ever touched."""
     parent = path.resolve().parent
     staging_prefix, old_prefix = f".{path.name}.", f".{path.name}.old."
     entries = list(parent.iterdir())
     for old in entries:
-        pid = _owner(old.name, old_prefix)
-        if pid is None or _alive(pid) or not old.is_dir():
+        pid = killed(old, old_prefix)
+        if pid is None:
             continue
         report = old / "report"
         if is_our_report(report) and not (path.exists() or path.is_symlink()):
             finished = [
                 s
                 for s in entries
-                if _owner(s.name, staging_prefix) == pid and not s.name.startswith(old_prefix) and is_our_report(s)
+                if not s.name.startswith(old_prefix) and killed(s, staging_prefix) == pid and is_our_report(s)
             ]
             if finished:  # the new report was complete: finish the swap
+                (finished[0] / STAGING_MARKER).unlink()
                 os.rename(finished[0], path)
             else:  # put the old report back
                 os.rename(report, path)
         if is_our_report(report):
             _delete_report(report)
+        (old / STAGING_MARKER).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             old.rmdir()
     for staging in parent.iterdir():
-        pid = _owner(staging.name, staging_prefix)
-        if pid is not None and not staging.name.startswith(old_prefix) and not _alive(pid) and staging.is_dir():
+        if not staging.name.startswith(old_prefix) and killed(staging, staging_prefix) is not None:
             shutil.rmtree(staging, ignore_errors=True)
+    if real_dir(path):  # a swap killed right after the rename: the new report's staging marker
+        (path / STAGING_MARKER).unlink(missing_ok=True)
 
 
 def _move_into_place(staging: Path, path: Path, seen: str | None) -> None:
@@ -286,7 +296,7 @@ def _move_into_place(staging: Path, path: Path, seen: str | None) -> None:
     if path.exists() or path.is_symlink():
         ours = is_our_report(path)
         if ours and report_id(path) == seen and not foreign_files(path):
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.{os.getpid()}.", dir=staging.parent))
+            old = make_staging(staging.parent, f".{path.name}.old.{os.getpid()}.")
             os.replace(path, old / "report")  # out of the way; its files deleted once the new one is in
         elif not ours and path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
             path.rmdir()
@@ -299,23 +309,25 @@ def _move_into_place(staging: Path, path: Path, seen: str | None) -> None:
             os.rename(old / "report", _free_name(path))
             old.rmdir()
         raise _kept_elsewhere(staging, path) from None
+    (path / STAGING_MARKER).unlink()
     if old is not None:
         _delete_report(old / "report")
+        (old / STAGING_MARKER).unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # not empty: a file of someone else's appeared, kept there
             old.rmdir()
 
 
 def _delete_report(path: Path) -> None:
-    """Delete the files a report of ours lists and its marker, then its folders where empty; a
-    file it does not list stays (an earlier release's report, which lists none, goes whole)."""
-    listed = manifest(path)
-    if listed is None:
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    for name in listed:
-        (path / name).unlink(missing_ok=True)
-    (path / MARKER).unlink(missing_ok=True)
-    for folder in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+    """Delete the files a report of ours lists (each read through ``_listed_file``: never outside
+    it, never through a link) and its marker, then its folders where empty; anything else stays."""
+    for name in manifest(path):
+        listed = _listed_file(path, name)
+        if listed is not None:
+            listed.unlink()
+    for marker in (MARKER, STAGING_MARKER):
+        if regular_file(path / marker):
+            (path / marker).unlink()
+    for folder in sorted((p for p in path.rglob("*") if real_dir(p)), key=lambda p: -len(p.parts)):
         with contextlib.suppress(OSError):
             folder.rmdir()
     with contextlib.suppress(OSError):
@@ -332,6 +344,7 @@ def _free_name(path: Path) -> Path:
 
 def _kept_elsewhere(staging: Path, path: Path) -> ValueError:
     kept = _free_name(path)
+    (staging / STAGING_MARKER).unlink(missing_ok=True)
     os.rename(staging, kept)
     return ValueError(
         f"{path} was written or changed by someone else while this run worked (another run to the same "

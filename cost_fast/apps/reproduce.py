@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 import torch
 
+from cost_fast.apps import signals
 from cost_fast.apps.demo import run_demo
 from cost_fast.apps.report import atomic_report_dir, check_report_target
 from cost_fast.apps.toy import run_toy
@@ -321,6 +322,7 @@ def run_reproduction(
     with atomic_report_dir(target) as folder:
         per_seed = []
         for seed in range(seeds):
+            signals.check()  # a signal whose exception was dropped ends the run here
             where = folder / f"seed{seed}"
             where.mkdir()
             demo = run_demo(str(where / "demo"), epochs=2 if quick else 10, seed=seed, stream=None, progress=False)

@@ -33,6 +33,7 @@ from typing import Any, TextIO
 import torch
 from torch import nn
 
+from cost_fast.apps import signals
 from cost_fast.apps.report import atomic_report_dir, check_report_target
 from cost_fast.cost import COST
 from cost_fast.methods import get_aggregator
@@ -137,6 +138,7 @@ def train_toy(
     )
     path, teleports = [model.theta.tolist()], []
     for step in range(steps):
+        signals.check()  # a signal whose exception was dropped ends the run here
         info = cost.step(_loss_fn(model, batch), batch)
         if info.attempted_teleport:
             teleports.append(

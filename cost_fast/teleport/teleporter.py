@@ -13,13 +13,14 @@ it (when one may run is ``cost_fast.teleport.schedule``).
 
 The teleporter owns COST's generator (the adapter's random factors, the teleport noise), which
 is its state. The caller's random generators are untouched: iterating a shuffled DataLoader as
-teleport data draws from them, so they are restored.
+teleport data draws from them (torch's global ones, the loader's and its sampler's), so they are
+restored; and the caller's iteration of that loader is never disturbed (``TeleportData``).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from cost_fast.rng import caller_generators_untouched
 from cost_fast.teleport.adapter_teleport import teleport
 from cost_fast.teleport.config import AdapterConfig, RescaleConfig, TeleportConfig
 from cost_fast.teleport.contour import eval_mode, loss_contour
+from cost_fast.teleport.data import TeleportData
 from cost_fast.teleport.htr import HistoryReuse, flat_cosine
 from cost_fast.teleport.lora import TeleportAdapter
 from cost_fast.teleport.perturbed import LossFn
@@ -52,7 +54,7 @@ class Teleporter:
             ``RescaleConfig`` (the rescaling teleport).
         loss_fn: ``loss_fn(model, batch)``, this process's losses (the rescaling teleport's).
         global_loss_fn: the same over all ranks (the adapter teleport's).
-        teleport_data: the re-iterable teleport batches. semantics, config: as in ``COST``.
+        teleport_data: the teleport batches (``TeleportData``). semantics, config: as in ``COST``.
         optimizer: whose first group's lr is the adapter's default lr.
         method: the base method (for g' in paper semantics). htr: ``HistoryReuse`` or None.
         seed: the seed of the teleporter's generator, the same on every rank.
@@ -67,7 +69,7 @@ class Teleporter:
         adapter: AdapterConfig | RescaleConfig,
         loss_fn: LossFn,
         global_loss_fn: LossFn,
-        teleport_data: Iterable[Any],
+        teleport_data: TeleportData,
         semantics: Semantics,
         config: TeleportConfig,
         optimizer: torch.optim.Optimizer,
@@ -107,7 +109,7 @@ class Teleporter:
     ) -> None:
         """Teleport at ``batch`` (global ``losses``, their ``stats``), report it in ``info``,
         then arm HTR."""
-        with caller_generators_untouched(self.model):
+        with caller_generators_untouched(self.model, self.teleport_data.generators()):
             g_prime = self._htr_direction(engine, losses, stats, scale)
             if self.rescaling is not None:
                 self._rescale(engine, batch, info, g_prime)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from cost_fast.checks import check_int, check_nonnegative, check_positive
+from cost_fast.checks import check_int, check_nonnegative, check_positive, check_seed
 from cost_fast.registry import register
 from cost_fast.weighting.base import LossWeighting
 
@@ -43,7 +45,7 @@ class RLW(LossWeighting):
 
     def __init__(self, num_tasks: int, seed: int = 0) -> None:
         super().__init__(num_tasks)
-        self._generator = torch.Generator().manual_seed(seed)
+        self._generator = torch.Generator().manual_seed(check_seed("seed", seed))
 
     def total(self, losses: torch.Tensor) -> torch.Tensor:
         z = torch.randn(self.num_tasks, generator=self._generator)
@@ -161,6 +163,8 @@ class STCH(LossWeighting):
     def __init__(self, num_tasks: int, mu: float = 1.0, warmup_steps: int = 0) -> None:
         super().__init__(num_tasks)
         self.mu = check_positive("mu", mu)
+        if not math.isfinite(num_tasks * self.mu * math.log(max(num_tasks, 2))):
+            raise ValueError(f"mu must keep the total K μ log Σ exp(·/μ) finite, got mu={mu!r} for {num_tasks} tasks")
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
         self.register_buffer("nadir_sum", torch.zeros(num_tasks, dtype=torch.float64))
@@ -201,7 +205,7 @@ class FAMO(LossWeighting):
 
     Args:
         num_tasks: K. lr: Adam step on ξ (default 0.025). weight_decay: (default 1e-3).
-        min_losses: m (default 0). eps: ε (default 1e-8).
+        min_losses: m (default 0; finite). eps: ε in (0, 1] (default 1e-8).
     """
 
     update_arguments = ("losses_after",)
@@ -218,7 +222,11 @@ class FAMO(LossWeighting):
         self.lr = check_positive("lr", lr)
         self.weight_decay = check_nonnegative("weight_decay", weight_decay)
         self.eps = check_positive("eps", eps)
+        if self.eps > 1:  # a small number added to the losses before their logarithm
+            raise ValueError(f"eps must be in (0, 1], got {eps!r}")
         m = torch.zeros(num_tasks) if min_losses is None else torch.as_tensor(min_losses, dtype=torch.float32)
+        if not bool(torch.isfinite(m).all()):
+            raise ValueError(f"min_losses must be finite numbers, got {m.tolist()!r}")
         if m.shape != (num_tasks,):
             raise ValueError(f"min_losses must have shape ({num_tasks},), got {tuple(m.shape)}")
         self.register_buffer("min_losses", m.clone())
