@@ -1,13 +1,15 @@
 """The ``cost-fast`` command line.
 
-Nothing heavy is imported before ``main`` has installed its signal handlers
-(``cost_fast.apps.signals``): a SIGINT or SIGTERM that lands while torch is being imported ends
-the command with its one line too.
+Nothing heavy is imported before ``main`` has installed its signal handlers, and the heavy
+imports run with the signals deferred (``cost_fast.apps.signals``): a SIGINT or SIGTERM that
+lands while torch is being imported ends the command with its one line too, once the import is
+done.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import sys
 import warnings
@@ -17,6 +19,15 @@ from cost_fast.apps import signals
 
 if TYPE_CHECKING:
     import torch
+
+# the module each command runs from, imported before it starts (while signals are deferred)
+COMMAND_MODULES = {
+    "demo": "cost_fast.apps.demo",
+    "profile": "cost_fast.apps.profile",
+    "bench": "cost_fast.bench.runner",
+    "toy": "cost_fast.apps.toy",
+    "reproduce": "cost_fast.apps.reproduce",
+}
 
 
 def _positive_int(text: str) -> int:
@@ -190,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     words = sys.argv[1:] if argv is None else argv
     command = words[0] if words else ""
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        command = args.command
-        from cost_fast.apps import report
-        from cost_fast.info import QuietTriggerWarning
+        with signals.deferred():  # the heavy imports (signals module docstring)
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            command = args.command
+            importlib.import_module(COMMAND_MODULES[command])
+            from cost_fast.apps import report
+            from cost_fast.info import QuietTriggerWarning
 
         report.begin_run()  # what an earlier command of this process saw at its target does not count
         with warnings.catch_warnings():

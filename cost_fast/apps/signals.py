@@ -2,7 +2,10 @@
 with one line and the exit status 128 + the signal's number, and leaves no staging folder.
 
 ``install`` (the first thing ``cost-fast`` does, before any heavy import) sets a handler for
-both that notes the signal and raises ``Interrupted``. Python may hand that exception on as
+both that notes the signal and raises ``Interrupted``, except inside ``deferred()``: there it
+only notes it, and the block's end raises. The command's heavy imports run deferred, because an
+exception raised while an extension module initialises can reach C++ code that cannot pass it
+on (torch's pybind11 module set-up then aborts the process). Python may hand that exception on as
 another one (a signal landing while a class body is created, during an import, reaches the
 command as a ``RuntimeError``; an ``except ImportError`` may turn it into a message), or drop it
 (a signal landing in a finalizer, whose exceptions are only printed): the note stays, so the
@@ -12,10 +15,13 @@ command reports the signal whatever exception ends it (``received``), and its lo
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 
 _RECEIVED: list[int] = []  # the signals that came, in order
+_DEFERRING: list[bool] = []  # non-empty inside deferred()
 
 
 class Interrupted(BaseException):
@@ -28,12 +34,27 @@ class Interrupted(BaseException):
 
 def _handler(signum: int, frame: object) -> None:
     _RECEIVED.append(signum)
-    raise Interrupted(signum)
+    if not _DEFERRING:
+        raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A block in which a signal is only noted; ``Interrupted`` is raised when it ends (module
+    docstring). Nested blocks defer until the outermost ends."""
+    _DEFERRING.append(True)
+    try:
+        yield
+    finally:
+        _DEFERRING.pop()
+    if not _DEFERRING:
+        check()
 
 
 def begin() -> None:
     """Forget the signals of an earlier command of this process (a command starts)."""
     _RECEIVED.clear()
+    _DEFERRING.clear()
 
 
 def install() -> None:
