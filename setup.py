@@ -28,6 +28,8 @@ setup(
     python_requires=">=3.10",
     packages=PACKAGES,
     package_dir={"cost_fast": "cost_fast", **MAPPED},
+    # data files inside the packages: the experiments' single-task baselines
+    package_data={"cost_fast.experiments": ["*.json"]},
     # Ranges, so that a user keeps the (CUDA) torch build they already have.
     install_requires=[
         "torch>=2.4",
@@ -51,6 +53,8 @@ setup(
         "demo": ["scikit-learn>=1.2", "matplotlib>=3.7", "tqdm>=4.60"],
         # cost_fast.lightning: COSTModule
         "lightning": ["lightning>=2.2"],
+        # `cost-fast train`: CelebA's JPEGs, plots, progress bar
+        "experiments": ["pillow>=9", "matplotlib>=3.7", "tqdm>=4.60"],
     },
     entry_points={"console_scripts": ["cost-fast = cost_fast.apps.cli:main"]},
 )

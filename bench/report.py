@@ -19,6 +19,7 @@ BASELINES = {
     "teleport": "reference",
     "adapter": "floor",
     "epoch": "base",
+    "train": "base",
     "distributed": "naive_allreduce",
 }
 

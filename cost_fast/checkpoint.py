@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+from cost_fast.atomic import replace_with
 
 FORMAT = 3
 PARTS = ("clock", "tally", "teleporter", "htr", "base")  # the order they are checked in: the base method last
@@ -121,16 +122,8 @@ def save(path: str | os.PathLike, checkpoint: dict[str, Any]) -> None:
     target = Path(path)
     if target.is_symlink():
         target = target.resolve()
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.resolve().parent)
-    os.close(handle)
-    try:
-        torch.save(
-            {"format": FILE_FORMAT, "checksum": checksum({"contents": checkpoint}), "contents": checkpoint}, temporary
-        )
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    wrapped = {"format": FILE_FORMAT, "checksum": checksum({"contents": checkpoint}), "contents": checkpoint}
+    replace_with(target.resolve(), lambda temporary: torch.save(wrapped, temporary))
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

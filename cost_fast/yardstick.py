@@ -247,9 +247,14 @@ class YardstickCOST:
         norms = M.diagonal().sqrt()
         g0 = G.mean(dim=0)
         cos = (G @ g0) / (norms * g0.norm())
-        if self.semantics.name == "public":
+        trigger = self.semantics.trigger or ("weak" if self.semantics.name == "public" else "majority")
+        if trigger == "weak":  # some task conflicts with the mean
             fires = bool(cos.min() <= 0)
-        else:
+        elif trigger == "always":  # every step, unless M is not finite
+            fires = bool(torch.isfinite(M).all())
+        elif trigger == "dominated":  # Eq. 3: the task of the smallest gradient conflicts with the mean
+            fires = bool(cos[int(torch.argmin(norms))] < 0)
+        else:  # Eq. 4: at least half the tasks conflict with the mean
             fires = int((cos < 0).sum()) >= math.ceil(K / 2)
         allowed = self.step_count >= self.start_step and self.teleports_this_epoch < self.max_teleports_per_epoch
         self.step_count += 1

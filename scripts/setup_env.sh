@@ -7,4 +7,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet torch==2.13.0 -e '.[dev,demo,lightning]'
+.venv/bin/python -m pip install --quiet torch==2.13.0 -e '.[dev,demo,lightning,experiments]'

@@ -14,5 +14,5 @@ mkdir -p "$DIR/src" "$DIR/dist"
 "$DIR/venv/bin/python" -m pip install --quiet --upgrade pip
 "$DIR/venv/bin/python" -m pip wheel --quiet --no-deps -w "$DIR/dist" "$DIR/src"
 WHEEL=$(ls "$DIR"/dist/cost_fast-*.whl)
-"$DIR/venv/bin/python" -m pip install --quiet torch==2.13.0 "${WHEEL}[dev,demo,lightning]"
+"$DIR/venv/bin/python" -m pip install --quiet torch==2.13.0 "${WHEEL}[dev,demo,lightning,experiments]"
 echo "$DIR/venv"

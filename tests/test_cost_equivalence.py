@@ -39,12 +39,17 @@ def assert_same_state(fast_model, fast_opt, plain_model, plain_opt) -> None:
 
 
 @pytest.mark.parametrize(
-    ("semantics", "seed", "htr"), [("public", 4, "reset"), ("public", 15, "modulated"), ("paper", 4, "reset")]
+    ("semantics", "seed", "htr"),
+    [("public", 4, "reset"), ("public", 15, "modulated"), ("paper", 4, "reset"), ("public-dominated", 9, "modulated")],
 )
 def test_cost_steps_match_the_yardstick(semantics: str, seed: int, htr: str) -> None:
     lr = 1e-2
     config = TeleportConfig(rounds=2, guard=False)
-    semantics = PaperSemantics(relative_radius=1e-2) if semantics == "paper" else PublicSemantics()
+    semantics = {
+        "paper": PaperSemantics(relative_radius=1e-2),
+        "public": PublicSemantics(),
+        "public-dominated": PublicSemantics(trigger="dominated"),  # Eq. 3's trigger (Table 7)
+    }[semantics]
     model, batches = problem(seed)
     plain_model = copy.deepcopy(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)

@@ -128,3 +128,48 @@ def test_step_info_reports_the_level_set_error_of_the_teleport() -> None:
     assert info.teleported and info.merged_fraction == 1
     expected = float(((contour() - before).abs() / before.abs().clamp_min(1e-3)).max())
     assert expected > 0 and info.level_set_error == pytest.approx(expected, rel=1e-5)
+
+
+# Rows are task gradients; each case names which triggers fire (hand-computed: g0 is the mean).
+TRIGGER_CASES = [
+    # g0 = (0.5, 0.5): every task agrees with the mean -> none fire
+    ([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]], set()),
+    # g0 = (1/3)(1.9, 1) ; g3 = (-0.1, 0) small and against the mean: weak and dominated, not majority
+    ([[1.0, 0.0], [1.0, 1.0], [-0.1, 0.0]], {"weak", "dominated"}),
+    # g0 = (1/3)(-1.3, -1.2); the small g1 = (0.2, 0.1) conflicts and so does g3: all three
+    ([[0.2, 0.1], [-3.0, 0.2], [1.5, -1.5]], {"weak", "dominated", "majority"}),
+    # a large g1 against the mean, the smallest norm g3 along it: weak only
+    ([[-2.0, 0.0], [3.0, 1.0], [0.3, 0.1]], {"weak"}),
+]
+
+
+@pytest.mark.parametrize(("rows", "firing"), TRIGGER_CASES)
+@pytest.mark.parametrize("semantics", ["public", "paper"])
+def test_each_trigger_fires_as_its_equation_says(rows, firing, semantics) -> None:
+    from cost_fast import gram_stats
+    from cost_fast.teleport.semantics import SEMANTICS, TRIGGERS
+
+    G = torch.tensor(rows, dtype=torch.float64)
+    stats = gram_stats(G @ G.T)
+    g0 = G.mean(0)
+    cos = [float(g @ g0 / (g.norm() * g0.norm())) for g in G]
+    smallest = int(G.norm(dim=1).argmin())
+    by_hand = {
+        "weak": min(cos) <= 0,
+        "dominated": cos[smallest] < 0,
+        "majority": sum(c < 0 for c in cos) >= 2,  # ⌈3/2⌉
+        "always": True,
+    }
+    assert {name for name, fired in by_hand.items() if fired} == firing | {"always"}  # the case is what it says
+    for name in TRIGGERS:
+        chosen = SEMANTICS[semantics](trigger=name)
+        assert chosen.trigger_name == name and bool(chosen.fires(stats)) == by_hand[name], name
+    default = SEMANTICS[semantics]()
+    assert bool(default.fires(stats)) == by_hand["weak" if semantics == "public" else "majority"]
+
+
+def test_an_unknown_trigger_is_refused() -> None:
+    from cost_fast import PublicSemantics
+
+    with pytest.raises(ValueError, match="trigger must be one of"):
+        PublicSemantics(trigger="sometimes")

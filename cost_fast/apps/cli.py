@@ -20,6 +20,8 @@ from cost_fast.apps import signals
 if TYPE_CHECKING:
     import torch
 
+EXPERIMENT_NAMES = ("cityscapes", "nyuv2", "celeba")  # cost_fast.experiments.paper.EXPERIMENTS
+
 # the module each command runs from, imported before it starts (while signals are deferred)
 COMMAND_MODULES = {
     "demo": "cost_fast.apps.demo",
@@ -27,6 +29,7 @@ COMMAND_MODULES = {
     "bench": "cost_fast.bench.runner",
     "toy": "cost_fast.apps.toy",
     "reproduce": "cost_fast.apps.reproduce",
+    "train": "cost_fast.apps.train",
 }
 
 
@@ -64,6 +67,7 @@ def _non_negative_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``cost-fast`` and its subcommands."""
+    from cost_fast.apps import train_options
     from cost_fast.apps.toy import PROTOCOLS
     from cost_fast.teleport.semantics import SEMANTICS
 
@@ -117,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     bench = sub.add_parser(
         "bench",
-        help="run the benchmark suites (kernels vs torch, solvers, teleport, adapter, epochs) and write JSON + plots",
+        help="run the benchmark suites (kernels vs torch, solvers, teleport, adapter, epochs, the experiments' epochs) and write JSON + plots",
         description="Run the pytest-benchmark suites on this machine's device (CUDA if present): each kernel "
         "against its plain torch way, the solvers against scipy/cvxpy, one teleport and one epoch, base vs COST "
         "fast vs COST yardstick. Writes <suite>_<device>.json, a PNG each and summary_<device>.md; other files "
@@ -127,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--suites",
         default="all",
-        help="comma-separated suites among gram, grads, solvers, teleport, adapter, epoch (default: all)",
+        help="comma-separated suites among gram, grads, solvers, teleport, adapter, epoch, train (default: all)",
     )
     bench.add_argument("-k", dest="keyword", default=None, help="pytest -k expression selecting benchmarks")
     toy = sub.add_parser(
@@ -164,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="make every teleport loss-preserving: merge the largest share of its update that changes "
         "no task loss by more than this share of its size (default: merge the whole update, as the public code)",
     )
+    train = sub.add_parser(
+        "train",
+        help="one of the COST paper's experiments (cityscapes, nyuv2, celeba), a method with or without COST",
+        description="Train on CityScapes, NYUv2 or CelebA with the paper's recipe (every option can change it): "
+        "a run folder with per-epoch metrics (JSON, CSV, plots), a checkpoint per epoch that --resume continues "
+        "exactly, and the reported test metrics with Δm%% in results.json. Options may also come from --config.",
+        argument_default=argparse.SUPPRESS,
+    )
+    train_options.add_arguments(train, EXPERIMENT_NAMES)
     rep = sub.add_parser(
         "reproduce",
         help="the COST paper's claims beside what this engine measures (REPRODUCTION.md)",
@@ -217,16 +230,18 @@ def main(argv: list[str] | None = None) -> int:
         # Whatever exception a signal became on its way (signals module docstring), the run
         # was interrupted or terminated all the same.
         signum = signals.received()
+        # a training run keeps what it wrote (its finished epochs); a report is written whole or not at all
+        outcome = "its finished epochs are kept (--resume continues)" if command == "train" else "no report was written"
         if signum is not None:
             what = "interrupted" if signum == signal.SIGINT else f"terminated (signal {signum})"
-            print(f"cost-fast {command}: {what}; no report was written", file=sys.stderr)
+            print(f"cost-fast {command}: {what}; {outcome}", file=sys.stderr)
             return 128 + signum
         if isinstance(err, KeyboardInterrupt):  # a SIGINT before the handlers (or a caller's own)
-            print(f"cost-fast {command}: interrupted; no report was written", file=sys.stderr)
+            print(f"cost-fast {command}: interrupted; {outcome}", file=sys.stderr)
             return 128 + signal.SIGINT
         if isinstance(err, OSError):  # a full disk, a busy or vanished folder: one line, not a traceback
             where = f" ({err.filename})" if err.filename else ""
-            print(f"cost-fast {command}: error: {err.strerror or err}{where}; no report was written", file=sys.stderr)
+            print(f"cost-fast {command}: error: {err.strerror or err}{where}; {outcome}", file=sys.stderr)
             return 1
         raise
     finally:
@@ -293,6 +308,15 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 level_set_tolerance=args.level_set_tolerance,
                 stream=sys.stdout,
             )
+        except ValueError as err:
+            _refuse(parser, err)
+    if args.command == "train":
+        from cost_fast.apps.train import run_train
+        from cost_fast.apps.train_options import given_options
+
+        try:
+            given = given_options(args)
+            run_train(args.experiment, given, resume=getattr(args, "resume", False), stream=sys.stdout)
         except ValueError as err:
             _refuse(parser, err)
     if args.command == "demo":

@@ -1,4 +1,4 @@
-"""Δm%: the relative multi-task performance against single-task baselines.
+"""Δm% and MR: how a multi-task model compares with single-task baselines and with other methods.
 
 The multi-task literature (Maninis et al., CVPR 2019; used by Nash-MTL, FAMO, FairGrad and the
 COST paper) reports one number per method, averaged over the N metrics of all tasks,
@@ -53,3 +53,48 @@ def delta_m(
         sign = -1.0 if higher_is_better[name] else 1.0
         total += sign * (value - base) / base
     return 100.0 * total / len(names)
+
+
+def mean_rank(results: Mapping[str, Mapping[str, float]], higher_is_better: Mapping[str, bool]) -> dict[str, float]:
+    """MR: each method's rank on every metric, averaged over the N metrics named in
+    ``higher_is_better``,
+
+        MR_m = (1 / N) Σ_j rank_j(m),
+
+    where rank_j(m) = 1 for the best value of metric j among the methods, 2 for the next, and
+    methods with equal values share the mean of the ranks they span (1 and 2 tied: 1.5 each).
+    Lower is better. (The COST paper's tables rank over every metric of every task this way.)
+
+    Args:
+        results: method name → {metric name → value}; every method names the same metrics.
+        higher_is_better: metric name → True when a higher value is better.
+
+    Raises:
+        ValueError: fewer than two methods, no metric, a method missing or adding a metric, a
+            value that is not finite.
+    """
+    names = set(higher_is_better)
+    if len(results) < 2:
+        raise ValueError(f"mean_rank compares at least two methods, got {len(results)}")
+    if not names:
+        raise ValueError("mean_rank needs at least one metric")
+    for method, values in results.items():
+        if set(values) != names:
+            missing, extra = sorted(names - set(values)), sorted(set(values) - names)
+            raise ValueError(f"method {method!r} must name the metrics: missing {missing}, not expected {extra}")
+        for name, value in values.items():
+            if not math.isfinite(float(value)):
+                raise ValueError(f"metric {name!r} of method {method!r} is not finite: {value}")
+    total = {method: 0.0 for method in results}
+    for name in sorted(names):
+        sign = -1.0 if higher_is_better[name] else 1.0
+        order = sorted(results, key=lambda m: sign * float(results[m][name]))
+        start = 0
+        while start < len(order):  # a run of equal values shares the mean of its ranks
+            end = start
+            while end + 1 < len(order) and float(results[order[end + 1]][name]) == float(results[order[start]][name]):
+                end += 1
+            for method in order[start : end + 1]:
+                total[method] += (start + end) / 2 + 1
+            start = end + 1
+    return {method: rank / len(names) for method, rank in total.items()}

@@ -28,6 +28,15 @@ term L_g, the g' of its HTR and its default settings.
 In both, L_t = (1/K) Σ_i |L_i(θ+Δθ; b) - L*_i| over the teleport batches b, with L*_i the mean
 loss over the teleport data before the teleport (``cost_fast.teleport.contour``).
 
+Either semantics takes another trigger by name (``PublicSemantics(trigger="dominated")``), for
+the paper's Table 7 ablation; every trigger also requires M finite (``TRIGGERS``):
+
+    "weak"       min_i cos(g_i, g0) ≤ 0, some task conflicts with the mean (the public code's)
+    "dominated"  cos(g_s, g0) < 0 for the task s of the smallest gradient norm (Eq. 3)
+    "majority"   #{i : cos(g_i, g0) < 0} ≥ ⌈K/2⌉ (Eq. 4, the paper's)
+    "always"     every step the schedule allows (smoke runs and benchmarks: a known number of
+                 teleports, whatever the data)
+
 How δ is chosen: with random directions, L_g is a first-order quantity, (1/K) Σ R_i ∇L_i·ε, so it
 grows linearly with δ (measured on the digits model from δ = 1e-3·‖θ‖ to 0.3·‖θ‖: 3e-5 to 8e-3,
 against L_t ≈ 0.04). The default takes the largest radius that still probes the neighbourhood of
@@ -56,6 +65,14 @@ from cost_fast.kernels import GramStats
 from cost_fast.kernels.perturb import sphere_noise, sphere_perturb_
 from cost_fast.teleport.perturbed import EffectivePoint, LossFn, in_place_losses, sample_losses
 
+# The triggers by name (module docstring): a bool device tensor from the statistics, no host read.
+TRIGGERS: dict[str, Callable[[GramStats], torch.Tensor]] = {
+    "weak": lambda stats: (stats.cos_mean.min() <= 0) & ~stats.nonfinite,
+    "dominated": lambda stats: (stats.cos_mean[stats.norms.argmin()] < 0) & ~stats.nonfinite,
+    "majority": lambda stats: stats.trigger,  # GramStats.trigger: Eq. 4 and M finite
+    "always": lambda stats: ~stats.nonfinite,
+}
+
 # L_g as a function of the adapter step t and its effective point (differentiable w.r.t. the adapter).
 SharpnessProbe = Callable[[int, EffectivePoint], torch.Tensor]
 Named = list[tuple[str, torch.Tensor]]
@@ -69,6 +86,8 @@ class Semantics:
         task_weight, sharpness_weight: a and b of L_lora = a L_t - b L_g.
         lora_alpha: the adapter's alpha (its update is (alpha / rank)·BA); default 8, peft's
             default and so the public code's.
+        trigger: a name in ``TRIGGERS``, or None (default): the semantics' own
+            (``default_trigger``).
     """
 
     name: ClassVar[str] = ""
@@ -76,22 +95,33 @@ class Semantics:
     htr_direction: ClassVar[Literal["last_update", "pre_teleport_gradient"]] = "last_update"
     # whether a teleport is checked (and rolled back on a rise) unless TeleportConfig says
     default_guard: ClassVar[bool] = True
+    default_trigger: ClassVar[str] = "majority"
 
     task_weight: float = 1.0
     sharpness_weight: float = 0.1
     lora_alpha: float = 8.0
+    trigger: str | None = None
 
     def __post_init__(self) -> None:
+        if self.trigger is not None and self.trigger not in TRIGGERS:
+            raise ValueError(f"trigger must be one of {sorted(TRIGGERS)} or None, got {self.trigger!r}")
         for field in dataclasses.fields(self):
+            if field.name == "trigger":
+                continue
             value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
                 raise ValueError(f"{type(self).__name__}.{field.name} must be a finite number ≥ 0, got {value!r}")
         if not self.lora_alpha > 0:
             raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha!r}")
 
+    @property
+    def trigger_name(self) -> str:
+        """The trigger in use: ``trigger``, else the semantics' ``default_trigger``."""
+        return self.trigger or self.default_trigger
+
     def fires(self, stats: GramStats) -> torch.Tensor:
-        """The trigger, a bool device tensor (no host read)."""
-        raise NotImplementedError
+        """The trigger (``trigger_name``), a bool device tensor (no host read)."""
+        return TRIGGERS[self.trigger_name](stats)
 
     def ratio_weights(self, norms: torch.Tensor) -> torch.Tensor:
         """R (shape (K,)) from the task gradient norms."""
@@ -124,6 +154,7 @@ class PublicSemantics(Semantics):
     name: ClassVar[str] = "public"
     htr_direction: ClassVar[Literal["last_update", "pre_teleport_gradient"]] = "last_update"
     default_guard: ClassVar[bool] = False
+    default_trigger: ClassVar[str] = "weak"
 
     task_weight: float = 10.0
     sharpness_weight: float = 0.5
@@ -133,10 +164,6 @@ class PublicSemantics(Semantics):
         super().__post_init__()
         if not self.noise_norm > 0:
             raise ValueError(f"noise_norm must be > 0, got {self.noise_norm!r}")
-
-    def fires(self, stats: GramStats) -> torch.Tensor:
-        """min_i cos(g_i, g0) ≤ 0, and M finite."""
-        return (stats.cos_mean.min() <= 0) & ~stats.nonfinite
 
     def ratio_weights(self, norms: torch.Tensor) -> torch.Tensor:
         """R_i = K (1 - ‖g_i‖ / Σ_j ‖g_j‖)."""
@@ -201,10 +228,6 @@ class PaperSemantics(Semantics):
         super().__post_init__()
         if not self.relative_radius > 0:
             raise ValueError(f"relative_radius must be > 0, got {self.relative_radius!r}")
-
-    def fires(self, stats: GramStats) -> torch.Tensor:
-        """#{i : cos(g_i, g0) < 0} ≥ ⌈K/2⌉ and M finite (``GramStats.trigger``)."""
-        return stats.trigger
 
     def ratio_weights(self, norms: torch.Tensor) -> torch.Tensor:
         """R = K softmax([Σ_j ‖g_j‖ / ‖g_i‖]_i) (a zero norm counts as 1e-30)."""
