@@ -33,8 +33,32 @@ def load(path: Path) -> tuple[dict, dict[str, dict[str, float]]]:
     return data.get("stamp", {}), groups
 
 
+def launches_table(path: Path) -> str:
+    """Markdown table of the launches suite: per workload and phase, the ops dispatched, the
+    ops on host copies, the device reads and the median time."""
+    data = json.loads(path.read_text())
+    stamp = data.get("stamp", {})
+    lines = [
+        f"### {path.name}",
+        f"{stamp.get('device')}; torch {stamp.get('torch')}, triton {stamp.get('triton')}; {stamp.get('date')}",
+        "",
+        "| workload | phase | ops | host ops | device reads | median (ms) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        lines.append(
+            f"| {info['workload']} | {info['impl']} | {info['ops']} | {info['host_ops']} | {info['reads']} | "
+            f"{bench['stats']['median'] * 1e3:.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def table(path: Path) -> str:
-    """Markdown table of medians and speed-ups over the baseline of each group."""
+    """Markdown table of medians and speed-ups over the baseline of each group (the launches
+    suite: ``launches_table``)."""
+    if path.stem.split("_")[0] == "launches":
+        return launches_table(path)
     stamp, groups = load(path)
     baseline = BASELINES[path.stem.split("_")[0]]
     residuals = {
@@ -98,25 +122,31 @@ def teleport_overhead(path: Path) -> str:
 
 
 def plot(path: Path) -> Path:
-    """Grouped bar chart of medians (log scale), saved next to the JSON as PNG."""
+    """Grouped bar chart of medians (the launches suite: op counts), log scale, saved next to
+    the JSON as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     stamp, groups = load(path)
+    counts = path.stem.split("_")[0] == "launches"  # the launches suite: ops, not times
+    if counts:
+        groups = defaultdict(dict)
+        for bench in json.loads(path.read_text())["benchmarks"]:
+            groups[bench["group"]][bench["extra_info"]["impl"]] = bench["extra_info"]["ops"]
     impls = sorted({impl for g in groups.values() for impl in g})
     names = list(groups)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 4.5))
     width = 0.8 / len(impls)
     for j, impl in enumerate(impls):
         xs = [i + j * width for i, g in enumerate(names) if impl in groups[g]]
-        ys = [groups[g][impl] * 1e3 for g in names if impl in groups[g]]
+        ys = [groups[g][impl] * (1 if counts else 1e3) for g in names if impl in groups[g]]
         ax.bar(xs, ys, width, label=impl)
     ax.set_xticks([i + width * (len(impls) - 1) / 2 for i in range(len(names))])
     ax.set_xticklabels([n.split(" ", 1)[-1] for n in names], rotation=30, ha="right", fontsize=8)
     ax.set_yscale("log")
-    ax.set_ylabel("median time per call (ms, log)")
+    ax.set_ylabel("aten ops dispatched (log)" if counts else "median time per call (ms, log)")
     ax.set_title(f"{path.stem}: {stamp.get('device')}\ntorch {stamp.get('torch')}, {stamp.get('date')}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -28,7 +28,7 @@ import torch
 from cost_fast.apps.report import add_files, check_report_target
 
 HERE = Path(__file__).parent
-SUITES = ("gram", "grads", "solvers", "teleport", "adapter", "epoch", "train")
+SUITES = ("gram", "grads", "solvers", "teleport", "adapter", "epoch", "train", "launches")
 NO_TESTS_COLLECTED = 5  # pytest's exit status when a -k expression selects nothing in a file
 USAGE_ERROR = 4  # pytest's exit status for a malformed -k expression
 

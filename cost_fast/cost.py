@@ -43,6 +43,7 @@ from cost_fast.distributed import DataParallelConfig, Ranks
 from cost_fast.grads import GradientEngine, RepresentationGradients, check_task_losses
 from cost_fast.info import StepInfo, Tally
 from cost_fast.methods import Method
+from cost_fast.split_grads import OutputCapture
 from cost_fast.step import BaseStep, BaseStepConfig
 from cost_fast.teleport.config import AdapterConfig, RescaleConfig, TeleportConfig
 from cost_fast.teleport.data import TeleportData
@@ -130,12 +131,12 @@ class COST:
         ranks.refuse_unsupported(
             gradient_method=type(base).__name__ if getattr(base, "kind", None) == "grads" else None,
             representation=step.gradient_mode == "representation",
-            vmapped_samples=teleport.samples_per_pass > 1,
+            teleport=teleport,
             rescaling=isinstance(adapter, RescaleConfig),
         )
         self.model, self.shared, self.base, self.optimizer, self.scaler = model, shared, base, optimizer, scaler
         self.semantics = get_semantics(semantics)
-        self.teleport_config, self.teleport_data = teleport, TeleportData(teleport_data)
+        self.teleport_config, self.teleport_data = ranks.teleport_config(teleport), TeleportData(teleport_data)
         self._given_loss_fn = loss_fn
         self.loss_fn = tensor_losses(loss_fn)
         self._global_loss_fn = ranks.global_loss_fn(self.loss_fn)  # the teleport's, a weighting's after a step
@@ -159,6 +160,7 @@ class COST:
             scaler=scaler,
         )
         self._representation_engine: RepresentationGradients | None = None
+        self._capture: OutputCapture | None = None  # the backbone's output, for split_at_output
         try:
             if htr_is_on(htr, optimizer, schedule):
                 keeps = self.semantics.htr_direction == "last_update" and schedule.max_per_epoch > 0
@@ -171,7 +173,7 @@ class COST:
                 global_loss_fn=self._global_loss_fn,
                 teleport_data=self.teleport_data,
                 semantics=self.semantics,
-                config=teleport,
+                config=self.teleport_config,
                 optimizer=optimizer,
                 method=base,
                 htr=self.htr,
@@ -184,6 +186,8 @@ class COST:
             self.base_step.attach(optimizer)
             if step.gradient_mode == "representation":  # its hook must see the first forward pass already
                 self._representation_engine = RepresentationGradients(shared, shared_params)
+            elif step.split_at_output and not ranks.parallel:  # so must this one
+                self._capture = OutputCapture(shared)
         except BaseException:
             self._release()
             raise
@@ -198,9 +202,7 @@ class COST:
 
     step_count = property(lambda self: self.clock.step_count, doc="Steps taken (``Clock``).")
     epoch = property(lambda self: self.clock.epoch, doc="The current epoch (``Clock``).")
-    teleports_this_epoch = property(
-        lambda self: self.clock.teleports_this_epoch, doc="Teleports run (merged or rolled back) this epoch."
-    )
+    teleports_this_epoch = property(lambda self: self.clock.teleports_this_epoch, doc="Teleports run this epoch.")
 
     @property
     def num_tasks(self) -> int | None:
@@ -224,7 +226,7 @@ class COST:
 
     def _hooked_parts(self) -> list[Any]:
         """The parts that registered hooks (on the optimizer, or the backbone's forward)."""
-        return [part for part in (self.htr, self.base_step, self._representation_engine) if part is not None]
+        return [p for p in (self.htr, self.base_step, self._representation_engine, self._capture) if p is not None]
 
     def _release(self) -> None:
         for part in self._hooked_parts():
@@ -329,7 +331,7 @@ class COST:
         if self.engine is None:
             check_loss_fn(self.model, self._given_loss_fn, batch, losses.shape[0], self._representation_engine)
             self.engine = self._representation_engine or self.ranks.task_gradients(
-                self._shared_params, losses.shape[0], self.base_step.config.gradient_mode
+                self._shared_params, losses.shape[0], self.base_step.config.gradient_mode, self._capture
             )
         self.base_step.begin()
         info = self._backward(losses, batch)  # raises before counting the step (nonfinite="raise")
@@ -341,9 +343,7 @@ class COST:
 
     def _refuse_closed(self) -> None:
         if self.closed:
-            raise RuntimeError(
-                "this COST is closed (close(), or a newer COST was built over its optimizer): build a new one"
-            )
+            raise RuntimeError("this COST is closed (close(), or a newer COST took its optimizer): build a new one")
 
     def _task_gradients(self, local: torch.Tensor, batch: Any, timer: PhaseTimer) -> tuple[Any, Any, Any]:
         """The global losses (this rank's own without a process group), G of the scaled losses,
@@ -377,7 +377,7 @@ class COST:
             return self.base_step.skip(self.engine, info, info.skipped)
         accumulating = self.base_step.wrote_gradients and any(p.grad is not None for p in self._shared_params)
         if info.trigger and self.clock.allows_teleport(accumulating=accumulating):
-            with timer.phase("teleport"):
+            with timer.phase("teleport"), OutputCapture.paused_if(self._capture):  # not the next step's output
                 self.teleporter.run(self.engine, losses, stats, scale, batch, info)
             self.clock.count_teleport()
             if not self.base_step.config.step_after_teleport:
@@ -389,8 +389,9 @@ class COST:
             if not bool(torch.isfinite(losses).all() & ~stats.nonfinite):
                 return self.base_step.skip(self.engine, info, NONFINITE)
             info.stepped_after_teleport = True
-        with timer.phase("solve"):
-            update = self.base_step.update(self.engine, losses, stats, scale, batch)
+        with timer.phase("solve"):  # on the host's copies of this step's decision (none after a teleport)
+            known = (None, None) if info.stepped_after_teleport else (info.host_gram, info.host_losses)
+            update = self.base_step.update(self.engine, losses, stats, scale, batch, *known)
         if isinstance(update, str):
             return self.base_step.skip(self.engine, info, update)
         info.keep_weights(update.weights)

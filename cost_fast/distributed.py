@@ -42,6 +42,8 @@ import torch.distributed as dist
 from cost_fast.grads import GradientEngine, TaskGradients, check_task_losses
 from cost_fast.kernels import GramStats, stats_from_gram
 from cost_fast.kernels.gram_torch import gram_torch
+from cost_fast.split_grads import OutputCapture, SplitTaskGradients
+from cost_fast.teleport.config import TeleportConfig
 
 # torch 2.13 renamed the single-tensor collectives (the old names warn); earlier versions have only those.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -227,7 +229,7 @@ class Ranks:
         return self.group is not None
 
     def refuse_unsupported(
-        self, *, gradient_method: str | None, representation: bool, vmapped_samples: bool, rescaling: bool
+        self, *, gradient_method: str | None, representation: bool, teleport: TeleportConfig, rescaling: bool
     ) -> None:
         """Raise ``ValueError`` for what COST cannot do across ranks, before anything is built
         (``gradient_method``: the name of a base method that needs every column of G, or None)."""
@@ -237,10 +239,20 @@ class Ranks:
             raise ValueError(f"{gradient_method} needs every column of G: not supported with a process group")
         if representation:
             raise ValueError("gradient_mode='representation' is not supported with a process group")
-        if vmapped_samples:
+        if (teleport.samples_per_pass or 1) > 1:
             raise ValueError("samples_per_pass > 1 (vmapped samples) is not supported with a process group")
+        if teleport.stack_batches:
+            raise ValueError("stack_batches=True (a vmapped pass) is not supported with a process group")
         if rescaling:
             raise ValueError("the rescaling teleport is not supported with a process group")
+
+    def teleport_config(self, config: TeleportConfig) -> TeleportConfig:
+        """``config`` with its device-dependent default (``samples_per_pass``) fixed to one
+        sample per pass across ranks (the losses there sum over the group, which ``vmap``
+        cannot trace); as given with one process."""
+        if not self.parallel:
+            return config
+        return dataclasses.replace(config, samples_per_pass=config.samples_per_pass or 1)
 
     def check_agreement(self, settings: dict[str, str], tensors: Iterable[torch.Tensor]) -> None:
         """``check_agreement`` over this group (nothing with one process)."""
@@ -281,10 +293,16 @@ class Ranks:
         _all_gather_single(everyone.view(-1), mine, group=self.group)
         return bool((everyone == everyone[0]).all())
 
-    def task_gradients(self, params: list[torch.Tensor], num_tasks: int, mode: str) -> GradientEngine:
-        """The per-task gradient engine: ``TaskGradients``, or ``ShardedTaskGradients`` across ranks."""
+    def task_gradients(
+        self, params: list[torch.Tensor], num_tasks: int, mode: str, capture: OutputCapture | None = None
+    ) -> GradientEngine:
+        """The per-task gradient engine: ``ShardedTaskGradients`` across ranks; with one process
+        ``SplitTaskGradients`` over the backbone's captured output (``capture``), else
+        ``TaskGradients``."""
         if self.parallel:
             return ShardedTaskGradients(params, num_tasks, self.group, mode=mode)
+        if capture is not None:
+            return SplitTaskGradients(params, num_tasks, capture, mode=mode)
         return TaskGradients(params, num_tasks=num_tasks, mode=mode)
 
     def global_losses(self, local: torch.Tensor, batch: Any) -> tuple[torch.Tensor, float]:

@@ -301,7 +301,8 @@ class RepresentationGradients(GradientEngine):
 
         Z[i] = ∂L_i/∂z  (flattened, N = B·d numbers)       Z ∈ R^{K×N},
 
-    K backward passes through the heads only. A method weights or aggregates the rows of Z as it
+    from one batched backward pass through the heads (a pass per task where an op of the heads
+    cannot be batched). A method weights or aggregates the rows of Z as it
     would those of G, and its direction d_z in z's space becomes the parameters' update by one
     backward pass through the backbone, θ.grad = J_zᵀ d_z: for weights w that is exactly
     Gᵀw = Σ_i w_i ∇_θ L_i (the chain rule), so only the weights (and the conflict statistics,
@@ -354,9 +355,20 @@ class RepresentationGradients(GradientEngine):
             )
         if self.grads.shape != (self.num_tasks, z.numel()):
             self.grads = torch.empty((self.num_tasks, z.numel()), dtype=z.dtype, device=z.device)
-        for i in range(self.num_tasks):
-            grad = torch.autograd.grad(losses[i], z, retain_graph=True, allow_unused=True)
-            _store_gradients([self.grads[i].view_as(z)], grad)
+        try:  # one batched backward pass through the heads for all K tasks
+            (rows,) = torch.autograd.grad(
+                losses,
+                z,
+                grad_outputs=torch.eye(self.num_tasks, dtype=losses.dtype, device=losses.device),
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+            _store_gradients([self.grads.view(self.num_tasks, *z.shape)], (rows,))
+        except RuntimeError:  # an op of the heads without a batching rule: one pass per task
+            for i in range(self.num_tasks):
+                grad = torch.autograd.grad(losses[i], z, retain_graph=True, allow_unused=True)
+                _store_gradients([self.grads[i].view_as(z)], grad)
         if share != 1.0:
             self.grads.mul_(share)
         self._representation = z

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from cost_fast import host
 from cost_fast.kernels import GramStats
 from cost_fast.timing import PhaseTimer
 from cost_fast.update import NONFINITE
@@ -51,6 +52,10 @@ class StepInfo:
     losses: list[float] = dataclasses.field(default_factory=list)  # the K (global) task losses
     timer: PhaseTimer | None = dataclasses.field(default=None, repr=False)
     _weights: torch.Tensor | list[float] | None = dataclasses.field(default=None, repr=False)
+    # M and the losses as the decision read brought them to the host (float64, CPU): the base
+    # method solves on that M, a loss weighting checks those values
+    host_gram: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    host_losses: torch.Tensor | None = dataclasses.field(default=None, repr=False)
 
     @property
     def weights(self) -> list[float] | None:
@@ -75,24 +80,33 @@ class StepInfo:
         finite: torch.Tensor,
         timer: PhaseTimer,
     ) -> StepInfo:
-        """The step's decision, the statistics it reports and the ``losses``, in one host read:
-        the trigger (``fires``, a bool device tensor) and whether the losses and task gradients
-        are finite (``finite``; if not, ``skipped`` says so)."""
-        dominated, pairs, min_cos, mean_norm, fired, ok, *values = torch.cat(
-            [
-                torch.stack(
-                    [
-                        stats.num_dominated.double(),
-                        stats.num_conflicting_pairs.double(),
-                        stats.cos_mean.min().double(),
-                        stats.mean_norm.double(),
-                        fires.double(),
-                        finite.double(),
-                    ]
-                ),
-                losses.detach().double().to(stats.gram.device),
-            ]
-        ).tolist()
+        """The step's decision, the statistics it reports, the ``losses`` and the Gram matrix M,
+        in one host read (``cost_fast.host.to_host``): the trigger (``fires``, a bool device
+        tensor) and whether the losses and task gradients are finite (``finite``; if not,
+        ``skipped`` says so). M's and the losses' host copies (``host_gram``, ``host_losses``) are
+        what the base method solves on and checks."""
+        K = losses.shape[0]
+        device = stats.gram.device
+        values = host.to_host(
+            torch.cat(
+                [
+                    torch.stack(
+                        [
+                            stats.num_dominated.double(),
+                            stats.num_conflicting_pairs.double(),
+                            stats.cos_mean.min().double(),
+                            stats.mean_norm.double(),
+                            fires.double(),
+                            finite.double(),
+                        ]
+                    ),
+                    losses.detach().double().to(device),
+                    stats.gram.detach().double().reshape(-1),
+                ]
+            )
+        )
+        dominated, pairs, min_cos, mean_norm, fired, ok, *values_list = values[: 6 + K].tolist()
+        losses_host, gram = values[6 : 6 + K], values[6 + K :].view(stats.gram.shape)
         return cls(
             step=step,
             epoch=epoch,
@@ -102,8 +116,10 @@ class StepInfo:
             mean_norm=mean_norm,
             trigger=bool(fired),
             skipped=None if ok else NONFINITE,
-            losses=values,
+            losses=values_list,
             timer=timer,
+            host_gram=gram,
+            host_losses=losses_host,
         )
 
     @property

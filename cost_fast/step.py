@@ -54,6 +54,10 @@ class BaseStepConfig:
             gradients of the shared parameters), or ``"representation"``
             (``RepresentationGradients``: per-task gradients of the backbone's output, weights
             from their Gram matrix; an approximation, much cheaper at large K).
+        split_at_output: the exact modes split each task's backward pass at the backbone's
+            output (``cost_fast.split_grads``: the heads' backward once for all tasks, then K
+            passes through the backbone; the same G, checked at the first step); default True.
+            False: each task's pass walks the whole graph. Not split across ranks.
         nonfinite: ``"skip"`` (default: a step with non-finite losses or gradients changes
             nothing and says so in ``StepInfo.skipped``) or ``"raise"`` (``FloatingPointError``).
     """
@@ -64,11 +68,12 @@ class BaseStepConfig:
     step_after_teleport: bool = False
     gradient_mode: Literal["loop", "batched", "representation"] = "loop"
     nonfinite: Literal["skip", "raise"] = "skip"
+    split_at_output: bool = True
 
     def __post_init__(self) -> None:
         if self.head_gradients not in ("weighted", "per_task"):
             raise ValueError(f"head_gradients must be 'weighted' or 'per_task', got {self.head_gradients!r}")
-        for name in ("scale_backbone_by_tasks", "step_after_teleport"):
+        for name in ("scale_backbone_by_tasks", "step_after_teleport", "split_at_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.clip_grad_norm is not None and not (
@@ -131,12 +136,20 @@ class BaseStep:
         return self.config.nonfinite
 
     def update(
-        self, engine: GradientEngine, losses: torch.Tensor, stats: GramStats, scale: torch.Tensor | None, batch: Any
+        self,
+        engine: GradientEngine,
+        losses: torch.Tensor,
+        stats: GramStats,
+        scale: torch.Tensor | None,
+        batch: Any,
+        host_gram: torch.Tensor | None = None,
+        host_losses: torch.Tensor | None = None,
     ) -> BaseUpdate | str:
         """Add the base update into ``.grad`` and return it (its weights); or add nothing and
         return why (``cost_fast.update``: the weights, the update or the heads' gradients are not
-        finite). ``scale`` is a GradScaler's scale s (the gradients of s·L) or None. The update is
-        left in ``engine.combined``."""
+        finite). ``scale`` is a GradScaler's scale s (the gradients of s·L) or None;
+        ``host_gram``, ``host_losses``: M and the losses on the host where the step's decision
+        read brought them. The update is left in ``engine.combined``."""
         update = base_update(
             self.method,
             losses,
@@ -147,6 +160,8 @@ class BaseStep:
             head_gradients=self.config.head_gradients,
             scale_backbone_by_tasks=self.config.scale_backbone_by_tasks,
             sum_over_ranks=self.sum_over_ranks,
+            host_gram=host_gram,
+            known_losses=host_losses,
         )
         if isinstance(update, str):
             return update

@@ -18,7 +18,8 @@ and the update is added scaled, for ``scaler.step`` to unscale.
 ``base_update`` computes everything and checks it finite before anything is added to
 ``.grad`` (``BaseUpdate.write`` adds it), so that a non-finite result never spoils an
 accumulated gradient: it returns the reason instead, the method's state put back (a gradient
-method's state, up to K x P and not copied, has taken the step). ``hand_to_scaler`` is what a
+method whose state is as large as G, ``state_like_gradients``, is not copied: its heads'
+gradient is checked before it runs, and its state has taken a step refused after it ran). ``hand_to_scaler`` is what a
 skipped step under a GradScaler writes: NaN, so that the scaler skips the optimizer step and
 lowers its scale, as after a plain backward that overflowed.
 """
@@ -32,6 +33,7 @@ from typing import Literal
 
 import torch
 
+from cost_fast import host
 from cost_fast.aggregators.base import Aggregator
 from cost_fast.checks import all_finite
 from cost_fast.grads import GradientEngine
@@ -48,17 +50,25 @@ NONFINITE_GRADIENT_METHOD_UPDATE = "non-finite update from the gradient method (
 
 
 def apply_method(
-    method: Method, losses: torch.Tensor, engine: GradientEngine, gram: torch.Tensor, scale: torch.Tensor | None
+    method: Method,
+    losses: torch.Tensor,
+    engine: GradientEngine,
+    gram: torch.Tensor,
+    scale: torch.Tensor | None,
+    host_gram: torch.Tensor | None = None,
+    known_losses: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The method's update of the shared parameters into ``engine.combined`` (Gᵀw, or a gradient
     method's own d; times s when G holds the gradients of s·L, the method solved on unscaled
     values), nothing written to ``.grad``: the one dispatch over the kinds of method. Returns
     the total whose gradient the other parameters get (Σ w_i L_i; a weighting's own total, so
     that its learned parameters get theirs; Σ L_i for a gradient method) and w (None for a
-    gradient method)."""
+    gradient method). A Gram method solves on the host (``cost_fast.host``): on ``host_gram``,
+    M already read back with the step's decision, or on one transfer of ``gram``; a loss
+    weighting checks the losses' values on ``known_losses``, their host copy, where given."""
     dtype = engine.grads.dtype
     if isinstance(method, LossWeighting):
-        total = method(losses)
+        total = method(losses) if known_losses is None else method.total_of_known(losses, known_losses)
         (w,) = torch.autograd.grad(total, losses, retain_graph=True)
         engine.combine(w.to(dtype), write_grad=False)
         return total, w.detach()
@@ -68,7 +78,11 @@ def apply_method(
         direction = method.aggregate(engine.grads).to(dtype)
         engine.set_direction(direction if scale is None else direction * scale.to(dtype))
         return losses.sum(), None
-    w = method.weights(gram).to(dtype)
+    if host_gram is None:
+        host_gram = host.to_host(gram)
+    with host.section():
+        w = method.weights(host_gram)
+    w = w.to(device=engine.grads.device, dtype=dtype)
     engine.combine(w, write_grad=False)
     return losses @ w.to(losses), w
 
@@ -127,6 +141,8 @@ def base_update(
     head_gradients: HeadGradients = "weighted",
     scale_backbone_by_tasks: bool = False,
     sum_over_ranks: Callable[[list[torch.Tensor | None]], None] | None = None,
+    host_gram: torch.Tensor | None = None,
+    known_losses: torch.Tensor | None = None,
 ) -> BaseUpdate | str:
     """The base update of ``method`` (module docstring) for ``losses`` (with their graph),
     their per-task gradients in ``engine`` and its Gram matrix ``gram`` (unscaled), or the
@@ -135,27 +151,30 @@ def base_update(
     ``heads``: the tensors other than the shared parameters that get a gradient (a loss
     weighting's learned parameters are added). ``scale``: a GradScaler's scale s as a device
     tensor, or None. ``sum_over_ranks``: sums each rank's share of the heads' gradients in
-    place (data parallel; None with one process). Nothing is written to ``.grad``."""
+    place (data parallel; None with one process). ``host_gram``, ``known_losses``: M and the
+    losses already on the host (the step's decision read brought them), or None. Nothing is
+    written to ``.grad``."""
 
     def scaled(total: torch.Tensor) -> torch.Tensor:
         return total if scale is None else total * scale.to(total)
 
     learned = [p for p in method.parameters() if p.requires_grad] if isinstance(method, LossWeighting) else []
-    if isinstance(method, Aggregator) and method.kind == "grads":
+    if isinstance(method, Aggregator) and method.kind == "grads" and method.state_like_gradients:
         # The heads' gradient (of Σ L_i) does not depend on the method, so it is checked first,
-        # and the method's state (MoCo's: K x P) advances only on a step that is taken.
+        # and the method's state (MoCo's: K x P, not copied) advances only on a step that is
+        # taken: a third read of the device, the price of that.
         head_grads = gradients(scaled(losses.sum()), heads)
         if sum_over_ranks is not None:
             sum_over_ranks(head_grads)
-        if not all_finite(head_grads):
+        if not all_finite(head_grads):  # a read of its own, before the method's state moves
             return NONFINITE_UPDATE
-        _, weights = apply_method(method, losses, engine, gram, scale)
+        _, weights = apply_method(method, losses, engine, gram, scale, host_gram)
         if not all_finite([engine.combined]):
             return NONFINITE_GRADIENT_METHOD_UPDATE
         learned_grads: list[torch.Tensor | None] = []
     else:
-        saved = copy.deepcopy(method.state_dict())  # small: K-sized buffers, generators
-        total, weights = apply_method(method, losses, engine, gram, scale)
+        saved = copy.deepcopy(method.state_dict())  # small: K-sized buffers, generators, counts
+        total, weights = apply_method(method, losses, engine, gram, scale, host_gram, known_losses)
         if head_gradients == "per_task":
             head_grads = gradients(scaled(losses.sum()), heads, retain_graph=bool(learned))
             learned_grads = gradients(scaled(total), learned)

@@ -162,10 +162,18 @@ def yardstick_teleport(
                 sharp_term = torch.stack(terms).max()
             else:
                 samples = []
-                for _ in range(n):
+                for j in range(n):
                     noisy = copy.deepcopy(wrapped).merge_and_unload()
+                    if semantics.noise == "flat" and j == 0:  # z of all n samples and parameters in one draw
+                        first, size = next(noisy.parameters()), sum(p.numel() for p in noisy.parameters())
+                        z = torch.randn((n, size), generator=generator, dtype=first.dtype, device=first.device)
+                    start = 0
                     for p in noisy.parameters():
-                        noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
+                        if semantics.noise == "flat":
+                            noise = z[j, start : start + p.numel()].view(p.shape)
+                            start += p.numel()
+                        else:
+                            noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
                         p.data = p.data + noise * (semantics.noise_norm / torch.norm(noise))
                     with torch.no_grad():
                         samples.append(loss_fn(noisy, current_batch))

@@ -38,7 +38,7 @@ fi
 [ -n "${TESTS_ONLY:-}" ] && exit 0
 BENCH=$(mktemp -d)
 # suite:seconds; the solvers are K x K float64 work on the CPU, left out here
-for entry in ${SUITES:-gram:45 grads:45 teleport:60 epoch:70}; do
+for entry in ${SUITES:-gram:45 grads:45 teleport:60 launches:60 epoch:70}; do
     suite=${entry%%:*}
     step "bench $suite"
     timeout "${entry##*:}" $PY -m cost_fast.apps.cli bench --out "$BENCH/$suite" --suites "$suite" \

@@ -148,6 +148,17 @@ def test_bad_arguments() -> None:
     assert cost.step_count == 1 and any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+def test_the_flat_noise_refuses_a_model_of_two_dtypes_before_any_step() -> None:
+    from cost_fast.teleport.semantics import PublicSemantics
+
+    model, batches = mlp_setup(0)
+    model.heads.double()  # one (n, P) draw cannot hold float32 and float64 parameters
+    with pytest.raises(ValueError, match="noise='per_tensor'"):
+        make_cost(model, batches)
+    cost, _ = make_cost(model, batches, semantics=PublicSemantics(noise="per_tensor"))
+    assert cost.semantics.noise == "per_tensor"
+
+
 def test_fairgrad_at_alpha_1_and_nash_mtl_train_identically() -> None:
     # M w = w^(-1/α) at α = 1 is Nash-MTL's M w = 1/w: the methods table says they are one method
     runs = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 from cost_fast.models import CelebACNN, batch_task_losses
 from cost_fast.teleport import TeleportConfig, guard_verdict, level_set_error, teleport
 from cost_fast.teleport.lora import TeleportAdapter
+from cost_fast.teleport.perturbed import same_shapes
 from cost_fast.teleport.semantics import PaperSemantics, PublicSemantics, get_semantics
 from cost_fast.yardstick import YardstickCOST, yardstick_teleport
 
@@ -19,12 +21,18 @@ PUBLIC = PublicSemantics()
 NORMS = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
 
 
-def perturbed_losses(model, named, loss_fn, batch, n, generator, samples_per_pass):
-    """(n, K) losses at the public semantics' noise (ν = 1e-4), as the fast path draws it."""
-    from cost_fast.teleport.perturbed import sample_losses
+def perturbed_losses(model, named, loss_fn, batch, n, generator, samples_per_pass, noise="per_tensor"):
+    """(n, K) losses at the public semantics' noise (ν = 1e-4), as the fast path draws it with
+    ``noise`` ("per_tensor": a list per sample; "flat": one (n, P) draw)."""
+    from cost_fast.kernels.tensorwise_noise import TensorwiseNoise
+    from cost_fast.teleport.perturbed import flat_sample_losses, sample_losses
 
     params = [p for _, p in named]
-    draws = [lambda: PUBLIC.noise(params, generator)] * n
+    if noise == "flat":
+        sizes = tuple(p.numel() for p in params)
+        draw = TensorwiseNoise(sizes, n, 1e-4, generator=generator, dtype=params[0].dtype, device="cpu").draw()
+        return flat_sample_losses(model, loss_fn, batch, named, draw, samples_per_pass)
+    draws = [lambda: PUBLIC.per_tensor_noise(params, generator)] * n
     return sample_losses(model, loss_fn, batch, named, draws, samples_per_pass)
 
 
@@ -100,6 +108,43 @@ def test_fast_teleport_equals_the_yardstick(samples_per_pass: int) -> None:
     x = current[0]
     torch.testing.assert_close(model.eval()(x), expected.eval()(x), rtol=1e-9, atol=1e-12)
     assert list(model.state_dict()) == list(expected.state_dict())  # the model's own keys, nothing added
+
+
+@pytest.mark.parametrize("noise", ["per_tensor", "flat"])
+@pytest.mark.parametrize("semantics", ["public", "paper"])
+def test_a_teleport_with_stacked_batches_equals_the_yardstick(noise: str, semantics: str) -> None:
+    """stack_batches: the two forwards with grad as one vmapped pass, the same teleport."""
+    chosen = PublicSemantics(noise=noise) if semantics == "public" else PaperSemantics()
+    config = TeleportConfig(rounds=2, guard_tolerance=1e9, stack_batches=True)
+    _, data, current, _ = problem(0)
+    assert all(same_shapes(batch, current) for batch in data)  # so every step stacks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and vmap runs the loss: no fallback to two passes
+        run_fast_and_yardstick(0, chosen, config)
+
+
+def test_stacked_batches_run_one_pass_and_fall_back_once_for_a_loss_vmap_cannot_run() -> None:
+    model, data, current, ratios = problem(1)
+    calls = []
+
+    def counting_loss(m, batch):
+        calls.append(1)
+        return batch_task_losses(m, batch)
+
+    def host_loss(m, batch):  # .item() inside a loss is legal, but vmap cannot trace it
+        calls.append(1)
+        losses = batch_task_losses(m, batch)
+        return losses * (1.0 + 0.0 * losses.sum().item())
+
+    config = TeleportConfig(lr=1e-2, rounds=1, measure_level_set=False, stack_batches=True, samples_per_pass=1)
+    adapter = TeleportAdapter(model.backbone, rank=2)
+    teleport(model, adapter, counting_loss, data, current, ratios=ratios, semantics=PUBLIC, config=config)
+    assert len(calls) == 2 + 2 * (5 + 1)  # contour, then per step: 5 samples and one stacked pass
+    calls.clear()
+    with pytest.warns(RuntimeWarning, match="stack_batches") as caught:
+        teleport(model, adapter, host_loss, data, current, ratios=ratios, semantics=PUBLIC, config=config)
+    assert len([w for w in caught if "stack_batches" in str(w.message)]) == 1  # said once, then two passes
+    assert len(calls) == 2 + (5 + 1 + 2) + (5 + 2)  # the failed stacked try, then two plain passes
 
 
 def test_guard_rolls_back_bit_exactly() -> None:
@@ -236,12 +281,13 @@ def test_the_guard_is_off_by_default_in_public_semantics_only() -> None:
     assert result.contour_after is not None
 
 
-def test_batched_samples_equal_one_per_pass_and_leave_the_model_untouched() -> None:
+@pytest.mark.parametrize("noise", ["per_tensor", "flat"])
+def test_batched_samples_equal_one_per_pass_and_leave_the_model_untouched(noise: str) -> None:
     model, _, current, _ = problem(4)
     named = list(model.eval().named_parameters())
     before = [p.detach().clone() for _, p in named]
     rows = {
-        s: perturbed_losses(model, named, batch_task_losses, current, 5, torch.Generator().manual_seed(3), s)
+        s: perturbed_losses(model, named, batch_task_losses, current, 5, torch.Generator().manual_seed(3), s, noise)
         for s in (1, 2, 5, 8)
     }
     assert rows[1].shape == (5, K)
@@ -254,7 +300,8 @@ def test_batched_samples_equal_one_per_pass_and_leave_the_model_untouched() -> N
     assert (rows[1] - base).abs().max() > 0 and (rows[1][0] - rows[1][1]).abs().max() > 0
 
 
-def test_a_loss_vmap_cannot_run_falls_back_with_a_warning() -> None:
+@pytest.mark.parametrize("noise", ["per_tensor", "flat"])
+def test_a_loss_vmap_cannot_run_falls_back_with_a_warning(noise: str) -> None:
     model, _, current, _ = problem(5)
     named = list(model.eval().named_parameters())
 
@@ -262,9 +309,9 @@ def test_a_loss_vmap_cannot_run_falls_back_with_a_warning() -> None:
         losses = batch_task_losses(m, batch)
         return losses * (1.0 + 0.0 * losses.sum().item())
 
-    plain = perturbed_losses(model, named, host_loss, current, 4, torch.Generator().manual_seed(3), 1)
+    plain = perturbed_losses(model, named, host_loss, current, 4, torch.Generator().manual_seed(3), 1, noise)
     with pytest.warns(RuntimeWarning, match="vmap"):
-        batched = perturbed_losses(model, named, host_loss, current, 4, torch.Generator().manual_seed(3), 2)
+        batched = perturbed_losses(model, named, host_loss, current, 4, torch.Generator().manual_seed(3), 2, noise)
     torch.testing.assert_close(batched, plain, rtol=0, atol=0)
 
 
@@ -520,8 +567,9 @@ def test_a_loss_preserving_teleport_on_the_digits_stays_within_its_tolerance() -
         weights = [p.detach().clone() for p in model.parameters()]
         adapter = TeleportAdapter(model.backbone, generator=torch.Generator().manual_seed(0))
         config = TeleportConfig(lr=0.05, rounds=2, num_samples=2, level_set_tolerance=tolerance)
+        semantics = PublicSemantics(noise="per_tensor")  # the stream on which ΔW is known to be large
         result = teleport(
-            model, adapter, batch_task_losses, data, data[0], ratios=ratios, semantics=PUBLIC, config=config
+            model, adapter, batch_task_losses, data, data[0], ratios=ratios, semantics=semantics, config=config
         )
         after = plain_contour(model, data, batch_task_losses)
         error = float(((after - before).abs() / before.abs().clamp_min(1e-3)).max())

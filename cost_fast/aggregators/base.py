@@ -3,8 +3,9 @@
 
 A Gram-based aggregator maps the Gram matrix M = G Gᵀ (K x K) of the task gradients to weights
 w ∈ R^K; the update is then d = Gᵀ w = ∇(Σ_i w_i L_i), which ``TaskGradients.combine`` applies
-with one matrix-vector product. Solvers run in float64 on M's device; weights come back in M's dtype (float32
-for half precision).
+with one matrix-vector product. Solvers run in float64 on the device of the M they are given;
+weights come back in M's dtype (float32 for half precision). COST and ``mtl_backward`` give them
+M's host copy (``cost_fast.host``): a solve's many small reads then wait for no device.
 """
 
 from __future__ import annotations
@@ -96,6 +97,12 @@ class GradientAggregator(Aggregator):
     ``weights(gram)`` is not defined. The heads then get ∇ Σ_i L_i."""
 
     kind = "grads"
+    # True where the method's state is as large as G (MoCo's K x P): the update then checks
+    # the heads' gradient before the method runs and lets the state take a step whose update
+    # turns out non-finite (a device read more per step), rather than copying the state at
+    # every step to put it back. False (default): the state is copied and put back on such a
+    # step, and the step reads the device once.
+    state_like_gradients: bool = False
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{type(self).__name__} needs the gradients themselves: call aggregate(G), not weights(gram)")

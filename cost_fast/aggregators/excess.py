@@ -34,6 +34,8 @@ class ExcessMTL(GradientAggregator):
         step_size: η > 0 (default 1). warmup_steps: ≥ 0 (default 1). eps: ε ≥ 0 (default 1e-7).
     """
 
+    state_like_gradients = True  # its state is K x P: checked before it runs, not copied
+
     def __init__(self, step_size: float = 1.0, warmup_steps: int = 1, eps: float = 1e-7) -> None:
         self.step_size = check_positive("step_size", step_size)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)

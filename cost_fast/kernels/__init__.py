@@ -5,6 +5,8 @@ gram.py         gram_stats: the Gram matrix of K task gradients and its conflict
 gram_triton.py  the fused Triton Gram kernel
 gram_torch.py   GramStats and the plain-torch reference
 perturb.py      Philox noise on a sphere, regenerated from a seed (Triton and torch)
+tensorwise_noise.py  n samples of noise of a fixed norm per tensor, one draw (torch) or two
+                launches (Triton, the seed on the device)
 """
 
 from cost_fast.kernels.gram import gram_stats

@@ -1,7 +1,8 @@
 """Ahead-of-time check of every Triton kernel configuration for Hopper, on a machine without a GPU.
 
 Each configuration the dispatchers can launch on CUDA (``gram_triton.CUDA_TILES`` for the Gram kernel,
-both reductions and every input dtype; the epilogue per padded K) is
+both reductions and every input dtype; the epilogue per padded K; the tensorwise noise's two
+kernels per output dtype) is
 compiled by ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (sm_90: H100/H200), and the
 cubin is read with the ``cuobjdump`` bundled with triton. A configuration fails if it spills
 registers (stack or local memory in use) or needs more shared memory than a block may use
@@ -176,13 +177,53 @@ def gram_configs() -> list[CompiledConfig]:
     return results
 
 
+def noise_configs() -> list[CompiledConfig]:
+    """The tensorwise noise's two kernels (``tensorwise_noise``), for every output dtype and
+    with and without a base, compiled for sm_90 (launched with triton's default 4 warps)."""
+    from cost_fast.kernels import tensorwise_noise as noise
+
+    table = {"starts_ptr": "*i32", "ends_ptr": "*i32"}
+    results = [
+        _compile(
+            noise._block_sums_kernel,
+            {"partials_ptr": "*fp32", **table, "seed_ptr": "*i64", "num_blocks": "i32", "BLOCK": "constexpr"},
+            {"BLOCK": noise.BLOCK},
+            4,
+            3,
+            "noise_sums",
+            f"block={noise.BLOCK}",
+        )
+    ]
+    for dtype in ("fp16", "bf16", "fp32", "fp64"):
+        for has_base in (False, True):
+            signature = {
+                "out_ptr": f"*{dtype}",
+                "base_ptr": f"*{dtype}",
+                "partials_ptr": "*fp32",
+                **table,
+                "first_ptr": "*i32",
+                "count_ptr": "*i32",
+                "seed_ptr": "*i64",
+                "norm": "fp32",
+                "num_blocks": "i32",
+                "total": "i32",
+                "HAS_BASE": "constexpr",
+                "WIDE": "constexpr",
+                "BLOCK": "constexpr",
+            }
+            config = f"block={noise.BLOCK} {dtype} base={has_base}"
+            constexprs = {"HAS_BASE": has_base, "WIDE": dtype == "fp64", "BLOCK": noise.BLOCK}
+            results.append(_compile(noise._write_noise_kernel, signature, constexprs, 4, 3, "noise_write", config))
+    return results
+
+
 def main() -> int:
     """Compile every configuration; print a line each; 1 if any has a problem."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check: unset TRITON_INTERPRET (the interpreter's kernels cannot be compiled)", file=sys.stderr)
         return 2
     failed = 0
-    for result in gram_configs():
+    for result in gram_configs() + noise_configs():
         problems = result.problems
         failed += bool(problems)
         status = "FAIL " + "; ".join(problems) if problems else "ok"

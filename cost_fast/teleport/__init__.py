@@ -6,6 +6,7 @@ semantics.py         the public code's and the paper's semantics: trigger, R, L_
 lora.py              TeleportAdapter: the LoRA/LoHa adapter in weight space
 perturbed.py         task losses at perturbed or substituted parameters (L_g's samples)
 adapter_teleport.py  teleport(): train the adapter on L_t and L_g, merge
+graphs.py            GraphedStep: the adapter step captured in a CUDA graph and replayed
 rescaling.py         RescalingTeleport: the group action of hidden-unit rescalings
 contour.py           L* and the level-set error over the teleport data; eval mode
 verdict.py           settle(): whether a teleport of any kind stays, or is rolled back
@@ -16,6 +17,7 @@ teleporter.py        Teleporter: which teleport runs inside COST, its report, HT
 from cost_fast.teleport.adapter_teleport import TeleportResult, teleport
 from cost_fast.teleport.config import AdapterConfig, RescaleConfig, TeleportConfig
 from cost_fast.teleport.contour import eval_mode, level_set_error, loss_contour
+from cost_fast.teleport.graphs import CaptureRefused
 from cost_fast.teleport.htr import HistoryReuse, flat_cosine, supports_htr
 from cost_fast.teleport.lora import TeleportAdapter
 from cost_fast.teleport.rescaling import RescalingTeleport
@@ -26,6 +28,7 @@ from cost_fast.teleport.verdict import Verdict, guard_verdict, merge_verdict, se
 
 __all__ = [
     "AdapterConfig",
+    "CaptureRefused",
     "Clock",
     "HistoryReuse",
     "PaperSemantics",

@@ -31,6 +31,7 @@ module goes back to the mode it had.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -38,8 +39,10 @@ import torch
 from torch import nn
 
 from cost_fast.checks import all_finite
+from cost_fast.kernels.tensorwise_noise import triton_noise_runs
 from cost_fast.teleport.config import TeleportConfig
 from cost_fast.teleport.contour import eval_mode, loss_contour
+from cost_fast.teleport.graphs import CaptureRefused, GraphedStep, refusal
 from cost_fast.teleport.lora import TeleportAdapter
 from cost_fast.teleport.perturbed import EffectivePoint, LossFn
 from cost_fast.teleport.semantics import Semantics, get_semantics
@@ -53,6 +56,8 @@ class TeleportResult:
     ``contour_before``/``contour_after`` the mean task losses over the teleport data at the start
     and at the point merged (or last tried, after a rollback); ``level_set_error`` the error at
     that point (module docstring); ``fraction`` the share t of the trained ΔW merged;
+    ``graph_note`` (``TeleportConfig(cuda_graphs=True)`` only, else None) ``"captured"`` or why
+    the adapter steps ran eagerly (``cost_fast.teleport.graphs``);
     ``rollback_reason`` says why it was rolled back ("loss rose", "non-finite", "left the level
     set"), else None."""
 
@@ -65,11 +70,23 @@ class TeleportResult:
     rollback_reason: str | None
     level_set_error: float | None = None  # None when contour_after is None
     fraction: float = 1.0
+    graph_note: str | None = None  # cuda_graphs: "captured", or why the steps ran eagerly
 
     @property
     def rolled_back(self) -> bool:
         """True when the guard put the backbone back where it was."""
         return self.rollback_reason is not None
+
+
+def adapter_optimizer(factors: list[torch.Tensor], lr: float, *, capturable: bool = False) -> torch.optim.Adam:
+    """Adam over the adapter's factors: torch's fused Adam where the device has it (one kernel
+    for all factors, its step counts on the device: no host read), else the multi-tensor one.
+    Equal to the per-tensor Adam up to rounding (bit-exact in float64, measured).
+    ``capturable``: built for a CUDA graph (``cost_fast.teleport.graphs``)."""
+    try:
+        return torch.optim.Adam(factors, lr=lr, fused=True, capturable=capturable)
+    except RuntimeError:  # torch refuses fused Adam on this device or dtype when it is built
+        return torch.optim.Adam(factors, lr=lr, foreach=True, capturable=capturable)
 
 
 def teleport(
@@ -136,6 +153,7 @@ def teleport(
             if reset:
                 adapter.reset()
             name_of = {id(p): name for name, p in model.named_parameters()}
+            device = adapter.adapted_weights[0].device
             probe = semantics.sharpness_probe(
                 model,
                 loss_fn,
@@ -144,40 +162,64 @@ def teleport(
                 model_parameters=list(model.named_parameters()),
                 shared_parameters=[(name_of[id(p)], p) for p in adapter.base_parameters],
                 generator=generator,
-                samples_per_pass=config.samples_per_pass,
+                samples_per_pass=config.resolved_samples_per_pass(device),
                 num_samples=config.num_samples,
+                stack_batches=config.stack_batches,
             )
             weight_names = [name_of[id(w)] for w in adapter.adapted_weights]
-            optimizer = torch.optim.Adam(adapter.adapter_parameters, lr=adapter_lr)
+            refused = None
+            if config.cuda_graphs:
+                total = sum(p.numel() for p in model.parameters())
+                refused = refusal(
+                    semantics,
+                    device,
+                    current_batch,
+                    parallel=sum_over_ranks is not None,
+                    triton_noise=triton_noise_runs(device, total),
+                )
+                if refused is not None:
+                    warnings.warn(f"{refused}; the adapter steps run eagerly", CaptureRefused, stacklevel=2)
+            graphed = config.cuda_graphs and refused is None
+            optimizer = adapter_optimizer(adapter.adapter_parameters, adapter_lr, capturable=graphed)
             task_terms: list[torch.Tensor] = []
             sharp_terms: list[torch.Tensor] = []
+
+            def adapter_step(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                """One adapter step on the teleport batch ``batch``: (L_t, L_g), detached."""
+                deltas = adapter.deltas()  # once per step: every forward below is a plain one
+                point = EffectivePoint(
+                    model,
+                    loss_fn,
+                    dict(zip(weight_names, [w + d for w, d in zip(adapter.adapted_weights, deltas)])),
+                    lambda: adapter.applied(deltas),
+                )
+                # The probe's no-grad passes write W + ΔW (+ ε) into the weights in place and
+                # put them back before any forward pass with grad of this step runs.
+                sharp_term, losses = probe(len(task_terms), point, batch)
+                task_term = (losses - contour.to(losses)).abs().mean()
+                objective = semantics.task_weight * task_term - semantics.sharpness_weight * sharp_term
+                optimizer.zero_grad(set_to_none=True)
+                objective.backward(inputs=adapter.adapter_parameters)
+                if sum_over_ranks is not None:
+                    sum_over_ranks([p.grad for p in adapter.adapter_parameters])
+                optimizer.step()
+                return task_term.detach(), sharp_term.detach()
+
+            run_step: Callable[[Any], tuple[torch.Tensor, ...]] = adapter_step
+            if graphed:
+                run_step = GraphedStep(
+                    adapter_step, device=device, before_capture=lambda: optimizer.zero_grad(set_to_none=True)
+                )
             steps = 0
             budget = config.max_steps if config.max_steps is not None else float("inf")
             for _ in range(config.rounds):
                 for batch in data:
-                    deltas = adapter.deltas()  # once per step: every forward below is a plain one
-                    point = EffectivePoint(
-                        model,
-                        loss_fn,
-                        dict(zip(weight_names, [w + d for w, d in zip(adapter.adapted_weights, deltas)])),
-                        lambda deltas=deltas: adapter.applied(deltas),
-                    )
-                    # The probe's no-grad passes write W + ΔW (+ ε) into the weights in place and
-                    # put them back before any forward pass with grad of this step runs.
-                    sharp_term = probe(steps, point)
-                    losses = point.losses(batch)
-                    task_term = (losses - contour.to(losses)).abs().mean()
-                    objective = semantics.task_weight * task_term - semantics.sharpness_weight * sharp_term
-                    optimizer.zero_grad(set_to_none=True)
-                    objective.backward(inputs=adapter.adapter_parameters)
-                    if sum_over_ranks is not None:
-                        sum_over_ranks([p.grad for p in adapter.adapter_parameters])
-                    optimizer.step()
+                    task_term, sharp_term = run_step(batch)
                     steps += 1
-                    task_terms.append(task_term.detach())
-                    sharp_terms.append(sharp_term.detach())
+                    task_terms.append(task_term)
+                    sharp_terms.append(sharp_term)
                     if progress is not None:
-                        progress(steps, task_terms[-1], sharp_terms[-1])
+                        progress(steps, task_term, sharp_term)
                     if steps >= budget:
                         break
                 if steps >= budget:
@@ -207,6 +249,7 @@ def teleport(
                 verdict.reason,
                 verdict.error,
                 verdict.fraction,
+                getattr(run_step, "note", refused) if config.cuda_graphs else None,  # a GraphedStep's note
             )
         except BaseException:
             adapter.restore(snapshot)

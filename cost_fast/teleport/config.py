@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Literal
 
+import torch
 from torch import nn
 
 from cost_fast.checks import check_int, check_positive
@@ -34,8 +35,18 @@ class TeleportConfig:
             None: the semantics' ``default_guard``, off in public semantics, on in paper).
         guard_tolerance: the rise, relative to |L*_i|, that rolls back (default 0.05).
         samples_per_pass: perturbed samples evaluated together in one vmapped forward pass
-            (default 1: one pass per sample, in place). Larger values cost that many copies of
-            the perturbed parameters; a loss that ``vmap`` cannot trace falls back to 1.
+            (default None: all n on CUDA, 1 elsewhere, see ``resolved_samples_per_pass``; 1:
+            one pass per sample, in place). Values over 1 cost that many copies of the
+            perturbed parameters; a loss that ``vmap`` cannot trace falls back to 1.
+        stack_batches: an adapter step's two forward passes with grad (the current batch of
+            L_g, the teleport batch of L_t) as one vmapped pass over the two stacked batches
+            where their shapes agree; equal to the two passes up to rounding. Default False:
+            whether it launches fewer ops depends on the model (bench/results/launches_cpu.json:
+            fewer on the NYUv2-shaped SegNet, more on the CelebA-shaped CNN, whose 40 separate
+            heads vmap turns into more ops than it saves).
+        cuda_graphs: capture the adapter step in a CUDA graph after two eager steps and replay
+            it (``cost_fast.teleport.graphs``: what it needs, and a ``CaptureRefused`` warning
+            naming what is missing, the steps then eager). Default False.
         measure_level_set: evaluate the teleport data after the merge to report the level-set
             error (module docstring; default True). False skips that pass when nothing else
             needs it (the guard and ``level_set_tolerance`` do), as the public code does.
@@ -52,7 +63,9 @@ class TeleportConfig:
     num_samples: int = 5
     guard: bool | None = None
     guard_tolerance: float = 0.05
-    samples_per_pass: int = 1
+    samples_per_pass: int | None = None
+    stack_batches: bool = False
+    cuda_graphs: bool = False
     measure_level_set: bool = True
     level_set_tolerance: float | None = None
     level_set_floor: float = 1e-3
@@ -61,8 +74,12 @@ class TeleportConfig:
     def __post_init__(self) -> None:
         if self.lr is not None and not (isinstance(self.lr, int | float) and 0 < self.lr < float("inf")):
             raise ValueError(f"lr must be a finite number > 0 or None, got {self.lr!r}")
-        for name in ("rounds", "num_samples", "samples_per_pass"):
+        for name in ("rounds", "num_samples"):
             check_int(name, getattr(self, name), 1)
+        check_int("samples_per_pass", self.samples_per_pass, 1, optional=True)
+        for name in ("stack_batches", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         check_int("max_steps", self.max_steps, 1, optional=True)
         if self.guard is not None and not isinstance(self.guard, bool):
             raise ValueError(f"guard must be True, False or None, got {self.guard!r}")
@@ -82,6 +99,15 @@ class TeleportConfig:
     def guard_for(self, semantics: Semantics) -> bool:
         """Whether the guard runs: ``guard`` when set, else the semantics' ``default_guard``."""
         return self.guard if self.guard is not None else semantics.default_guard
+
+    def resolved_samples_per_pass(self, device: torch.device) -> int:
+        """``samples_per_pass``, or where None: all n samples in one pass on CUDA (a step there
+        costs its launches, and the batched pass launches fewer: bench/results/launches_cpu.json),
+        one per pass elsewhere (on CPU the batched pass was slower on three of the four
+        workloads of bench/results/adapter_cpu.json)."""
+        if self.samples_per_pass is not None:
+            return self.samples_per_pass
+        return self.num_samples if device.type == "cuda" else 1
 
     def evaluates_after(self, semantics: Semantics) -> bool:
         """Whether the teleport data is evaluated after the merge (level-set error, guard or

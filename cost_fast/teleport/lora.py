@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from cost_fast.checks import check_int, check_positive
+from cost_fast.teleport.perturbed import flat_copy, unflatten
 
 ADAPTED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 METHODS = ("lora", "loha")
@@ -151,28 +152,29 @@ class TeleportAdapter:
     def deltas(self) -> list[torch.Tensor]:
         """ΔW of every adapted layer (shape of its weight), differentiable in the factors."""
         s = self.scale
-        out = []
-        for w, factors in zip(self.adapted_weights, self._factors):
+        products = []
+        for factors in self._factors:
             if self.method == "lora":
                 a, b = factors
-                delta = b @ a
+                products.append(b @ a)
             else:
                 w1a, w1b, w2a, w2b = factors
-                delta = (w1a @ w1b) * (w2a @ w2b)
-            out.append((s * delta).view(w.shape))
-        return out
+                products.append((w1a @ w1b) * (w2a @ w2b))
+        return [d.view(w.shape) for d, w in zip(torch._foreach_mul(products, s), self.adapted_weights)]
 
     @contextlib.contextmanager
     def applied(self, deltas: list[torch.Tensor]) -> Iterator[None]:
         """W ← W + ΔW (detached) in place for the block, for passes without grad; W is put back
-        bit-exactly afterwards, also on error."""
-        saved = self.snapshot()
+        bit-exactly afterwards, also on error (from one flat copy: a single op)."""
+        weights = self.adapted_weights
+        saved = flat_copy(weights)
         with torch.no_grad():
-            torch._foreach_add_(self.adapted_weights, [d.detach() for d in deltas])
+            torch._foreach_add_(weights, [d.detach() for d in deltas])
         try:
             yield
         finally:
-            self.restore(saved)
+            with torch.no_grad():
+                torch._foreach_copy_(weights, unflatten(saved, weights))
 
     @torch.no_grad()
     def merge(self, fraction: float = 1.0) -> list[torch.Tensor]:

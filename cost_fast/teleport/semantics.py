@@ -7,7 +7,11 @@ term L_g, the g' of its HTR and its default settings.
     R_i      K (1 - ‖g_i‖ / Σ_j ‖g_j‖)                              (smaller gradients weigh more)
     L_g      (1/K) Σ_i max_j R_i |L_i(θ+Δθ+ε_j; x) - L_i(θ+Δθ; x)| / ν,
              ε_j Gaussian per parameter tensor of the model, each scaled to norm ν = 1e-4;
-             the perturbed losses are constants (the public code evaluates them on deep copies)
+             the perturbed losses are constants (the public code evaluates them on deep copies).
+             ``noise="flat"`` (default): the n samples of a step drawn together
+             (``cost_fast.kernels.tensorwise_noise``: one draw on CPU, a Philox Triton kernel
+             on CUDA), the same distribution; ``noise="per_tensor"``: one ``torch.randn`` per
+             tensor and sample, the public code's own stream
     L_lora   10 L_t - 0.5 L_g
     g'       the last combined update (the step before the teleport)
     LoRA     scale alpha/r = 8/5 (peft's default lora_alpha = 8 with the public code's r = 5)
@@ -49,7 +53,9 @@ weight it does).
 Speed (same result): the perturbed losses run without autograd and without model copies
 (``cost_fast.teleport.perturbed``); in paper semantics only the arg-max sample is evaluated again with
 autograd (the gradient of a max flows through its arg-max alone), and ε_j is regenerated from its
-own seed by a Philox Triton kernel on CUDA rather than stored.
+own seed by a Philox Triton kernel on CUDA rather than stored. In public semantics the default
+``noise="flat"`` draws a step's n samples at once (a handful of ops where the per-tensor stream
+takes one draw and scaling per tensor and sample: 107 tensors and 5 samples on the CelebA CNN).
 """
 
 from __future__ import annotations
@@ -63,7 +69,15 @@ from torch import nn
 
 from cost_fast.kernels import GramStats
 from cost_fast.kernels.perturb import sphere_noise, sphere_perturb_
-from cost_fast.teleport.perturbed import EffectivePoint, LossFn, in_place_losses, sample_losses
+from cost_fast.kernels.tensorwise_noise import TensorwiseNoise
+from cost_fast.teleport.perturbed import (
+    EffectivePoint,
+    LossFn,
+    PairedLosses,
+    flat_sample_losses,
+    in_place_losses,
+    sample_losses,
+)
 
 # The triggers by name (module docstring): a bool device tensor from the statistics, no host read.
 TRIGGERS: dict[str, Callable[[GramStats], torch.Tensor]] = {
@@ -73,8 +87,10 @@ TRIGGERS: dict[str, Callable[[GramStats], torch.Tensor]] = {
     "always": lambda stats: ~stats.nonfinite,
 }
 
-# L_g as a function of the adapter step t and its effective point (differentiable w.r.t. the adapter).
-SharpnessProbe = Callable[[int, EffectivePoint], torch.Tensor]
+# (L_g, the losses on the teleport batch) from the adapter step t, its effective point and the
+# teleport batch, both differentiable w.r.t. the adapter (a probe may share their forward pass).
+SharpnessProbe = Callable[[int, EffectivePoint, Any], tuple[torch.Tensor, torch.Tensor]]
+NOISES = ("flat", "per_tensor")
 Named = list[tuple[str, torch.Tensor]]
 
 
@@ -106,7 +122,7 @@ class Semantics:
         if self.trigger is not None and self.trigger not in TRIGGERS:
             raise ValueError(f"trigger must be one of {sorted(TRIGGERS)} or None, got {self.trigger!r}")
         for field in dataclasses.fields(self):
-            if field.name == "trigger":
+            if field.name in ("trigger", "noise"):
                 continue
             value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
@@ -122,6 +138,9 @@ class Semantics:
     def fires(self, stats: GramStats) -> torch.Tensor:
         """The trigger (``trigger_name``), a bool device tensor (no host read)."""
         return TRIGGERS[self.trigger_name](stats)
+
+    def check_model(self, model: nn.Module) -> None:
+        """``ValueError`` where this semantics cannot perturb ``model`` (none by default)."""
 
     def ratio_weights(self, norms: torch.Tensor) -> torch.Tensor:
         """R (shape (K,)) from the task gradient norms."""
@@ -139,17 +158,21 @@ class Semantics:
         generator: torch.Generator | None,
         samples_per_pass: int,
         num_samples: int,
+        stack_batches: bool = False,
     ) -> SharpnessProbe:
-        """L_g on ``batch`` as a function of the adapter step t and its ``EffectivePoint`` (the
-        weights W + ΔW of that step). ``model_parameters``: every parameter of the model;
-        ``shared_parameters``: the backbone's trainable ones; ``num_samples``: n perturbations
-        per step, ``samples_per_pass`` of them per forward."""
+        """L_g on ``batch`` and the task losses on a teleport batch as a function of the adapter
+        step t, its ``EffectivePoint`` (the weights W + ΔW of that step) and the teleport batch.
+        ``model_parameters``: every parameter of the model; ``shared_parameters``: the
+        backbone's trainable ones; ``num_samples``: n perturbations per step,
+        ``samples_per_pass`` of them per forward; ``stack_batches``: the unperturbed losses on
+        ``batch`` and those on the teleport batch as one stacked forward (``PairedLosses``)."""
         raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)
 class PublicSemantics(Semantics):
-    """The public COST code's semantics (module docstring). ``noise_norm``: ν."""
+    """The public COST code's semantics (module docstring). ``noise_norm``: ν; ``noise``: how ε
+    is drawn, ``"flat"`` (default) or ``"per_tensor"`` (the public code's stream, bit-exact)."""
 
     name: ClassVar[str] = "public"
     htr_direction: ClassVar[Literal["last_update", "pre_teleport_gradient"]] = "last_update"
@@ -159,11 +182,23 @@ class PublicSemantics(Semantics):
     task_weight: float = 10.0
     sharpness_weight: float = 0.5
     noise_norm: float = 1e-4
+    noise: Literal["flat", "per_tensor"] = "flat"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.noise_norm > 0:
             raise ValueError(f"noise_norm must be > 0, got {self.noise_norm!r}")
+        if self.noise not in NOISES:
+            raise ValueError(f"noise must be one of {NOISES}, got {self.noise!r}")
+
+    def check_model(self, model: nn.Module) -> None:
+        """``noise="flat"`` draws one (n, P) tensor for all parameters: ``ValueError`` for a
+        model whose parameters have several dtypes or devices."""
+        if self.noise == "flat" and len({(p.dtype, p.device) for p in model.parameters()}) > 1:
+            raise ValueError(
+                "noise='flat' needs the model's parameters in one dtype and on one device: "
+                "use PublicSemantics(noise='per_tensor')"
+            )
 
     def ratio_weights(self, norms: torch.Tensor) -> torch.Tensor:
         """R_i = K (1 - ‖g_i‖ / Σ_j ‖g_j‖)."""
@@ -171,7 +206,7 @@ class PublicSemantics(Semantics):
         total = norms.sum()
         return K * (1 - norms / torch.where(total > 0, total, torch.ones_like(total)))
 
-    def noise(self, params: list[torch.Tensor], generator: torch.Generator | None) -> list[torch.Tensor]:
+    def per_tensor_noise(self, params: list[torch.Tensor], generator: torch.Generator | None) -> list[torch.Tensor]:
         """ε = [ν z_k / ‖z_k‖]_k with z_k ~ N(0, I) of each tensor's shape, drawn in parameter
         order from ``generator`` (the public code's order); norms and scaling are multi-tensor ops."""
         noise = [torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device) for p in params]
@@ -199,15 +234,35 @@ class PublicSemantics(Semantics):
         generator: torch.Generator | None,
         samples_per_pass: int,
         num_samples: int,
+        stack_batches: bool = False,
     ) -> SharpnessProbe:
+        """ε from ``noise`` (class docstring): ``"flat"`` draws the step's n samples as one
+        (n, P) tensor; ``"per_tensor"`` one tensor per parameter and sample, in the public
+        code's order."""
         params = [p for _, p in model_parameters]
+        pair = PairedLosses(stack_batches)
+        self.check_model(model)
+        if self.noise == "flat":
+            noise = TensorwiseNoise(
+                tuple(p.numel() for p in params),
+                num_samples,
+                self.noise_norm,
+                generator=generator,
+                dtype=params[0].dtype,
+                device=params[0].device,
+            )
 
-        def probe(step: int, point: EffectivePoint) -> torch.Tensor:
-            draws = [lambda: self.noise(params, generator)] * num_samples
+        def probe(step: int, point: EffectivePoint, teleport_batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
             with point.applied():  # the merged weights W + ΔW, perturbed as the public code does
-                perturbed = sample_losses(model, loss_fn, batch, model_parameters, draws, samples_per_pass)
-            unperturbed = point.losses(batch)
-            return self.sharpness(unperturbed, perturbed, ratios.to(unperturbed))
+                if self.noise == "flat":
+                    perturbed = flat_sample_losses(
+                        model, loss_fn, batch, model_parameters, noise.draw(), samples_per_pass
+                    )
+                else:
+                    draws = [lambda: self.per_tensor_noise(params, generator)] * num_samples
+                    perturbed = sample_losses(model, loss_fn, batch, model_parameters, draws, samples_per_pass)
+            unperturbed, teleport_losses = pair(point, batch, teleport_batch)
+            return self.sharpness(unperturbed, perturbed, ratios.to(unperturbed)), teleport_losses
 
         return probe
 
@@ -257,6 +312,7 @@ class PaperSemantics(Semantics):
         generator: torch.Generator | None,
         samples_per_pass: int,
         num_samples: int,
+        stack_batches: bool = False,
     ) -> SharpnessProbe:
         """δ is fixed at the start of the teleport, and so is a base seed (one draw from
         ``generator``): sample j of step t uses seed base + t·n + j."""
@@ -265,7 +321,9 @@ class PaperSemantics(Semantics):
         device = generator.device if generator is not None else "cpu"
         base_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device))
 
-        def probe(step: int, point: EffectivePoint) -> torch.Tensor:
+        pair = PairedLosses(stack_batches)
+
+        def probe(step: int, point: EffectivePoint, teleport_batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
             seeds = [base_seed + step * num_samples + j for j in range(num_samples)]
             with torch.no_grad(), point.applied():
                 base = loss_fn(model, batch)
@@ -276,10 +334,10 @@ class PaperSemantics(Semantics):
                     perturbs = [lambda seed=seed: sphere_perturb_(params, seed, radius) for seed in seeds]
                     perturbed = in_place_losses(model, loss_fn, batch, params, perturbs)
                 best = int(self.sharpness_term(base, perturbed, ratios).argmax())
-            unperturbed = point.losses(batch)
+            unperturbed, teleport_losses = pair(point, batch, teleport_batch)
             noise = sphere_noise(params, seeds[best], radius)
             moved = {name: point.value(name, p) + e for (name, p), e in zip(shared_parameters, noise)}
-            return self.sharpness_term(unperturbed, point.losses(batch, moved), ratios)
+            return self.sharpness_term(unperturbed, point.losses(batch, moved), ratios), teleport_losses
 
         return probe
 

@@ -84,6 +84,7 @@ class Teleporter:
         if isinstance(adapter, RescaleConfig):
             self.adapter, self.rescaling = None, RescalingTeleport(model, shared, adapter)
         else:
+            semantics.check_model(model)  # before any step, not at the first teleport
             self.adapter = TeleportAdapter(
                 shared, rank=adapter.rank, method=adapter.method, generator=self.generator, targets=adapter.targets
             )

@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from cost_fast import host
 from cost_fast.checks import check_int
 from cost_fast.grads import check_task_losses
 
@@ -43,10 +44,20 @@ class LossWeighting(nn.Module):
     def check_losses(self, losses: torch.Tensor) -> None:
         """Raise ``TypeError``/``ValueError`` naming what is wrong with the losses."""
         check_task_losses(losses, self.num_tasks)
-        if self.needs_positive_losses and not bool((losses.detach() > 0).all()):
-            raise ValueError(
-                f"{type(self).__name__} takes logarithms: every loss must be > 0, got {losses.detach().tolist()}"
-            )
+        self.check_values(losses.detach())
+
+    def check_values(self, values: torch.Tensor) -> None:
+        """The checks of the losses' values (``check_losses`` less the shape and dtype): where
+        COST already holds them on the host, it checks them there, with no device read."""
+        if self.needs_positive_losses and not bool((values > 0).all()):
+            raise ValueError(f"{type(self).__name__} takes logarithms: every loss must be > 0, got {values.tolist()}")
+
+    def total_of_known(self, losses: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """``forward(losses)`` with the value checks made on ``values``, the losses' host copy."""
+        check_task_losses(losses, self.num_tasks)
+        with host.section():
+            self.check_values(values)
+        return self.total(losses)
 
     def total(self, losses: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

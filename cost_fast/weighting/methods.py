@@ -82,12 +82,10 @@ class DWA(LossWeighting):
         self.register_buffer("epochs_seen", torch.zeros((), dtype=torch.int64))
 
     def total(self, losses: torch.Tensor) -> torch.Tensor:
-        if int(self.epochs_seen) < 2:
-            w = torch.ones(self.num_tasks, dtype=losses.dtype, device=losses.device)
-        else:
-            ratio = self.history[1] / self.history[0].clamp_min(1e-30)
-            w = (self.num_tasks * torch.softmax(ratio / self.temperature, dim=0)).to(losses)
-        return (w * losses).sum()
+        # both branches on the device and one selected there: no read of the epoch counter
+        ratio = self.history[1] / self.history[0].clamp_min(1e-30)
+        w = torch.where(self.epochs_seen < 2, 1.0, self.num_tasks * torch.softmax(ratio / self.temperature, dim=0))
+        return (w.to(losses) * losses).sum()
 
     def update(self, losses: torch.Tensor) -> None:
         """Add one step's losses to the running epoch mean."""
@@ -174,13 +172,16 @@ class STCH(LossWeighting):
         """z: the mean warm-up loss (ones without warm-up)."""
         if self.warmup_steps == 0:
             return torch.ones_like(self.nadir_sum)
-        return self.nadir_sum / self.warmup_steps
+        return self.nadir_sum / float(self.warmup_steps)
 
     def total(self, losses: torch.Tensor) -> torch.Tensor:
-        if int(self.steps) < self.warmup_steps:
-            return losses.log().sum()
-        y = (losses / self.nadir.to(losses)).log()
-        return self.num_tasks * self.mu * torch.logsumexp(y / self.mu, dim=0)
+        # both branches on the device and one selected there: no read of the step counter (a
+        # zero nadir during the warm-up counts as 1 in the branch not taken, which stays finite)
+        nadir = self.nadir.to(losses)
+        y = (losses / torch.where(nadir > 0, nadir, torch.ones_like(nadir))).log()
+        after = self.num_tasks * self.mu * torch.logsumexp(y / self.mu, dim=0)
+        warming = self.steps < min(self.warmup_steps, 2**62)  # the counter is int64; it never gets there
+        return torch.where(warming, losses.log().sum(), after)
 
     def update(self, losses: torch.Tensor) -> None:
         """Count the step; during warm-up, add the losses to the nadir average."""
@@ -230,16 +231,24 @@ class FAMO(LossWeighting):
         if m.shape != (num_tasks,):
             raise ValueError(f"min_losses must have shape ({num_tasks},), got {tuple(m.shape)}")
         self.register_buffer("min_losses", m.clone())
+        self._host_min_losses = m.double()
         self.register_buffer("logits", torch.zeros(num_tasks))
         self.register_buffer("last_losses", torch.full((num_tasks,), float("nan")))
         self.register_buffer("adam_m", torch.zeros(num_tasks))
         self.register_buffer("adam_v", torch.zeros(num_tasks))
         self.register_buffer("adam_steps", torch.zeros((), dtype=torch.int64))
 
-    def check_losses(self, losses: torch.Tensor) -> None:
-        super().check_losses(losses)
-        if not bool((losses.detach() - self.min_losses.to(losses) + self.eps > 0).all()):
+    def check_values(self, values: torch.Tensor) -> None:
+        super().check_values(values)
+        # the bounds as the values' device holds them: a host copy for host values, kept in step
+        # with the buffer (set at construction and by load_state_dict)
+        bounds = self._host_min_losses if values.device.type == "cpu" else self.min_losses
+        if not bool((values - bounds.to(values) + self.eps > 0).all()):
             raise ValueError("FAMO needs every loss above its lower bound min_losses")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._host_min_losses = self.min_losses.detach().to("cpu", torch.float64)
 
     def total(self, losses: torch.Tensor) -> torch.Tensor:
         self.last_losses.copy_(losses.detach().to(self.last_losses))
