@@ -18,8 +18,8 @@ and the update is added scaled, for ``scaler.step`` to unscale.
 ``base_update`` computes everything and checks it finite before anything is added to
 ``.grad`` (``BaseUpdate.write`` adds it), so that a non-finite result never spoils an
 accumulated gradient: it returns the reason instead, the method's state put back (a gradient
-method whose state is as large as G, ``state_like_gradients``, is not copied: its heads'
-gradient is checked before it runs, and its state has taken a step refused after it ran). ``hand_to_scaler`` is what a
+method whose state is as large as G, ``state_like_gradients``, is not copied: its state has
+taken the refused step, with this step's finite G). ``hand_to_scaler`` is what a
 skipped step under a GradScaler writes: NaN, so that the scaler skips the optimizer step and
 lowers its scale, as after a plain backward that overflowed.
 """
@@ -46,7 +46,7 @@ NONFINITE = "non-finite losses or task gradients"
 NONFINITE_UPDATE = "non-finite weights, update or head gradients"
 # A gradient method's state (MoCo's, ExcessMTL's: K x P) is not snapshotted, so a non-finite
 # update it makes from finite gradients leaves that state one step on.
-NONFINITE_GRADIENT_METHOD_UPDATE = "non-finite update from the gradient method (its state has taken this step)"
+NONFINITE_GRADIENT_METHOD_UPDATE = "non-finite update (the gradient method's state has taken this step)"
 
 
 def apply_method(
@@ -160,16 +160,14 @@ def base_update(
 
     learned = [p for p in method.parameters() if p.requires_grad] if isinstance(method, LossWeighting) else []
     if isinstance(method, Aggregator) and method.kind == "grads" and method.state_like_gradients:
-        # The heads' gradient (of Σ L_i) does not depend on the method, so it is checked first,
-        # and the method's state (MoCo's: K x P, not copied) advances only on a step that is
-        # taken: a third read of the device, the price of that.
+        # The method's state (MoCo's: K x P) is not copied: a step refused after the method ran
+        # (its update or the heads' gradient not finite) leaves that state moved, by a finite G
+        # (the step's decision checked G), and the step reads the device once, as every other.
         head_grads = gradients(scaled(losses.sum()), heads)
         if sum_over_ranks is not None:
             sum_over_ranks(head_grads)
-        if not all_finite(head_grads):  # a read of its own, before the method's state moves
-            return NONFINITE_UPDATE
         _, weights = apply_method(method, losses, engine, gram, scale, host_gram)
-        if not all_finite([engine.combined]):
+        if not all_finite([engine.combined, *head_grads]):
             return NONFINITE_GRADIENT_METHOD_UPDATE
         learned_grads: list[torch.Tensor | None] = []
     else:

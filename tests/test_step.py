@@ -13,6 +13,7 @@ from tug import K, assert_same_state, build, make_cost, make_method, mlp_setup
 from cost_fast import BaseStepConfig, TaskGradients, TeleportSchedule, gram_stats, list_aggregators
 from cost_fast.aggregators.base import GradientAggregator
 from cost_fast.models import batch_task_losses
+from cost_fast.update import NONFINITE_GRADIENT_METHOD_UPDATE
 
 OFF = TeleportSchedule(max_per_epoch=0)
 
@@ -121,7 +122,11 @@ def test_a_non_finite_step_changes_nothing_for_every_method(name: str, kind: str
     for a, b in zip(before[0], after[0], strict=True):
         assert torch.equal(a, b), f"{name}: a parameter changed"
     assert_same_state(before[1], after[1], f"{name} optimizer")
-    assert_same_state(before[2], after[2], f"{name} method state")
+    if kind == "head" and getattr(cost.base, "state_like_gradients", False):
+        # a state as large as G is not copied: the refused step moved it, by its finite G
+        assert info.skipped == NONFINITE_GRADIENT_METHOD_UPDATE
+    else:
+        assert_same_state(before[2], after[2], f"{name} method state")
     assert all(p.grad is None for p in model.parameters())
     # the next finite step trains as usual
     info = cost.step(batch_task_losses(model, batch), batch)

@@ -97,11 +97,10 @@ class GradientAggregator(Aggregator):
     ``weights(gram)`` is not defined. The heads then get ∇ Σ_i L_i."""
 
     kind = "grads"
-    # True where the method's state is as large as G (MoCo's K x P): the update then checks
-    # the heads' gradient before the method runs and lets the state take a step whose update
-    # turns out non-finite (a device read more per step), rather than copying the state at
-    # every step to put it back. False (default): the state is copied and put back on such a
-    # step, and the step reads the device once.
+    # True where the method's state is as large as G (MoCo's K x P): it is then not copied at
+    # every step, and a step refused after the method ran (its update or the heads' gradient
+    # not finite) leaves the state moved by that step's (finite) G. False (default): the state
+    # is copied and put back on such a step.
     state_like_gradients: bool = False
 
     def weights(self, gram: torch.Tensor) -> torch.Tensor:

@@ -74,7 +74,7 @@ class MoCo(GradientAggregator):
         rho: ridge ρ ≥ 0 (default 0).
     """
 
-    state_like_gradients = True  # its state is K x P: checked before it runs, not copied
+    state_like_gradients = True  # its state is K x P: not copied at every step
 
     def __init__(self, beta: float = 0.5, gamma: float = 0.1, rho: float = 0.0) -> None:
         self.beta = check_positive("beta", beta)

@@ -34,7 +34,7 @@ class ExcessMTL(GradientAggregator):
         step_size: η > 0 (default 1). warmup_steps: ≥ 0 (default 1). eps: ε ≥ 0 (default 1e-7).
     """
 
-    state_like_gradients = True  # its state is K x P: checked before it runs, not copied
+    state_like_gradients = True  # its state is K x P: not copied at every step
 
     def __init__(self, step_size: float = 1.0, warmup_steps: int = 1, eps: float = 1e-7) -> None:
         self.step_size = check_positive("step_size", step_size)
