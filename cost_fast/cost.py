@@ -136,7 +136,7 @@ class COST:
         )
         self.model, self.shared, self.base, self.optimizer, self.scaler = model, shared, base, optimizer, scaler
         self.semantics = get_semantics(semantics)
-        self.teleport_config, self.teleport_data = ranks.teleport_config(teleport), TeleportData(teleport_data)
+        self.teleport_config, self.teleport_data = teleport, TeleportData(teleport_data)
         self._given_loss_fn = loss_fn
         self.loss_fn = tensor_losses(loss_fn)
         self._global_loss_fn = ranks.global_loss_fn(self.loss_fn)  # the teleport's, a weighting's after a step
@@ -173,7 +173,7 @@ class COST:
                 global_loss_fn=self._global_loss_fn,
                 teleport_data=self.teleport_data,
                 semantics=self.semantics,
-                config=self.teleport_config,
+                config=teleport,
                 optimizer=optimizer,
                 method=base,
                 htr=self.htr,

@@ -246,14 +246,6 @@ class Ranks:
         if rescaling:
             raise ValueError("the rescaling teleport is not supported with a process group")
 
-    def teleport_config(self, config: TeleportConfig) -> TeleportConfig:
-        """``config`` with its device-dependent default (``samples_per_pass``) fixed to one
-        sample per pass across ranks (the losses there sum over the group, which ``vmap``
-        cannot trace); as given with one process."""
-        if not self.parallel:
-            return config
-        return dataclasses.replace(config, samples_per_pass=config.samples_per_pass or 1)
-
     def check_agreement(self, settings: dict[str, str], tensors: Iterable[torch.Tensor]) -> None:
         """``check_agreement`` over this group (nothing with one process)."""
         if self.parallel:

@@ -44,24 +44,32 @@ def _check(tensors: list[torch.Tensor], radius: float) -> None:
         raise ValueError(f"radius must be a finite number ≥ 0, got {radius!r}")
 
 
-def _use_triton(tensors: list[torch.Tensor], backend: Backend) -> bool:
+def use_triton(device: torch.device, total: int, backend: Backend, what: str) -> bool:
+    """Whether a kernel of ``what`` ("perturbation", "noise") over ``total`` elements on ``device``
+    runs on Triton: ``"auto"`` on CUDA where triton is installed and the Philox offsets fit;
+    ``"triton"`` is checked and refused with the reason where it cannot run; ``"torch"`` never."""
     if backend not in ("auto", "triton", "torch"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    device = tensors[0].device
+    if backend == "torch":
+        return False
     if backend == "auto":
-        return triton is not None and device.type == "cuda" and sum(t.numel() for t in tensors) <= MAX_ELEMENTS
-    if backend == "triton":
-        if triton is None:
-            raise RuntimeError("backend='triton' needs the triton package")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
-        if sum(t.numel() for t in tensors) > MAX_ELEMENTS:
-            raise ValueError(f"the Triton perturbation handles at most {MAX_ELEMENTS} elements")
-        for i, t in enumerate(tensors):
-            if not t.is_contiguous():
-                raise ValueError(f"tensors[{i}] is not contiguous; the Triton backend writes it in place")
-        return True
-    return False
+        return triton is not None and device.type == "cuda" and total <= MAX_ELEMENTS
+    if triton is None:
+        raise RuntimeError("backend='triton' needs the triton package")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    if total > MAX_ELEMENTS:
+        raise ValueError(f"the Triton {what} handles at most {MAX_ELEMENTS} elements")
+    return True
+
+
+def _use_triton(tensors: list[torch.Tensor], backend: Backend) -> bool:
+    if not use_triton(tensors[0].device, sum(t.numel() for t in tensors), backend, "perturbation"):
+        return False
+    for i, t in enumerate(tensors):
+        if not t.is_contiguous():
+            raise ValueError(f"tensors[{i}] is not contiguous; the Triton backend writes it in place")
+    return True
 
 
 def sphere_noise_torch(tensors: list[torch.Tensor], seed: int, radius: float) -> list[torch.Tensor]:

@@ -17,9 +17,9 @@ Backends (``backend="auto"``: Triton on CUDA where triton is installed, else tor
 - Triton (``tensorwise_noise_triton``): z at (j, i) is ``tl.randn(seed + j, i)`` (Philox), so z is
   never stored: one kernel sums z² over blocks that each lie inside one tensor, a second one
   regenerates z and writes base + ν z / ‖z_j,k‖, summing its tensor's partial sums in a fixed
-  order (deterministic). Two launches for all n samples, the seed read from the device. z and the noise are fp32 (the add to
-  a float64 base is made in float64). The seed comes from ``generator`` (one
-  draw) when none is given.
+  order (deterministic). Two launches for all n samples, the seed read from the device (an int
+  or a one-element tensor; ``TensorwiseNoise`` draws it once from its generator). z and the
+  noise are fp32 (the add to a float64 base is made in float64).
 
 The two backends draw different random streams; each is reproducible from its generator state.
 """
@@ -27,11 +27,10 @@ The two backends draw different random streams; each is reproducible from its ge
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from cost_fast.kernels.perturb import Backend
+from cost_fast.kernels.perturb import BLOCK, MAX_ELEMENTS, Backend, use_triton
 
 try:
     import triton
@@ -40,8 +39,14 @@ except ImportError:
     triton = None
     tl = None
 
-BLOCK = 1024
-MAX_ELEMENTS = 2**31 - 2 * BLOCK  # Philox offsets are int32
+__all__ = [
+    "BLOCK",
+    "MAX_ELEMENTS",
+    "TensorwiseNoise",
+    "tensorwise_noise_torch",
+    "tensorwise_noise_triton",
+    "triton_noise_runs",
+]
 
 
 def _check(sizes: tuple[int, ...], samples: int, norm: float, base: torch.Tensor | None) -> None:
@@ -55,25 +60,9 @@ def _check(sizes: tuple[int, ...], samples: int, norm: float, base: torch.Tensor
         raise ValueError(f"base must be a 1-D tensor of the {sum(sizes)} elements, got shape {tuple(base.shape)}")
 
 
-def _use_triton(device: torch.device, total: int, backend: Backend) -> bool:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return triton is not None and device.type == "cuda" and total <= MAX_ELEMENTS
-    if triton is None:
-        raise RuntimeError("backend='triton' needs the triton package")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
-    if total > MAX_ELEMENTS:
-        raise ValueError(f"the Triton noise handles at most {MAX_ELEMENTS} elements")
-    return True
-
-
 def triton_noise_runs(device: torch.device, total: int) -> bool:
     """Whether ``backend="auto"`` runs the Triton kernel for ``total`` elements on ``device``."""
-    return _use_triton(device, total, "auto")
+    return use_triton(device, total, "auto", "noise")
 
 
 def tensorwise_noise_torch(
@@ -187,7 +176,7 @@ def tensorwise_noise_triton(
     _check(sizes, samples, norm, base)
     device = torch.device(device)
     total = sum(sizes)
-    _use_triton(device, total, "triton")
+    use_triton(device, total, "triton", "noise")
     out = torch.empty((samples, total), dtype=dtype, device=device)
     starts, ends, firsts, counts = _block_table(tuple(sizes), device)
     num_blocks = starts.numel()
@@ -242,7 +231,7 @@ class TensorwiseNoise:
         _check(tuple(sizes), samples, norm, None)
         self.sizes, self.samples, self.norm = tuple(sizes), samples, norm
         self.generator, self.dtype, self.device = generator, dtype, torch.device(device)
-        self.triton = _use_triton(self.device, sum(self.sizes), backend)
+        self.triton = use_triton(self.device, sum(self.sizes), backend, "noise")
         self.seed: torch.Tensor | None = None  # the next draw's seed, on the device (Triton)
         if self.triton:
             seed_device = generator.device if generator is not None else "cpu"

@@ -162,7 +162,7 @@ def teleport(
                 model_parameters=list(model.named_parameters()),
                 shared_parameters=[(name_of[id(p)], p) for p in adapter.base_parameters],
                 generator=generator,
-                samples_per_pass=config.resolved_samples_per_pass(device),
+                samples_per_pass=config.resolved_samples_per_pass(device, parallel=sum_over_ranks is not None),
                 num_samples=config.num_samples,
                 stack_batches=config.stack_batches,
             )

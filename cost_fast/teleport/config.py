@@ -100,14 +100,15 @@ class TeleportConfig:
         """Whether the guard runs: ``guard`` when set, else the semantics' ``default_guard``."""
         return self.guard if self.guard is not None else semantics.default_guard
 
-    def resolved_samples_per_pass(self, device: torch.device) -> int:
+    def resolved_samples_per_pass(self, device: torch.device, *, parallel: bool = False) -> int:
         """``samples_per_pass``, or where None: all n samples in one pass on CUDA (a step there
         costs its launches, and the batched pass launches fewer: bench/results/launches_cpu.json),
         one per pass elsewhere (on CPU the batched pass was slower on three of the four
-        workloads of bench/results/adapter_cpu.json)."""
+        workloads of bench/results/adapter_cpu.json) and across ranks (``parallel``: the losses
+        there sum over the group, which ``vmap`` cannot trace)."""
         if self.samples_per_pass is not None:
             return self.samples_per_pass
-        return self.num_samples if device.type == "cuda" else 1
+        return self.num_samples if device.type == "cuda" and not parallel else 1
 
     def evaluates_after(self, semantics: Semantics) -> bool:
         """Whether the teleport data is evaluated after the merge (level-set error, guard or

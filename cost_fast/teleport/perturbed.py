@@ -15,8 +15,8 @@ points are evaluated in one of two ways, with the same result:
 choose between them and fall back to one per pass, with a warning, for a loss that ``vmap``
 cannot trace. ``losses_at`` evaluates the losses out of place at substituted parameters,
 differentiably; ``EffectivePoint`` is the model at an adapter step's effective weights W + ΔW,
-both ways: differentiably (``losses``, ``losses_pair``) and in place for no-grad passes
-(``applied``).
+both ways: differentiably (``losses``, ``stacked_losses``; ``PairedLosses`` chooses) and in
+place for no-grad passes (``applied``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,14 @@ def batched_losses(
     """(s, K) task losses at the s points θ + ε_j (``noise[j]`` aligned with ``named``) in one
     ``vmap``-ed forward pass, without grad; the model is untouched."""
     stacked = {name: p.detach() + torch.stack([eps[k] for eps in noise]) for k, (name, p) in enumerate(named)}
+    return stacked_point_losses(model, loss_fn, batch, stacked)
+
+
+def stacked_point_losses(
+    model: nn.Module, loss_fn: LossFn, batch: Any, stacked: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """(s, K) task losses at s points, each parameter named in ``stacked`` given as its s values
+    stacked along dim 0, in one ``vmap``-ed forward pass without grad; the model is untouched."""
     with torch.no_grad():
         return torch.func.vmap(lambda subs: losses_at(model, loss_fn, batch, subs), randomness="different")(stacked)
 
@@ -141,13 +149,7 @@ def flat_sample_losses(
         while j < n:
             points = base + noise[j : j + samples_per_pass]
             try:
-                stacked = dict(zip(names, unflatten(points, params)))
-                with torch.no_grad():
-                    rows.append(
-                        torch.func.vmap(lambda subs: losses_at(model, loss_fn, batch, subs), randomness="different")(
-                            stacked
-                        )
-                    )
+                rows.append(stacked_point_losses(model, loss_fn, batch, dict(zip(names, unflatten(points, params)))))
             except Exception as err:  # noqa: BLE001 - any tracing failure: fall back to the plain loop
                 _warn_unbatchable(err)
                 break
