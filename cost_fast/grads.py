@@ -72,6 +72,22 @@ def _collect_parameters(params: Iterable[torch.Tensor]) -> tuple[list[torch.Tens
     return trainable, frozen
 
 
+def task_output_gradients(
+    losses: torch.Tensor, outputs: list[torch.Tensor], eye: torch.Tensor
+) -> tuple[torch.Tensor | None, ...]:
+    """Z_i = ∂L_i/∂z for every task i, for each tensor z of ``outputs``: one (K, *z.shape) tensor
+    each (None where the losses do not reach z), from one batched backward pass with the rows of
+    ``eye`` (the K x K identity) as the output gradients, or one pass per task where an op has no
+    batching rule. The graph is kept."""
+    try:
+        return torch.autograd.grad(
+            losses, outputs, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+    except RuntimeError:  # an op without a batching rule: one pass per task
+        rows = [torch.autograd.grad(losses[i], outputs, retain_graph=True, allow_unused=True) for i in range(len(eye))]
+        return tuple(None if rows[0][j] is None else torch.stack([row[j] for row in rows]) for j in range(len(outputs)))
+
+
 def _store_gradients(dst: list[torch.Tensor], grads: tuple[torch.Tensor | None, ...]) -> None:
     """Copy each gradient into its destination (multi-tensor), zeros where autograd returned None
     (a tensor the loss does not reach)."""
@@ -355,20 +371,8 @@ class RepresentationGradients(GradientEngine):
             )
         if self.grads.shape != (self.num_tasks, z.numel()):
             self.grads = torch.empty((self.num_tasks, z.numel()), dtype=z.dtype, device=z.device)
-        try:  # one batched backward pass through the heads for all K tasks
-            (rows,) = torch.autograd.grad(
-                losses,
-                z,
-                grad_outputs=torch.eye(self.num_tasks, dtype=losses.dtype, device=losses.device),
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-            _store_gradients([self.grads.view(self.num_tasks, *z.shape)], (rows,))
-        except RuntimeError:  # an op of the heads without a batching rule: one pass per task
-            for i in range(self.num_tasks):
-                grad = torch.autograd.grad(losses[i], z, retain_graph=True, allow_unused=True)
-                _store_gradients([self.grads[i].view_as(z)], grad)
+        eye = torch.eye(self.num_tasks, dtype=losses.dtype, device=losses.device)
+        _store_gradients([self.grads.view(self.num_tasks, *z.shape)], task_output_gradients(losses, [z], eye))
         if share != 1.0:
             self.grads.mul_(share)
         self._representation = z

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from cost_fast.grads import Mode, TaskGradients, _store_gradients
+from cost_fast.grads import Mode, TaskGradients, _store_gradients, task_output_gradients
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:
@@ -138,18 +138,7 @@ class SplitTaskGradients(TaskGradients):
 
     def _split(self, losses: torch.Tensor, outputs: list[torch.Tensor], *, retain_graph: bool) -> bool:
         """G into ``grads`` through ``outputs``; False where the losses do not reach them."""
-        eye = self._eye.to(losses.dtype)
-        try:
-            per_output = torch.autograd.grad(
-                losses, outputs, grad_outputs=eye, retain_graph=True, allow_unused=True, is_grads_batched=True
-            )
-        except RuntimeError:  # an op of the heads without a batching rule: one pass per task
-            rows = [
-                torch.autograd.grad(losses[i], outputs, retain_graph=True, allow_unused=True) for i in range(len(eye))
-            ]
-            per_output = tuple(
-                None if rows[0][j] is None else torch.stack([row[j] for row in rows]) for j in range(len(outputs))
-            )
+        per_output = task_output_gradients(losses, outputs, self._eye.to(losses.dtype))  # the heads, once
         reached = [(z, g) for z, g in zip(outputs, per_output) if g is not None]
         if not reached:
             return False
